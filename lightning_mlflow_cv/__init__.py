@@ -1,0 +1,7 @@
+"""lightning-mlflow-cv: MLflow best practice for computer-vision training with PyTorch Lightning."""
+
+from lightning_mlflow_cv._spool import sync
+from lightning_mlflow_cv.logger import MLflowCVLogger
+
+__version__ = "0.1.0"
+__all__ = ["MLflowCVLogger", "sync", "__version__"]

@@ -1,0 +1,657 @@
+"""The durable queue between training and MLflow.
+
+Everything :class:`~lightning_mlflow_cv.MLflowCVLogger` logs is appended, as one JSON line per call, to a
+spool file on local disk (a write-ahead journal). A background :class:`Writer` thread reads the journal
+from its last acknowledged offset, coalesces records into ``log_batch`` requests within MLflow's limits,
+sends them, and advances the offset. When MLflow cannot be reached the data simply stays in the journal,
+the writer backs off and retries, and ``lightning-mlflow-cv sync SPOOL`` can replay it later. Replaying
+is idempotent: identical metric points are stored once by MLflow's SQL stores, params and tags are
+re-set to the same values, and artifacts are uploaded under fixed names.
+
+Record kinds (key ``t``):
+
+- ``run``: header, first line: ``tracking_uri`` (credentials removed), and either ``run_id`` or what is
+  needed to create the run (``experiment_name``, ``run_name``, ``tags``, ``parent_run_id``).
+- ``bind``: the run id created for a spool that started without one.
+- ``m``: metrics ``d`` (key -> value) at ``s`` (step) and ``ts`` (ms timestamp).
+- ``p`` / ``tag``: params / tags ``d``.
+- ``a``: an artifact file ``src`` (kept inside the spool's files directory) for ``dst`` (artifact dir).
+- ``status``: ``status`` and ``end`` (ms) for ``set_terminated`` or RUNNING on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lightning_mlflow_cv import _http
+from lightning_mlflow_cv._keys import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+from lightning_mlflow_cv._redact import redact_text
+
+log = logging.getLogger(__name__)
+
+#: Compact the journal when everything is delivered and it grew past this size.
+COMPACT_BYTES = 32 * 1024 * 1024
+
+
+def default_spool_dir() -> Path:
+    """``$LIGHTNING_MLFLOW_CV_SPOOL_DIR`` or ``~/.cache/lightning_mlflow_cv/spool``."""
+    env = os.environ.get("LIGHTNING_MLFLOW_CV_SPOOL_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lightning_mlflow_cv" / "spool"
+
+
+class Spool:
+    """Append-only JSON-lines journal with an acknowledged offset, on disk or (fallback) in memory.
+
+    If the spool directory cannot be written (read-only, disk full), it warns once, naming the
+    directory and the fix, and keeps records in memory: training continues and the data is still
+    delivered while the process lives.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], key: str) -> None:
+        self.directory = Path(directory)
+        self.key = key
+        self.path = self.directory / f"{key}.jsonl"
+        self.ack_path = self.directory / f"{key}.ack"
+        self.files_dir = self.directory / f"{key}.files"
+        self._lock = threading.RLock()
+        self._fh: Any = None
+        self._memory: list[str] | None = None
+        self._memory_base = 0
+        self._end = 0
+        self._header: list[str] = []
+        self.acked = 0
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                self._end = self.path.stat().st_size
+                self.acked = _read_int(self.ack_path)
+                self._header = [line for line in self._iter_lines(0, header_only=True)]
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        except OSError as err:
+            self._to_memory(err)
+
+    # -- writing ---------------------------------------------------------------------------------
+    @property
+    def on_disk(self) -> bool:
+        """False once the spool fell back to memory."""
+        return self._memory is None
+
+    def append(self, *records: dict[str, Any]) -> None:
+        """Append records (never raises: a disk error switches to memory with one warning)."""
+        lines = [json.dumps(r, separators=(",", ":")) + "\n" for r in records]
+        with self._lock:
+            for r, line in zip(records, lines):
+                if r.get("t") in ("run", "bind"):
+                    self._header.append(line)
+            if self._memory is not None:
+                self._memory.extend(lines)
+                self._end += len(lines)
+                return
+            try:
+                self._fh.write("".join(lines))
+                self._end += sum(len(line.encode("utf-8")) for line in lines)
+            except OSError as err:
+                self._to_memory(err)
+                self._memory.extend(lines)  # type: ignore[union-attr]
+                self._end += len(lines)
+
+    def stage_file(self, src: str | os.PathLike[str], name: str | None = None) -> str:
+        """Keep a copy of ``src`` inside the spool so later deletion by the caller loses nothing."""
+        src = Path(src)
+        if self._memory is not None:
+            return str(src)
+        try:
+            dst_dir = self.files_dir / f"{time.time_ns()}"
+            dst_dir.mkdir(parents=True, exist_ok=True)
+            dst = dst_dir / (name or src.name)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+            return str(dst)
+        except OSError as err:
+            _warn_once(
+                f"MLflowCVLogger: could not copy {src} into the spool directory {self.directory} ({err}); "
+                "the artifact is uploaded from its original path, so keep that file until the run is synced.",
+            )
+            return str(src)
+
+    def new_file_path(self, name: str) -> Path:
+        """A fresh path inside the spool for a file the logger renders itself (images, JSON)."""
+        base = self.files_dir if self._memory is None else Path(_tempdir())
+        d = base / f"{time.time_ns()}"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            d = Path(_tempdir()) / f"{time.time_ns()}"
+            d.mkdir(parents=True, exist_ok=True)
+        return d / name
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._fh is not None and self._memory is None:
+                try:
+                    self._fh.flush()
+                except OSError as err:
+                    self._to_memory(err)
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def end(self) -> int:
+        return self._end
+
+    def read(self, offset: int, max_records: int = 5000) -> list[tuple[dict[str, Any], int]]:
+        """Records after ``offset`` with the offset just past each one."""
+        self.flush()
+        out: list[tuple[dict[str, Any], int]] = []
+        with self._lock:
+            if self._memory is not None:
+                start = max(offset - self._memory_base, 0)
+                for i, line in enumerate(self._memory[start : start + max_records]):
+                    out.append((json.loads(line), self._memory_base + start + i + 1))
+                return out
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            pos = offset
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break  # a partial line from a crash: ignore it
+                pos += len(raw)
+                try:
+                    out.append((json.loads(raw), pos))
+                except json.JSONDecodeError:
+                    log.warning("MLflowCVLogger: skipping a corrupt line in %s at byte %d", self.path, pos)
+                if len(out) >= max_records:
+                    break
+        return out
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every record from the start (for ``sync``)."""
+        offset = 0
+        while True:
+            batch = self.read(offset)
+            if not batch:
+                return
+            for rec, offset in batch:  # noqa: B007 - offset carried to the next read
+                yield rec
+
+    def header(self) -> dict[str, Any]:
+        """The ``run`` record merged with any later ``bind``."""
+        out: dict[str, Any] = {}
+        for line in self._header:
+            rec = json.loads(line)
+            if rec["t"] == "run":
+                out.update(rec)
+            elif rec["t"] == "bind":
+                out["run_id"] = rec["run_id"]
+        return out
+
+    def ack(self, offset: int) -> None:
+        """Mark everything before ``offset`` delivered; compact a large, fully delivered journal."""
+        with self._lock:
+            self.acked = max(self.acked, offset)
+            if self._memory is not None:
+                drop = self.acked - self._memory_base
+                if drop > 0:
+                    del self._memory[:drop]
+                    self._memory_base = self.acked
+                return
+            try:
+                if self.acked >= self._end and self._end > COMPACT_BYTES:
+                    self._fh.close()
+                    with open(self.path, "w", encoding="utf-8") as fh:
+                        fh.write("".join(self._header))
+                    self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+                    self._end = self.acked = self.path.stat().st_size
+                _write_int(self.ack_path, self.acked)
+            except OSError as err:
+                self._to_memory(err)
+
+    @property
+    def pending(self) -> int:
+        """Bytes (or lines, in memory) not yet delivered."""
+        return self._end - self.acked
+
+    def remove(self) -> None:
+        """Delete the journal and its files (after everything was delivered)."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+            for p in (self.path, self.ack_path):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            shutil.rmtree(self.files_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self.flush()
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+    # -- internals -------------------------------------------------------------------------------
+    def _iter_lines(self, offset: int, header_only: bool = False) -> Iterator[str]:
+        with open(self.path, encoding="utf-8") as fh:
+            fh.seek(offset)
+            for line in fh:
+                if header_only and not (line.startswith('{"t":"run"') or line.startswith('{"t":"bind"')):
+                    continue
+                yield line
+
+    def _to_memory(self, err: OSError) -> None:
+        if self._memory is not None:
+            return
+        warnings.warn(
+            f"MLflowCVLogger: cannot write the spool file {self.path} ({err}). Training continues and "
+            "logged data is kept in memory until delivered, but it will not survive a crash. "
+            "Fix: free disk space or set `spool_dir=` (or LIGHTNING_MLFLOW_CV_SPOOL_DIR) to a writable directory.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        lines: list[str] = []
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self._fh = None
+            try:  # keep what already reached the disk and is not delivered yet
+                with open(self.path, encoding="utf-8") as fh:
+                    fh.seek(self.acked)
+                    lines = [line for line in fh if line.endswith("\n")]
+            except OSError:
+                lines = []
+        self._memory = lines
+        self._memory_base = 0
+        self.acked = 0
+        self._end = len(lines)
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_int(path: Path, value: int) -> None:
+    tmp = path.with_suffix(".ack.tmp")
+    tmp.write_text(str(value))
+    os.replace(tmp, path)
+
+
+_tmp: str | None = None
+
+
+def _tempdir() -> str:
+    global _tmp
+    if _tmp is None:
+        import tempfile
+
+        _tmp = tempfile.mkdtemp(prefix="lmc-spool-")
+    return _tmp
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str, category: type[Warning] = RuntimeWarning) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, category, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# delivery
+# ------------------------------------------------------------------------------------------------
+_NON_RETRYABLE = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_ALREADY_EXISTS"}
+
+
+def is_retryable(err: BaseException) -> bool:
+    """Server down, timeout, 5xx, 429, auth errors: retry. A request MLflow rejects as invalid: don't."""
+    code = getattr(err, "error_code", None)
+    return code not in _NON_RETRYABLE
+
+
+def safe_uri(uri: str) -> str:
+    """The tracking URI without credentials, as kept in the spool header."""
+    return redact_text(uri)
+
+
+class Deliverer:
+    """Sends spool records to MLflow in batches within MLflow's limits, acking as it goes."""
+
+    def __init__(self, client: Any, spool: Spool, run_id: str | None) -> None:
+        self.client = client
+        self.spool = spool
+        self.run_id = run_id
+        self.rejected = 0
+
+    def ensure_run(self) -> str:
+        if self.run_id:
+            return self.run_id
+        header = self.spool.header()
+        if header.get("run_id"):
+            self.run_id = header["run_id"]
+            return self.run_id
+        self.run_id = create_run(self.client, header)
+        self.spool.append({"t": "bind", "run_id": self.run_id})
+        return self.run_id
+
+    def deliver(self, offset: int, ack: bool = True, max_records: int = 5000) -> int:
+        """Deliver records after ``offset``; returns the new offset. Raises on a retryable failure."""
+        while True:
+            batch = self.spool.read(offset, max_records=max_records)
+            if not batch:
+                return offset
+            run_id = self.ensure_run()
+            for request, end in _plan(batch):
+                self._send(run_id, request)
+                offset = end
+                if ack:
+                    self.spool.ack(end)
+
+    def _send(self, run_id: str, request: dict[str, Any]) -> None:
+        kind = request["kind"]
+        try:
+            if kind == "batch":
+                self.client.log_batch(run_id, metrics=request["metrics"], params=request["params"], tags=request["tags"])
+            elif kind == "artifact":
+                if os.path.exists(request["src"]):
+                    self.client.log_artifact(run_id, request["src"], request["dst"] or None)
+                else:
+                    _warn_once(
+                        f"MLflowCVLogger: artifact file {request['src']} no longer exists and cannot be uploaded "
+                        f"to run {run_id} (artifact dir {request['dst']!r}). Keep spooled files until `sync` finished."
+                    )
+            elif kind == "status":
+                if request["status"] == "RUNNING":
+                    self.client.update_run(run_id, status="RUNNING")
+                else:
+                    self.client.set_terminated(run_id, request["status"], end_time=request.get("end"))
+        except Exception as err:  # noqa: BLE001 - classify, then re-raise or record
+            if is_retryable(err):
+                raise
+            self._reject(run_id, request, err)
+
+    def _reject(self, run_id: str, request: dict[str, Any], err: BaseException) -> None:
+        """MLflow refused the request as invalid: retry items one by one, keep and report the rest."""
+        if request["kind"] == "batch" and (len(request["params"]) + len(request["tags"]) + len(request["metrics"])) > 1:
+            for field in ("metrics", "params", "tags"):
+                for item in request[field]:
+                    single = {"kind": "batch", "metrics": [], "params": [], "tags": []}
+                    single[field] = [item]
+                    self._send(run_id, single)
+            return
+        self.rejected += 1
+        what = _describe(request)
+        path = self.spool.directory / f"{self.spool.key}.rejected.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"request": what, "error": str(err)[:2000]}) + "\n")
+            where = f"; kept in {path}"
+        except OSError:
+            where = ""
+        warnings.warn(
+            f"MLflowCVLogger: MLflow rejected {what} for run {run_id}: {str(err)[:300]}{where}. "
+            "Fix: use a new key (params cannot change within a run) or start a new run.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _describe(request: dict[str, Any]) -> str:
+    if request["kind"] == "batch":
+        items = [f"metric {m.key}={m.value}" for m in request["metrics"]]
+        items += [f"param {p.key}={p.value[:200]!r}" for p in request["params"]]
+        items += [f"tag {t.key}={t.value[:200]!r}" for t in request["tags"]]
+        return ", ".join(items)
+    return json.dumps({k: v for k, v in request.items() if k != "kind"})
+
+
+def create_run(client: Any, header: dict[str, Any]) -> str:
+    """Create the run a spool header describes (experiment created when missing)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    name = header.get("experiment_name") or "Default"
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        exp_id = client.create_experiment(name, artifact_location=header.get("artifact_location"))
+    else:
+        exp_id = exp.experiment_id
+    tags = dict(header.get("tags") or {})
+    if header.get("run_name"):
+        tags[MLFLOW_RUN_NAME] = header["run_name"]
+    if header.get("parent_run_id"):
+        tags[MLFLOW_PARENT_RUN_ID] = header["parent_run_id"]
+    run = client.create_run(experiment_id=exp_id, tags=tags, run_name=header.get("run_name"))
+    return run.info.run_id
+
+
+def _plan(batch: list[tuple[dict[str, Any], int]]) -> Iterator[tuple[dict[str, Any], int]]:
+    """Coalesce records into requests (within MLflow's per-request limits), each with its ack offset."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    cur: dict[str, Any] = {"kind": "batch", "metrics": [], "params": [], "tags": []}
+    cur_end = 0
+
+    def full(extra_metrics: int, extra_pt: int) -> bool:
+        pt = len(cur["params"]) + len(cur["tags"])
+        return (
+            len(cur["metrics"]) + extra_metrics > MAX_METRICS_PER_BATCH
+            or pt + extra_pt > MAX_PARAMS_TAGS_PER_BATCH
+            or len(cur["metrics"]) + pt + extra_metrics + extra_pt > MAX_METRICS_PER_BATCH
+        )
+
+    def nonempty() -> bool:
+        return bool(cur["metrics"] or cur["params"] or cur["tags"])
+
+    for rec, end in batch:
+        t = rec.get("t")
+        if t == "m":
+            items = [Metric(k, v, rec["ts"], rec["s"]) for k, v in rec["d"].items()]
+            while items:
+                if full(1, 0):
+                    yield cur, cur_end
+                    cur = {"kind": "batch", "metrics": [], "params": [], "tags": []}
+                room = MAX_METRICS_PER_BATCH - len(cur["metrics"]) - len(cur["params"]) - len(cur["tags"])
+                cur["metrics"].extend(items[:room])
+                items = items[room:]
+            cur_end = end
+        elif t in ("p", "tag"):
+            field = "params" if t == "p" else "tags"
+            cls = Param if t == "p" else RunTag
+            items = [cls(k, v) for k, v in rec["d"].items()]
+            while items:
+                if full(0, 1):
+                    yield cur, cur_end
+                    cur = {"kind": "batch", "metrics": [], "params": [], "tags": []}
+                room = MAX_PARAMS_TAGS_PER_BATCH - len(cur["params"]) - len(cur["tags"])
+                cur[field].extend(items[:room])
+                items = items[room:]
+            cur_end = end
+        elif t in ("a", "status"):
+            if nonempty():
+                yield cur, cur_end
+                cur = {"kind": "batch", "metrics": [], "params": [], "tags": []}
+            if t == "a":
+                yield {"kind": "artifact", "src": rec["src"], "dst": rec.get("dst")}, end
+            else:
+                yield {"kind": "status", "status": rec["status"], "end": rec.get("end")}, end
+            cur_end = end
+        else:  # run / bind headers: nothing to send
+            cur_end = end
+            if not nonempty():
+                yield {"kind": "noop"}, end
+    if nonempty():
+        yield cur, cur_end
+
+
+class Writer(threading.Thread):
+    """Background thread: every ``flush_interval_s`` (or when woken) deliver what the spool holds.
+
+    On a retryable failure it warns once, naming the spool path and the ``sync`` command, and retries
+    with exponential backoff (capped at ``max_backoff_s``); the data stays in the spool meanwhile.
+    """
+
+    def __init__(
+        self,
+        client_factory: Callable[[], Any],
+        spool: Spool,
+        run_id: str | None,
+        tracking_uri: str,
+        flush_interval_s: float = 2.0,
+        request_timeout_s: float = 10.0,
+        max_backoff_s: float = 30.0,
+        on_bound: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(name="MLflowCVLogger-writer", daemon=True)
+        self._client_factory = client_factory
+        self.spool = spool
+        self._run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.flush_interval_s = flush_interval_s
+        self.request_timeout_s = request_timeout_s
+        self.max_backoff_s = max_backoff_s
+        self._on_bound = on_bound
+        self._wake = threading.Event()
+        self._stop_event = threading.Event()
+        self._idle = threading.Condition()
+        self._attempts = 0  # completed delivery attempts
+        self._failures = 0
+        self._next_try = 0.0
+        self.last_error: BaseException | None = None
+        self.degraded = False
+        self.delivered_after_outage = False
+        self._deliverer: Deliverer | None = None
+
+    # -- API used by the logger -----------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def flush(self, timeout: float) -> bool:
+        """Ask for an immediate attempt and wait until everything is delivered or ``timeout`` passes.
+
+        Returns True when the spool is fully delivered. While the server is unreachable, it returns
+        after the first failed attempt rather than waiting for the whole timeout.
+        """
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            start = self._attempts
+            self._next_try = 0.0
+            self._wake.set()
+            while time.monotonic() < deadline and self.is_alive():
+                if self.spool.pending <= 0 and self._attempts > start:
+                    return True
+                if self._attempts > start and self.degraded:
+                    return False
+                self._idle.wait(min(0.05, max(deadline - time.monotonic(), 0)))
+        return self.spool.pending <= 0
+
+    def stop(self, timeout: float) -> bool:
+        """Final flush, then stop the thread. Returns True when everything was delivered."""
+        ok = self.flush(timeout)
+        self._stop_event.set()
+        self._wake.set()
+        self.join(timeout=max(self.request_timeout_s, 1.0))
+        return ok
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    # -- thread ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            wait = self.flush_interval_s
+            if self.degraded:
+                wait = max(min(self._next_try - time.monotonic(), self.flush_interval_s), 0.0)
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self._stop_event.is_set():
+                break
+            if self.degraded and time.monotonic() < self._next_try:
+                continue
+            self._attempt()
+
+    def _attempt(self) -> None:
+        try:
+            if self._deliverer is None:
+                self._deliverer = Deliverer(self._client_factory(), self.spool, self._run_id)
+            with _http.fail_fast(self.request_timeout_s):
+                self._deliverer.deliver(self.spool.acked)
+            if self._deliverer.run_id != self._run_id:
+                self._run_id = self._deliverer.run_id
+                if self._on_bound is not None and self._run_id:
+                    self._on_bound(self._run_id)
+            if self.degraded:
+                self.delivered_after_outage = True
+                log.warning("MLflowCVLogger: tracking store reachable again; spooled data delivered.")
+            self.degraded = False
+            self._failures = 0
+        except Exception as err:  # noqa: BLE001 - any failure is retried, data stays in the spool
+            self.last_error = err
+            self._failures += 1
+            backoff = min(0.5 * 2 ** (self._failures - 1), self.max_backoff_s)
+            self._next_try = time.monotonic() + backoff
+            if not self.degraded:
+                self.degraded = True
+                where = self.spool.path if self.spool.on_disk else "memory (spool directory not writable)"
+                warnings.warn(
+                    f"MLflowCVLogger: cannot reach the MLflow tracking store {safe_uri(self.tracking_uri)} "
+                    f"({type(err).__name__}: {str(err)[:300]}). Training continues; logged data is kept in {where} "
+                    "and retried with backoff. If the run ends before the store is back, deliver it with: "
+                    f"lightning-mlflow-cv sync {self.spool.path}",
+                    RuntimeWarning,
+                    stacklevel=1,
+                )
+            log.debug("MLflowCVLogger: delivery failed (%s); next try in %.1fs", err, backoff)
+        finally:
+            with self._idle:
+                self._attempts += 1
+                self._idle.notify_all()
+
+
+def sync(spool_path: str | os.PathLike[str], tracking_uri: str | None = None) -> dict[str, Any]:
+    """Replay a spool file into its run (creating the run if the fit never reached the store).
+
+    Idempotent: replaying twice adds nothing. Uses MLflow's normal retries. Returns a summary.
+
+    Example::
+
+        >>> sync("~/.cache/lightning_mlflow_cv/spool/offline-123.jsonl")  # doctest: +SKIP
+        {'run_id': '...', 'records': 1200, 'tracking_uri': 'http://mlflow:5000'}
+    """
+    from mlflow import MlflowClient
+
+    path = Path(spool_path).expanduser()
+    if not path.is_file() or path.suffix != ".jsonl":
+        raise FileNotFoundError(
+            f"sync: spool file {str(path)!r} does not exist or is not a .jsonl spool. "
+            "Pass the path printed by MLflowCVLogger's warning (e.g. ~/.cache/lightning_mlflow_cv/spool/<run>.jsonl)."
+        )
+    spool = Spool(path.parent, path.stem)
+    header = spool.header()
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or header.get("tracking_uri")
+    if not uri:
+        raise ValueError(f"sync: no tracking URI in {path} and none given. Pass --tracking-uri or set MLFLOW_TRACKING_URI.")
+    deliverer = Deliverer(MlflowClient(uri), spool, header.get("run_id"))
+    end = deliverer.deliver(0, ack=False)
+    spool.ack(end)
+    spool.close()
+    return {"run_id": deliverer.run_id, "records": end, "tracking_uri": safe_uri(uri), "rejected": deliverer.rejected}

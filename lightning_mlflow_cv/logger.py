@@ -1,0 +1,780 @@
+"""MLflowCVLogger: Lightning's MLFlowLogger with a non-blocking, never-losing writer and CV conventions."""
+
+from __future__ import annotations
+
+import atexit
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from argparse import Namespace
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from lightning.fabric.utilities.logger import _add_prefix, _convert_params, _flatten_dict
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers.logger import DummyExperiment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
+
+from lightning_mlflow_cv import _context, _http
+from lightning_mlflow_cv._keys import (
+    MAX_PARAM_VAL_LENGTH,
+    flatten,
+    metric_value,
+    param_value,
+    sanitize_key,
+    split_long_params,
+    validate_tags,
+)
+from lightning_mlflow_cv._redact import redact
+from lightning_mlflow_cv._spool import Spool, Writer, create_run, is_retryable, safe_uri
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+#: The embedded default store (MLflow 3's own default), resolved against the cwd at construction.
+DEFAULT_TRACKING_DB = "mlflow.db"
+#: ``state_key`` under which the run id travels inside Lightning checkpoints.
+CHECKPOINT_KEY = "MLflowCVLogger"
+_IMAGE_KEY_ILLEGAL = re.compile(r"[^a-zA-Z0-9_\-./ ]")
+_STATUS = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+_live_loggers: weakref.WeakSet[MLflowCVLogger] = weakref.WeakSet()
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db`` (read at call time)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / DEFAULT_TRACKING_DB}"
+
+
+def _git_commit() -> str | None:
+    sha = os.environ.get("GIT_COMMIT_SHA")
+    if sha:
+        return sha
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _hardware(trainer: pl.Trainer | None) -> str:
+    import torch
+
+    use_cuda = torch.cuda.is_available()
+    if trainer is not None:
+        use_cuda = use_cuda and trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+    if use_cuda:
+        n = torch.cuda.device_count()
+        name = torch.cuda.get_device_name(0)
+        return f"{n}x {name}" if n > 1 else name
+    return "cpu"
+
+
+def run_id_from_checkpoint(path: str | os.PathLike[str]) -> str | None:
+    """The MLflow run id stored in a Lightning checkpoint by :class:`MLflowCVLogger`, or ``None``.
+
+    Reads with ``weights_only=True`` (no arbitrary unpickling) and ``mmap`` (no full load).
+    """
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint just means "start a new run"
+        warnings.warn(
+            f"MLflowCVLogger: could not read the MLflow run id from checkpoint {path} ({err}); a new run is "
+            "started. Pass `run_id=` to continue a specific run.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    state = (ckpt.get("callbacks") or {}).get(CHECKPOINT_KEY) or {}
+    return state.get("run_id")
+
+
+class _RunIdInCheckpoint(Callback):
+    """Internal: stores the run id in every checkpoint so a resumed fit continues the same run."""
+
+    def __init__(self, logger: MLflowCVLogger) -> None:
+        self._logger = weakref.proxy(logger)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return CHECKPOINT_KEY
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        try:
+            return {"run_id": self._logger._run_id, "experiment_id": self._logger._experiment_id}
+        except ReferenceError:
+            return {}
+
+
+class MLflowCVLogger(MLFlowLogger):
+    """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger` made fit for CV training at scale.
+
+    Accepts everything ``MLFlowLogger`` accepts, and adds:
+
+    - **Embedded default**: with no ``tracking_uri`` and no ``MLFLOW_TRACKING_URI`` (read when the logger
+      is built), runs go to ``sqlite:///mlflow.db`` in the working directory, so ``mlflow ui`` shows them.
+    - **Non-blocking writes**: ``log_metrics``, params, tags and artifacts are appended to a local spool
+      file (microseconds); a background thread coalesces them into ``log_batch`` requests within MLflow's
+      limits every ``flush_interval_s`` seconds. :meth:`flush` drains; :meth:`finalize` drains and sets the
+      run status (FINISHED, FAILED, or KILLED on KeyboardInterrupt).
+    - **Failure policy**: when the store is unreachable, slow, answers 5xx or refuses credentials, training
+      goes on; one warning names the spool file, the writer retries with backoff, and anything not delivered
+      at the end stays in the spool for ``lightning-mlflow-cv sync SPOOL`` (idempotent).
+    - **Run hierarchy**: ``parent_run_id=`` makes a child run; ``nested=True`` nests under the active fluent
+      run (``mlflow.start_run()``).
+    - **CV tags**: ``tags`` may hold task, backbone, dataset, env, team, git_commit, hardware (and any other
+      key); ``task`` is checked, ``git_commit`` and ``hardware`` are filled in when absent.
+    - **Resume**: ``trainer.fit(..., ckpt_path=...)`` with a new logger continues the checkpoint's run unless
+      ``run_id=`` says otherwise.
+    - **DDP**: the run is created once on global rank 0, and every rank gets the same :attr:`run_id`.
+    - **Artifacts**: :meth:`log_image` (step history in the MLflow UI), :meth:`log_figure`,
+      :meth:`log_artifact`, :meth:`log_dict`, :meth:`log_text`, all under the same failure policy.
+
+    Args:
+        experiment_name: MLflow experiment (created if missing).
+        run_name: Display name of the run.
+        tracking_uri: Store URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``.
+        tags: Run tags, see above.
+        save_dir: As in ``MLFlowLogger`` (only used with ``file:`` URIs).
+        log_model: As in ``MLFlowLogger``: log ModelCheckpoint files as artifacts.
+        prefix: Prefix for metric keys.
+        artifact_location: Artifact root for a newly created experiment.
+        run_id: Continue this run instead of creating one.
+        synchronous: Accepted for compatibility and ignored: writes are always asynchronous here.
+        parent_run_id: Create the run as a child of this run.
+        nested: Nest under the active fluent MLflow run.
+        flush_interval_s: Seconds between background writes.
+        spool_dir: Where undelivered data is kept; default ``$LIGHTNING_MLFLOW_CV_SPOOL_DIR`` or
+            ``~/.cache/lightning_mlflow_cv/spool``.
+        request_timeout_s: Per-request timeout of the background writer (no retries inside one attempt).
+        finalize_timeout_s: How long :meth:`finalize` waits for a reachable store to take the backlog.
+
+    Raises:
+        ValueError: ``nested=True`` with no active MLflow run, both ``nested`` and ``parent_run_id``,
+            or a non-positive ``flush_interval_s``.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_mlflow_cv import MLflowCVLogger
+
+        logger = MLflowCVLogger(experiment_name="digits", tags={"task": "classification", "backbone": "cnn"})
+        trainer = Trainer(logger=logger, max_epochs=3)
+        trainer.fit(model, datamodule=dm)
+        print(logger.run_id)
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "lightning_logs",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: dict[str, Any] | None = None,
+        save_dir: str | None = "./mlruns",
+        log_model: Literal[True, False, "all"] = False,
+        prefix: str = "",
+        artifact_location: str | None = None,
+        run_id: str | None = None,
+        synchronous: bool | None = None,
+        *,
+        parent_run_id: str | None = None,
+        nested: bool = False,
+        flush_interval_s: float = 2.0,
+        spool_dir: str | None = None,
+        request_timeout_s: float = 10.0,
+        finalize_timeout_s: float = 60.0,
+    ) -> None:
+        if flush_interval_s <= 0:
+            raise ValueError(
+                f"MLflowCVLogger: `flush_interval_s` must be > 0 seconds, got {flush_interval_s!r}. "
+                "Use a small value such as 0.5 for near-real-time charts."
+            )
+        if nested and parent_run_id:
+            raise ValueError(
+                f"MLflowCVLogger: pass either `nested=True` or `parent_run_id=` (got parent_run_id={parent_run_id!r} "
+                "and nested=True). `nested` uses the active `mlflow.start_run()` run as parent."
+            )
+        parent_experiment_id = None
+        if nested:
+            import mlflow
+
+            active = mlflow.active_run()
+            if active is None:
+                raise ValueError(
+                    "MLflowCVLogger: `nested=True` needs an active MLflow run, but `mlflow.active_run()` is None. "
+                    "Create the logger inside `with mlflow.start_run():` (or `pipeline_run(...)`), or pass "
+                    "`parent_run_id=`."
+                )
+            parent_run_id = active.info.run_id
+            parent_experiment_id = active.info.experiment_id
+            if tracking_uri is None:
+                tracking_uri = mlflow.get_tracking_uri()
+        tracking_uri = tracking_uri or default_tracking_uri()
+        user_tags = validate_tags(tags)
+        if "git_commit" not in user_tags:
+            sha = _git_commit()
+            if sha:
+                user_tags["git_commit"] = sha
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=tracking_uri,
+            tags=user_tags,
+            save_dir=save_dir,
+            log_model=log_model,
+            prefix=prefix,
+            artifact_location=artifact_location,
+            run_id=run_id,
+        )
+        self._explicit_run_id = run_id is not None
+        self._parent_run_id = parent_run_id
+        self._parent_experiment_id = parent_experiment_id
+        self._flush_interval_s = float(flush_interval_s)
+        self._spool_dir = spool_dir
+        self._request_timeout_s = float(request_timeout_s)
+        self._finalize_timeout_s = float(finalize_timeout_s)
+        self._spool: Spool | None = None
+        self._writer: Writer | None = None
+        self._writer_lock = threading.Lock()
+        self._params: dict[str, str] = {}
+        self._whole_params: dict[str, str] = {}
+        self._key_cache: dict[str, str] = {}
+        self._warned: set[str] = set()
+        self._pending_points = 0
+        self._broadcast_done = False
+        self._spool_key: str | None = None
+        self.last_spool_path: Path | None = None
+        self.offline = False
+        self.resumed = False
+        if rank_zero_only.rank == 0:
+            self._warn_if_autolog()
+
+    # ------------------------------------------------------------------------------------------
+    # run lifecycle
+    # ------------------------------------------------------------------------------------------
+    @property
+    @override
+    def experiment(self) -> MlflowClient:  # type: ignore[override]
+        """The ``MlflowClient`` (rank 0; a dummy on other ranks). Creating it creates or resumes the run."""
+        if not self._initialized or not self._broadcast_done:
+            self._initialize()
+        if rank_zero_only.rank != 0:
+            return DummyExperiment()  # type: ignore[return-value]
+        return self._mlflow_client
+
+    def _initialize(self) -> None:
+        ctx = _context.trainer_context()
+        trainer = ctx.trainer
+        if trainer is not None:
+            self._attach(trainer)
+        if not self._initialized:
+            if rank_zero_only.rank == 0:
+                if not self._explicit_run_id and ctx.ckpt_path and self._run_id is None:
+                    self._run_id = run_id_from_checkpoint(ctx.ckpt_path)
+                self._start_run(trainer)
+            self._initialized = True
+        if ctx.all_ranks and not self._broadcast_done:
+            # Lightning touches `experiment` on every rank right before the "pre_setup" barrier.
+            if trainer is not None and trainer.world_size > 1:
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():
+                    self._run_id, self._experiment_id = trainer.strategy.broadcast(
+                        (self._run_id, self._experiment_id), src=0
+                    )
+            self._broadcast_done = True
+        elif trainer is None or trainer.world_size <= 1:
+            self._broadcast_done = True
+
+    def _attach(self, trainer: pl.Trainer) -> None:
+        if not any(isinstance(cb, _RunIdInCheckpoint) for cb in trainer.callbacks):
+            trainer.callbacks.append(_RunIdInCheckpoint(self))
+
+    def _start_run(self, trainer: pl.Trainer | None) -> None:
+        self._warn_if_autolog()
+        tags = dict(self.tags or {})
+        tags.setdefault("hardware", _hardware(trainer))
+        header: dict[str, Any] = {
+            "t": "run",
+            "tracking_uri": safe_uri(self._tracking_uri),
+            "experiment_name": self._experiment_name,
+            "experiment_id": self._parent_experiment_id,
+            "run_name": self._run_name,
+            "tags": tags,
+            "parent_run_id": self._parent_run_id,
+            "artifact_location": self._artifact_location,
+        }
+        client = self._mlflow_client
+        if self._run_id is not None and self._run_id.startswith("offline-"):
+            # resuming a fit that started offline: its spool knows whether the run was created since
+            from lightning_mlflow_cv._spool import default_spool_dir
+
+            bound = Spool(self._spool_dir or default_spool_dir(), self._run_id).header().get("run_id")
+            if not bound:
+                self.offline = True
+                self._open_spool(self._run_id, header)
+                return
+            self._run_id = bound
+        if self._run_id is not None:
+            self.resumed = True
+            try:
+                with _http.fail_fast(self._request_timeout_s):
+                    run = client.get_run(self._run_id)
+                self._experiment_id = run.info.experiment_id
+                self._params = dict(run.data.params)
+            except Exception as err:  # noqa: BLE001
+                if not is_retryable(err):
+                    raise ValueError(
+                        f"MLflowCVLogger: run_id={self._run_id!r} does not exist in {safe_uri(self._tracking_uri)} "
+                        f"({err}). Pass an existing run id, or none to start a new run."
+                    ) from err
+                self.offline = True
+            header["run_id"] = self._run_id
+            self._open_spool(self._run_id, header)
+            self._spool.append({"t": "status", "status": "RUNNING"})  # type: ignore[union-attr]
+            return
+        try:
+            with _http.fail_fast(self._request_timeout_s):
+                if header["experiment_id"] is None:
+                    header["experiment_id"] = self._resolve_experiment_id(client)
+                self._run_id = create_run(client, header)
+                self._experiment_id = header["experiment_id"]
+        except Exception as err:  # noqa: BLE001
+            if not is_retryable(err):
+                raise
+            self.offline = True
+            placeholder = f"offline-{uuid.uuid4().hex}"
+            self._run_id = placeholder
+            self._open_spool(placeholder, header)
+            warnings.warn(
+                f"MLflowCVLogger: cannot create the MLflow run at {safe_uri(self._tracking_uri)} "
+                f"({type(err).__name__}: {str(err)[:300]}). Training continues offline; everything is kept in "
+                f"{self._spool.path} and the run is created when the store comes back. If it does not before the "  # type: ignore[union-attr]
+                f"fit ends: lightning-mlflow-cv sync {self._spool.path}",  # type: ignore[union-attr]
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        header["run_id"] = self._run_id
+        self._open_spool(self._run_id, header)
+
+    def _resolve_experiment_id(self, client: MlflowClient) -> str:
+        exp = client.get_experiment_by_name(self._experiment_name)
+        if exp is not None and exp.lifecycle_stage != "deleted":
+            return exp.experiment_id
+        return client.create_experiment(self._experiment_name, artifact_location=self._artifact_location)
+
+    def _open_spool(self, key: str, header: dict[str, Any]) -> None:
+        from lightning_mlflow_cv._spool import default_spool_dir
+
+        spool = Spool(self._spool_dir or default_spool_dir(), key)
+        self._spool_key = key
+        if spool.end == 0 or not spool.header():
+            spool.append(header)
+        elif spool.pending > 0:
+            log.warning("MLflowCVLogger: replaying %d undelivered bytes from %s", spool.pending, spool.path)
+        self._spool = spool
+        self._ensure_writer()
+
+    def _ensure_writer(self) -> Writer:
+        with self._writer_lock:
+            if self._writer is None or not self._writer.is_alive():
+                from mlflow import MlflowClient
+
+                uri = self._tracking_uri
+                bound = self._run_id if not (self._run_id or "").startswith("offline-") else None
+                self._writer = Writer(
+                    lambda: MlflowClient(uri),
+                    self._spool,  # type: ignore[arg-type]
+                    bound,
+                    uri,
+                    flush_interval_s=self._flush_interval_s,
+                    request_timeout_s=self._request_timeout_s,
+                    on_bound=self._on_bound,
+                )
+                self._writer.start()
+                _live_loggers.add(self)
+            return self._writer
+
+    def _on_bound(self, run_id: str) -> None:
+        log.warning("MLflowCVLogger: created run %s for the offline spool %s", run_id, self._spool.path)  # type: ignore[union-attr]
+        self._run_id = run_id
+        self.offline = False
+
+    @property
+    def spool_path(self) -> Path | None:
+        """Path of this run's spool file (rank 0, once the run started)."""
+        return self._spool.path if self._spool is not None else None
+
+    @rank_zero_only
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Deliver everything logged so far. Returns True when the store has it all.
+
+        Returns early (False) when the store is unreachable; the data stays in the spool.
+        """
+        if self._spool is None:
+            return True
+        return self._ensure_writer().flush(timeout)
+
+    @override
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        """Drain the writer and set the run status (FINISHED, FAILED, or KILLED on KeyboardInterrupt)."""
+        if not self._initialized or self._spool is None:
+            return
+        exc = sys.exc_info()[1]
+        mlflow_status = "KILLED" if isinstance(exc, KeyboardInterrupt) else _STATUS.get(status, status.upper())
+        if self._checkpoint_callback:
+            self._scan_and_log_checkpoints(self._checkpoint_callback)
+        self._spool.append({"t": "status", "status": mlflow_status, "end": int(time.time() * 1000)})
+        self._close_writer()
+
+    def _close_writer(self) -> None:
+        writer = self._writer
+        if writer is None or self._spool is None:
+            return
+        delivered = writer.stop(self._finalize_timeout_s if not writer.degraded else self._request_timeout_s)
+        self._writer = None
+        spool, self._spool = self._spool, None
+        if delivered and writer.run_id:
+            self._run_id = writer.run_id
+            spool.remove()
+        else:
+            spool.close()
+            self.last_spool_path = spool.path
+            msg = (
+                f"MLflowCVLogger: {spool.pending} bytes of logged data could not be delivered to "
+                f"{safe_uri(self._tracking_uri)} and are kept in {spool.path}. Nothing is lost: when the store "
+                f"is reachable, run: lightning-mlflow-cv sync {spool.path}"
+            )
+            print(msg, file=sys.stderr)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------------------------------
+    # writes (all rank zero, all through the spool)
+    # ------------------------------------------------------------------------------------------
+    def _spool_ready(self) -> Spool:
+        if not self._initialized:
+            _ = self.experiment
+        if self._spool is None:  # finalized before (e.g. `trainer.test` after `fit`): reopen the same run
+            key = self._spool_key or str(self._run_id)
+            self._open_spool(key, {"t": "run", "tracking_uri": safe_uri(self._tracking_uri), "run_id": self._run_id})
+        elif self._writer is None or not self._writer.is_alive():
+            self._ensure_writer()
+        return self._spool  # type: ignore[return-value]
+
+    def _warn_once(self, key: str, msg: str, category: type[Warning] = UserWarning) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, category, stacklevel=4)
+
+    def _key(self, key: str) -> str:
+        cached = self._key_cache.get(key)
+        if cached is None:
+            cached = sanitize_key(key)
+            if cached != key:
+                self._warn_once(
+                    f"key:{key}",
+                    f"MLflowCVLogger: key {key!r} has characters MLflow does not allow; it is logged as {cached!r}. "
+                    "Use letters, digits and _ - . / space : to keep the name as written.",
+                )
+            self._key_cache[key] = cached
+        return cached
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Enqueue metric points (non-blocking). NaN/inf are kept; non-numeric values are dropped with a warning."""
+        spool = self._spool_ready()
+        metrics = _add_prefix(dict(metrics), self._prefix, self.LOGGER_JOIN_CHAR)
+        out: dict[str, float] = {}
+        for k, v in metrics.items():
+            value = metric_value(v)
+            if value is None:
+                self._warn_once(
+                    f"nonnum:{k}",
+                    f"MLflowCVLogger: metric {k!r} has a non-numeric value {str(v)[:100]!r} ({type(v).__name__}) and "
+                    "is not logged. Log numbers (or 1-element tensors); put text in a tag or `log_text`.",
+                )
+                continue
+            out[self._key(k)] = value
+        if not out:
+            return
+        spool.append({"t": "m", "s": int(step or 0), "ts": int(time.time() * 1000), "d": out})
+        self._pending_points += len(out)
+        if self._pending_points >= 1000:
+            self._pending_points = 0
+            self._writer.wake()  # type: ignore[union-attr]
+
+    @override
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
+        """Log flattened, redacted params; over-long values are truncated and kept whole in an artifact.
+
+        Logging a key again with a different value warns (MLflow params are immutable) instead of failing.
+        """
+        flat = _flatten_dict(_convert_params(params))
+        flat = flatten(redact(flat))
+        values = {self._key(k): param_value(v) for k, v in flat.items()}
+        self.log_params_dict(values)
+
+    def log_params_dict(self, values: Mapping[str, str]) -> None:
+        """Log already-flat string params (used by callbacks). Same limits and collision policy."""
+        if rank_zero_only.rank != 0:
+            return
+        spool = self._spool_ready()
+        short, whole = split_long_params(dict(values), MAX_PARAM_VAL_LENGTH)
+        new: dict[str, str] = {}
+        for k, v in short.items():
+            old = self._params.get(k)
+            if old is None:
+                new[k] = v
+                self._params[k] = v
+            elif old != v:
+                self._warn_once(
+                    f"param:{k}",
+                    f"MLflowCVLogger: param {k!r} was already logged for run {self._run_id} as {old[:200]!r}; the new "
+                    f"value {v[:200]!r} is not logged because MLflow params cannot change. Fix: start a new run "
+                    "(drop `ckpt_path`/`run_id`) or log the changed value under another key.",
+                )
+        if whole:
+            self._whole_params.update(whole)
+            self.log_dict(self._whole_params, "params/full_values.json")
+        if new:
+            spool.append({"t": "p", "d": new})
+
+    @rank_zero_only
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (redacted, truncated to MLflow's limit)."""
+        from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH
+
+        spool = self._spool_ready()
+        clean = {self._key(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in redact(dict(tags)).items()}
+        if clean:
+            spool.append({"t": "tag", "d": clean})
+
+    @rank_zero_only
+    def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Upload a file (or a directory's files) to the run; a copy is kept in the spool until delivered."""
+        spool = self._spool_ready()
+        p = Path(local_path)
+        if not p.exists():
+            raise FileNotFoundError(
+                f"MLflowCVLogger.log_artifact: {str(p)!r} does not exist. Pass the path of a file or directory to upload."
+            )
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        for f in files:
+            rel = f.parent.relative_to(p).as_posix() if p.is_dir() else ""
+            dst = "/".join(x for x in (artifact_path or "", rel if rel != "." else "") if x)
+            spool.append({"t": "a", "src": spool.stage_file(f), "dst": dst})
+
+    def _log_file(self, artifact_file: str, write: Any) -> None:
+        spool = self._spool_ready()
+        artifact_file = artifact_file.strip("/")
+        name = os.path.basename(artifact_file)
+        path = spool.new_file_path(name)
+        write(path)
+        spool.append({"t": "a", "src": str(path), "dst": os.path.dirname(artifact_file)})
+
+    @rank_zero_only
+    def log_dict(self, data: Mapping[str, Any] | list[Any], artifact_file: str) -> None:
+        """Log ``data`` as a JSON (or, for ``.yaml``/``.yml``, YAML) artifact at ``artifact_file``."""
+
+        def write(path: Path) -> None:
+            if artifact_file.endswith((".yaml", ".yml")):
+                import yaml
+
+                path.write_text(yaml.safe_dump(data, sort_keys=False))
+            else:
+                path.write_text(json.dumps(data, indent=2, default=str, allow_nan=True))
+
+        self._log_file(artifact_file, write)
+
+    @rank_zero_only
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Log ``text`` as the artifact ``artifact_file``."""
+        self._log_file(artifact_file, lambda path: path.write_text(text, encoding="utf-8"))
+
+    @rank_zero_only
+    def log_image(self, key: str, image: Any, step: int | None = None) -> None:
+        """Log an image under ``key`` at ``step``, stored the way MLflow's step-aware image logging does,
+        so the MLflow UI shows its history by step.
+
+        Args:
+            key: Image series name (``/`` allowed).
+            image: ``torch.Tensor`` ``(C, H, W)`` or ``(H, W)``; ``numpy.ndarray`` ``(H, W[, C])``; or PIL image.
+                Floats must be in ``[0, 1]``; ``uint8`` in ``[0, 255]``; C in (1, 3, 4).
+            step: The step (e.g. the epoch).
+
+        Raises:
+            ValueError: on an unsupported dtype, shape or value range (names the fix).
+        """
+        from mlflow.tracking.multimedia import compress_image_size
+
+        spool = self._spool_ready()
+        pil = to_pil_image(image)
+        clean_key = _IMAGE_KEY_ILLEGAL.sub("_", key)
+        if clean_key != key:
+            self._key(key)
+        ts = int(time.time() * 1000)
+        base = f"{clean_key.replace('/', '~')}+step+{int(step or 0)}+timestamp+{ts}+{uuid.uuid4()}"
+        png = spool.new_file_path(f"{base}.png")
+        pil.save(png)
+        webp = png.with_name(f"{base}+compressed.webp")
+        compress_image_size(pil).save(webp)
+        spool.append(
+            {"t": "a", "src": str(png), "dst": "images"},
+            {"t": "a", "src": str(webp), "dst": "images"},
+            {"t": "tag", "d": {"mlflow.loggedImages": "True"}},
+        )
+
+    @rank_zero_only
+    def log_figure(self, key: str, figure: Any, step: int | None = None, close: bool = True) -> None:
+        """Log a matplotlib figure: with ``step``, as an image series ``key``; without, as ``figures/<key>.png``
+        (or at ``key`` itself when it ends in .png/.svg/.pdf)."""
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        figure.savefig(buf, format="png", bbox_inches="tight", dpi=100)
+        if close:
+            plt.close(figure)
+        buf.seek(0)
+        if step is not None:
+            from PIL import Image
+
+            self.log_image(key, Image.open(buf).convert("RGB"), step=step)
+            return
+        artifact_file = key if key.endswith((".png", ".svg", ".pdf")) else f"figures/{key}.png"
+        if artifact_file.endswith(".png"):
+            self._log_file(artifact_file, lambda path: path.write_bytes(buf.getvalue()))
+        else:
+            fmt = artifact_file.rsplit(".", 1)[1]
+            out = io.BytesIO()
+            figure.savefig(out, format=fmt, bbox_inches="tight")
+            self._log_file(artifact_file, lambda path: path.write_bytes(out.getvalue()))
+
+    @override
+    def _scan_and_log_checkpoints(self, checkpoint_callback: Any) -> None:
+        import yaml
+        from lightning.pytorch.loggers.utilities import _scan_checkpoints
+
+        for t, p, s, _tag in _scan_checkpoints(checkpoint_callback, self._logged_model_time):
+            artifact_path = Path(p).stem
+            self.log_artifact(p, artifact_path)
+            meta = {
+                "score": s.item() if hasattr(s, "item") else s,
+                "original_filename": Path(p).name,
+                "Checkpoint": {"monitor": checkpoint_callback.monitor, "mode": checkpoint_callback.mode},
+            }
+            aliases = ["latest", "best"] if p == checkpoint_callback.best_model_path else ["latest"]
+            self._log_file(f"{artifact_path}/metadata.yaml", lambda path, m=meta: path.write_text(yaml.dump(m)))
+            self.log_text(str(aliases), f"{artifact_path}/aliases.txt")
+            self._logged_model_time[p] = t
+
+    def _warn_if_autolog(self) -> None:
+        try:
+            from mlflow.utils.autologging_utils import autologging_is_disabled
+        except ImportError:  # pragma: no cover
+            return
+        if not autologging_is_disabled("pytorch"):
+            self._warn_once(
+                "autolog",
+                "MLflowCVLogger: `mlflow.pytorch.autolog()` is active. It patches `Trainer.fit`, opens a second run "
+                "and logs the same metrics again. Fix: call `mlflow.pytorch.autolog(disable=True)`; MLflowCVLogger "
+                "already logs metrics and params, and ModelRegistryCallback logs the model. To keep one autolog "
+                "feature, log it through this logger instead.",
+            )
+
+
+def to_pil_image(image: Any) -> Any:
+    """Convert a tensor ``(C,H,W)``/``(H,W)``, an ndarray ``(H,W[,C])`` or a PIL image to a PIL image.
+
+    Raises:
+        ValueError: unsupported dtype, shape or value range, with what arrived and the fix.
+
+    Example::
+
+        >>> import numpy as np
+        >>> to_pil_image(np.zeros((4, 5, 3), dtype=np.uint8)).size
+        (5, 4)
+    """
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if hasattr(image, "detach"):
+        t = image.detach().cpu()
+        if t.ndim == 3:
+            if t.shape[0] not in (1, 3, 4):
+                raise ValueError(
+                    f"log_image: a tensor image must be (C, H, W) with C in (1, 3, 4), got shape {tuple(t.shape)}. "
+                    "Permute channels-last tensors with `img.permute(2, 0, 1)`."
+                )
+            t = t.permute(1, 2, 0)
+        arr = t.numpy()
+    elif isinstance(image, np.ndarray):
+        arr = image
+    else:
+        raise ValueError(
+            f"log_image: unsupported image type {type(image).__name__}. Pass a torch.Tensor (C, H, W), "
+            "a numpy array (H, W[, C]) or a PIL.Image."
+        )
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"log_image: expected an image of shape (H, W), (H, W, 3|4) or a tensor (C, H, W), got shape "
+            f"{tuple(arr.shape)}. Log one image per call (use torchvision.utils.make_grid for batches)."
+        )
+    if arr.dtype == np.uint8:
+        return Image.fromarray(arr)
+    if arr.dtype == bool:
+        return Image.fromarray(arr.astype(np.uint8) * 255)
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = arr[np.isfinite(arr)]
+        lo = float(finite.min()) if finite.size else 0.0
+        hi = float(finite.max()) if finite.size else 0.0
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(
+                f"log_image: float images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]. Undo the "
+                "normalisation (x * std + mean) or scale uint8 data by 1/255 before logging."
+            )
+        return Image.fromarray((np.nan_to_num(arr).clip(0, 1) * 255).round().astype(np.uint8))
+    raise ValueError(
+        f"log_image: unsupported dtype {arr.dtype}; use uint8 in [0, 255] or float in [0, 1]."
+    )
+
+
+@atexit.register
+def _flush_at_exit() -> None:  # pragma: no cover - exercised by process exit
+    for lg in list(_live_loggers):
+        writer = lg._writer
+        if writer is not None and writer.is_alive():
+            try:
+                writer.stop(min(lg._finalize_timeout_s, 10.0))
+            except Exception:  # noqa: BLE001
+                pass
