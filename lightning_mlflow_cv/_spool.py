@@ -17,6 +17,7 @@ Record kinds (key ``t``):
 - ``p`` / ``tag``: params / tags ``d``.
 - ``a``: an artifact file ``src`` (kept inside the spool's files directory) for ``dst`` (artifact dir).
 - ``status``: ``status`` and ``end`` (ms) for ``set_terminated`` or RUNNING on resume.
+- ``input``: a dataset ``d`` (MLflow ``Dataset`` entity fields) used in context ``ctx``.
 """
 
 from __future__ import annotations
@@ -379,6 +380,14 @@ class Deliverer:
                         f"MLflowCVLogger: artifact file {request['src']} no longer exists and cannot be uploaded "
                         f"to run {run_id} (artifact dir {request['dst']!r}). Keep spooled files until `sync` finished."
                     )
+            elif kind == "input":
+                from mlflow.entities import Dataset, DatasetInput, InputTag
+                from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+                tags = [InputTag(MLFLOW_DATASET_CONTEXT, request["context"])] if request.get("context") else []
+                self.client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**request["dataset"]), tags)])
+            elif kind == "noop":
+                return
             elif kind == "status":
                 if request["status"] == "RUNNING":
                     self.client.update_run(run_id, status="RUNNING")
@@ -485,11 +494,13 @@ def _plan(batch: list[tuple[dict[str, Any], int]]) -> Iterator[tuple[dict[str, A
                 cur[field].extend(items[:room])
                 items = items[room:]
             cur_end = end
-        elif t in ("a", "status"):
+        elif t in ("a", "status", "input"):
             if nonempty():
                 yield cur, cur_end
                 cur = {"kind": "batch", "metrics": [], "params": [], "tags": []}
-            if t == "a":
+            if t == "input":
+                yield {"kind": "input", "dataset": rec["d"], "context": rec.get("ctx")}, end
+            elif t == "a":
                 yield {"kind": "artifact", "src": rec["src"], "dst": rec.get("dst")}, end
             else:
                 yield {"kind": "status", "status": rec["status"], "end": rec.get("end")}, end

@@ -577,6 +577,25 @@ class MLflowCVLogger(MLFlowLogger):
             spool.append({"t": "tag", "d": clean})
 
     @rank_zero_only
+    def log_dataset(self, dataset: Any, context: str | None = None) -> None:
+        """Record an MLflow dataset input (what ``mlflow.log_input`` does), through the spool.
+
+        Args:
+            dataset: an ``mlflow.data.dataset.Dataset`` (e.g. from ``mlflow.data.from_numpy``) or its entity.
+            context: ``training``, ``validation``, ``testing`` (stored as the ``mlflow.data.context`` tag).
+        """
+        entity = dataset._to_mlflow_entity() if hasattr(dataset, "_to_mlflow_entity") else dataset
+        d = {
+            "name": entity.name,
+            "digest": entity.digest,
+            "source_type": entity.source_type,
+            "source": entity.source,
+            "schema": entity.schema,
+            "profile": entity.profile,
+        }
+        self._spool_ready().append({"t": "input", "d": d, "ctx": context})
+
+    @rank_zero_only
     def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Upload a file (or a directory's files) to the run; a copy is kept in the spool until delivered."""
         spool = self._spool_ready()
@@ -601,7 +620,8 @@ class MLflowCVLogger(MLFlowLogger):
 
     @rank_zero_only
     def log_dict(self, data: Mapping[str, Any] | list[Any], artifact_file: str) -> None:
-        """Log ``data`` as a JSON (or, for ``.yaml``/``.yml``, YAML) artifact at ``artifact_file``."""
+        """Log ``data`` (secrets redacted) as a JSON (or, for ``.yaml``/``.yml``, YAML) artifact at ``artifact_file``."""
+        data = redact(data)
 
         def write(path: Path) -> None:
             if artifact_file.endswith((".yaml", ".yml")):

@@ -1,0 +1,3 @@
+"""The plugin's callbacks, one per module."""
+
+__all__: list[str] = []

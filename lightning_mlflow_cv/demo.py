@@ -1,0 +1,237 @@
+"""The main job: a small CNN on scikit-learn's bundled handwritten digits (no download).
+
+``lightning-mlflow-cv demo`` (``make demo``) trains it into the embedded store ``sqlite:///mlflow.db`` and
+prints the run id, the metrics reached and the ``mlflow ui`` command that shows the run.
+
+The module also holds the pieces tests and examples reuse: :class:`DigitsDataModule` and
+:class:`DigitsClassifier`, whose ``validation_step``/``test_step`` return the classification output
+convention (``{"logits": (N, C), "targets": (N,)}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+#: Normalisation of the digits images after scaling to [0, 1].
+DIGITS_MEAN = (0.2662,)
+DIGITS_STD = (0.3830,)
+DIGITS_CLASSES = [str(i) for i in range(10)]
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits as ``uint8`` images ``(N, 1, 8, 8)`` in [0, 255] and labels ``(N,)``."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return (images * 255).round().to(torch.uint8), torch.tensor(d.target, dtype=torch.long)
+
+
+class NormalizedDigits(Dataset):
+    """uint8 digit images -> normalised float tensors, with an optional training transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Any = None) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+        self.mean = torch.tensor(DIGITS_MEAN).view(-1, 1, 1)
+        self.std = torch.tensor(DIGITS_STD).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].float() / 255.0
+        if self.transform is not None:
+            x = self.transform(x)
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """Train/val/test split of scikit-learn's digits (seeded), as normalised ``(1, 8, 8)`` tensors.
+
+    Args:
+        batch_size: Batch size of every loader.
+        val_fraction: Share of images for validation (the same share again for test).
+        seed: Split seed.
+        augment: Light augmentation (random affine) on the training split.
+        num_workers: DataLoader workers.
+
+    Example::
+
+        dm = DigitsDataModule(batch_size=64)
+        trainer.fit(DigitsClassifier(), datamodule=dm)
+    """
+
+    def __init__(
+        self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0, augment: bool = True, num_workers: int = 0
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.mean = DIGITS_MEAN
+        self.std = DIGITS_STD
+        self.class_names = DIGITS_CLASSES
+        self.train_transform = None
+        if augment:
+            from torchvision.transforms import v2
+
+            self.train_transform = v2.Compose([v2.RandomAffine(degrees=10, translate=(0.1, 0.1))])
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        images, labels = load_digits_tensors()
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        perm = torch.randperm(len(labels), generator=g)
+        n_val = int(len(labels) * self.hparams.val_fraction)
+        val, test, train = perm[:n_val], perm[n_val : 2 * n_val], perm[2 * n_val :]
+        self.train_set = NormalizedDigits(images[train], labels[train], self.train_transform)
+        self.val_set = NormalizedDigits(images[val], labels[val])
+        self.test_set = NormalizedDigits(images[test], labels[test])
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False)
+
+
+class DigitsClassifier(pl.LightningModule):
+    """A small CNN for 8x8 digits. ``validation_step``/``test_step`` return ``{"logits", "targets"}``.
+
+    Args:
+        num_classes: Output classes.
+        lr: Adam learning rate.
+        width: Channels of the first conv layer.
+
+    Example::
+
+        model = DigitsClassifier(lr=3e-3)
+        pl.Trainer(max_epochs=5).fit(model, datamodule=DigitsDataModule())
+    """
+
+    def __init__(self, num_classes: int = 10, lr: float = 3e-3, width: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1),
+            nn.BatchNorm2d(w),
+            nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, 64), nn.ReLU(), nn.Linear(64, num_classes))
+        self.example_input_array = torch.zeros(1, 1, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def _step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        self.log(f"{stage}/acc", acc, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        return {"loss": loss, "logits": logits.detach(), "targets": y}
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def demo_callbacks() -> list[pl.Callback]:
+    """The plugin's callbacks that exist in this version, configured for the digits demo."""
+    from lightning_mlflow_cv import callbacks as cbs
+
+    out: list[pl.Callback] = []
+    factories: dict[str, Any] = {
+        "ReproducibilityCallback": lambda c: c(seed=42),
+        "DatasetLineageCallback": lambda c: c(),
+        "CVMetricsCallback": lambda c: c(task="classification", num_classes=10, class_names=DIGITS_CLASSES),
+        "PredictionGridCallback": lambda c: c(
+            task="classification", num_samples=16, class_names=DIGITS_CLASSES, mean=DIGITS_MEAN, std=DIGITS_STD
+        ),
+    }
+    for name, make in factories.items():
+        cls = getattr(cbs, name, None)
+        if cls is not None:
+            out.append(make(cls))
+    return out
+
+
+def run_demo(max_epochs: int = 8, experiment_name: str = "digits-demo", tracking_uri: str | None = None) -> dict[str, Any]:
+    """Train the digits CNN with MLflowCVLogger and the plugin's callbacks; return run id and metrics."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_mlflow_cv import MLflowCVLogger
+
+    pl.seed_everything(42, workers=True)
+    logger = MLflowCVLogger(
+        experiment_name=experiment_name,
+        run_name="digits-cnn",
+        tracking_uri=tracking_uri,
+        tags={"task": "classification", "backbone": "small-cnn", "dataset": "sklearn-digits", "env": "demo"},
+    )
+    dm = DigitsDataModule()
+    model = DigitsClassifier()
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        logger=logger,
+        log_every_n_steps=5,
+        callbacks=[ModelCheckpoint(monitor="val/acc", mode="max"), *demo_callbacks()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        deterministic=True,
+        default_root_dir="checkpoints",
+    )
+    trainer.fit(model, datamodule=dm)
+    metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    test = trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)
+    logger.flush()
+    metrics.update({k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    return {"run_id": logger.run_id, "tracking_uri": logger._tracking_uri, "metrics": metrics, "test": test}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lightning-mlflow-cv demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--max-epochs", type=int, default=8)
+    parser.add_argument("--experiment-name", default="digits-demo")
+    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    args = parser.parse_args(argv)
+    out = run_demo(args.max_epochs, args.experiment_name, args.tracking_uri)
+    print("\n=== lightning-mlflow-cv demo ===")
+    print(f"run id:        {out['run_id']}")
+    print(f"tracking URI:  {out['tracking_uri']}")
+    for k in sorted(out["metrics"]):
+        print(f"  {k:<22} {out['metrics'][k]}")
+    uri = out["tracking_uri"]
+    print(f"\nSee the run:   mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    return 0

@@ -1,0 +1,122 @@
+"""Shared fixtures: real SQLite stores, a real `mlflow server` subprocess, tiny digits fits."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Every test runs in its own cwd with its own spool dir and no inherited tracking URI."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("LIGHTNING_MLFLOW_CV_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setenv("GIT_COMMIT_SHA", "0123456789abcdef0123456789abcdef01234567")
+    yield
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    """A real SQLite tracking store in tmp_path."""
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts); stop/start keep the data."""
+
+    def __init__(self, root: Path, port: int | None = None, backend_uri: str | None = None, extra: list[str] | None = None):
+        self.root = root
+        self.port = port or free_port()
+        self.backend_uri = backend_uri or f"sqlite:///{root / 'server.db'}"
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+        self.log = root / "server.log"
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> None:
+        exe = Path(sys.executable).with_name("mlflow")
+        cmd = [
+            str(exe), "server", "--host", "127.0.0.1", "--port", str(self.port),
+            "--backend-store-uri", self.backend_uri,
+            "--artifacts-destination", str(self.root / "artifacts"),
+            "--workers", "1", *self.extra,
+        ]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not start in {timeout}s: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A started real `mlflow server` subprocess; always stopped at the end."""
+    root = tmp_path / "server"
+    root.mkdir()
+    server = MlflowServer(root)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """(uint8 images (N,1,8,8), labels (N,)) from scikit-learn's bundled digits."""
+    from lightning_mlflow_cv.demo import load_digits_tensors
+
+    return load_digits_tensors()
+
+
+def has_postgres() -> bool:
+    return Path("/usr/lib/postgresql/15/bin/initdb").exists() and shutil.which("runuser") is not None
