@@ -437,12 +437,14 @@ def create_run(client: Any, header: dict[str, Any]) -> str:
     """Create the run a spool header describes (experiment created when missing)."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    name = header.get("experiment_name") or "Default"
-    exp = client.get_experiment_by_name(name)
-    if exp is None or exp.lifecycle_stage == "deleted":
-        exp_id = client.create_experiment(name, artifact_location=header.get("artifact_location"))
-    else:
-        exp_id = exp.experiment_id
+    exp_id = header.get("experiment_id")
+    if exp_id is None:
+        name = header.get("experiment_name") or "Default"
+        exp = client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage == "deleted":
+            exp_id = client.create_experiment(name, artifact_location=header.get("artifact_location"))
+        else:
+            exp_id = exp.experiment_id
     tags = dict(header.get("tags") or {})
     if header.get("run_name"):
         tags[MLFLOW_RUN_NAME] = header["run_name"]

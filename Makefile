@@ -1,0 +1,42 @@
+# Two commands matter: `make demo` (the main job) and `make test` (the suite; .ci/run calls it).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# On these machines torch 2.14.1 / torchvision 0.29.1 install from local files; a looser resolve could pull
+# a multi-GB build. Override with `make TORCH_PIN= demo` to let pip choose.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench wheel clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[test,captum,optuna]' $(TORCH_PIN)
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lightning-mlflow-cv demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not server and not ddp" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/logging_overhead.py
+
+wheel: $(STAMP)
+	$(PIP) wheel --no-deps -w dist .
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info mlflow.db checkpoints

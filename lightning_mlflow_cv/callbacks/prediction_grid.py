@@ -1,0 +1,243 @@
+"""PredictionGridCallback: a per-epoch grid of predictions on a fixed set of validation samples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_mlflow_cv import _grid
+from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv._grid import Task
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+_WHO = "PredictionGridCallback"
+
+
+def _datamodule_attr(trainer: pl.Trainer, name: str) -> Any:
+    dm = getattr(trainer, "datamodule", None)
+    return getattr(dm, name, None) if dm is not None else None
+
+
+class PredictionGridCallback(Callback):
+    """Log one image per validation epoch: the model's predictions on a fixed set of validation samples.
+
+    The samples are picked once (seeded) from the validation dataset and kept in the callback's state, so a
+    resumed fit shows the same samples. At each validation epoch end (never during the sanity check) the
+    model runs on them in eval mode without gradients; the grid is logged with
+    ``MLflowCVLogger.log_image(key, grid, step=epoch)``, so the MLflow UI shows its history by epoch.
+
+    What a panel shows, by ``task`` (output conventions of DESIGN.md):
+
+    - ``"classification"``: logits ``(N, C)``, targets ``(N,)``: predicted label and probability, true label;
+      wrong predictions get a red frame and red text.
+    - ``"object-detection"``: a list of dicts with ``boxes`` (xyxy), ``scores``, ``labels``; targets a list of
+      dicts with ``boxes``, ``labels``: ground-truth boxes beside predicted boxes with
+      ``score >= score_threshold``.
+    - ``"semantic-segmentation"``: logits ``(N, C, H, W)`` (upsampled to the image size when smaller), masks
+      ``(N, H, W)``: image, ground-truth overlay, predicted overlay.
+
+    Images are de-normalised with ``mean``/``std``, tiny images are enlarged (whole factors, crisp pixels) so
+    labels stay readable and large ones are shrunk, so the cost per epoch is bounded by ``num_samples`` whatever
+    the dataset size.
+
+    Args:
+        task: ``"classification"``, ``"object-detection"`` or ``"semantic-segmentation"``.
+        num_samples: How many validation samples the grid shows.
+        every_n_epochs: Log when ``(epoch + 1) % every_n_epochs == 0``.
+        class_names: Names for class ids; default ``trainer.datamodule.class_names`` when it exists, else ids.
+        mean: Per-channel mean of the input normalisation; default ``trainer.datamodule.mean`` when it exists.
+            Without mean/std, float inputs outside [0, 1] are min-max scaled for display.
+        std: Per-channel std of the input normalisation; default ``trainer.datamodule.std`` when it exists.
+        score_threshold: Detection: draw predicted boxes with at least this score.
+        key: Image series name in MLflow.
+        seed: Seed of the sample choice.
+        output_transform: A callable, or its import path ``"pkg.module:function"``, mapping the model output to
+            the task's format.
+        batch_transform: A callable, or its import path, mapping a validation batch to ``(images, targets)``;
+            default: the first two items of a tuple batch, or the image/target keys of a dict batch.
+        dataloader_idx: Which validation dataloader to take samples from.
+        nrow: Panels per grid row; default near-square.
+        background_class: Segmentation: a class id left uncoloured in overlays (e.g. 0 for background).
+        display_min_size: Smaller images are enlarged until their longer side reaches this many pixels.
+        display_max_size: Larger images are shrunk to this many pixels on their longer side.
+
+    Raises:
+        ValueError: on invalid arguments (at construction); on a model output or batch that does not follow the
+            task's convention (at the first grid, naming the expected format and what arrived).
+        RuntimeError: at setup, when the Trainer has no ``MLflowCVLogger``.
+
+    Example::
+
+        from lightning_mlflow_cv import MLflowCVLogger
+        from lightning_mlflow_cv.callbacks.prediction_grid import PredictionGridCallback
+
+        grid = PredictionGridCallback("classification", num_samples=16, class_names=[str(i) for i in range(10)],
+                                      mean=(0.2662,), std=(0.3830,))
+        trainer = Trainer(logger=MLflowCVLogger(), callbacks=[grid], max_epochs=5)
+        trainer.fit(model, datamodule=dm)   # images/val~predictions+step+0..4 in the run
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        num_samples: int = 8,
+        every_n_epochs: int = 1,
+        class_names: Sequence[str] | None = None,
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+        score_threshold: float = 0.5,
+        key: str = "val/predictions",
+        seed: int = 0,
+        output_transform: str | Callable[[Any], Any] | None = None,
+        batch_transform: str | Callable[[Any], Any] | None = None,
+        dataloader_idx: int = 0,
+        nrow: int | None = None,
+        background_class: int | None = None,
+        display_min_size: int = 96,
+        display_max_size: int = 256,
+    ) -> None:
+        super().__init__()
+        self.task = _grid.check_task(_WHO, task)
+        self.num_samples = _grid.check_positive_int(_WHO, "num_samples", num_samples)
+        self.every_n_epochs = _grid.check_positive_int(_WHO, "every_n_epochs", every_n_epochs)
+        self.nrow = _grid.check_positive_int(_WHO, "nrow", nrow, allow_none=True)
+        self.display_min_size = _grid.check_positive_int(_WHO, "display_min_size", display_min_size)
+        self.display_max_size = _grid.check_positive_int(_WHO, "display_max_size", display_max_size)
+        if self.display_max_size < self.display_min_size:
+            raise ValueError(
+                f"{_WHO}: `display_max_size` ({display_max_size}) must be >= `display_min_size` ({display_min_size})."
+            )
+        if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)) or not (
+            0.0 <= score_threshold <= 1.0
+        ):
+            raise ValueError(
+                f"{_WHO}: `score_threshold` must be a number in [0, 1], got {score_threshold!r}. Fix: e.g. 0.5."
+            )
+        if isinstance(dataloader_idx, bool) or not isinstance(dataloader_idx, int) or dataloader_idx < 0:
+            raise ValueError(f"{_WHO}: `dataloader_idx` must be an int >= 0, got {dataloader_idx!r}.")
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError(f"{_WHO}: `key` must be a non-empty string, got {key!r}. Fix: e.g. key='val/predictions'.")
+        if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
+            raise ValueError(
+                f"{_WHO}: `class_names` must be a list of names (one per class id) or None, got {class_names!r}."
+            )
+        self.mean, self.std = _grid.check_mean_std(_WHO, mean, std)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.score_threshold = float(score_threshold)
+        self.key = key
+        self.seed = int(seed)
+        self.output_transform = _grid.resolve_callable(_WHO, "output_transform", output_transform)
+        self.batch_transform = _grid.resolve_callable(_WHO, "batch_transform", batch_transform)
+        self.dataloader_idx = dataloader_idx
+        self.background_class = background_class
+        self.indices: list[int] | None = None
+        self._samples: tuple[Any, Any] | None = None
+
+    # -----------------------------------------------------------------------------------------
+    # state: the chosen samples survive a resume
+    # -----------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"indices": self.indices, "seed": self.seed, "num_samples": self.num_samples}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("num_samples") == self.num_samples:
+            self.indices = state_dict.get("indices")
+            self._samples = None
+
+    # -----------------------------------------------------------------------------------------
+    # hooks
+    # -----------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        find_mlflow_logger(trainer, who=_WHO)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        grid = self.render(trainer, pl_module)
+        if grid is not None:
+            find_mlflow_logger(trainer, who=_WHO).log_image(self.key, grid, step=trainer.current_epoch)
+
+    # -----------------------------------------------------------------------------------------
+    # work
+    # -----------------------------------------------------------------------------------------
+    def _loader(self, trainer: pl.Trainer) -> Any:
+        loaders = trainer.val_dataloaders
+        if loaders is None:
+            return None
+        if isinstance(loaders, (list, tuple)):
+            if self.dataloader_idx >= len(loaders):
+                raise ValueError(
+                    f"{_WHO}: `dataloader_idx`={self.dataloader_idx} but there are {len(loaders)} validation "
+                    f"dataloaders. Fix: dataloader_idx in 0..{len(loaders) - 1}."
+                )
+            return loaders[self.dataloader_idx]
+        if isinstance(loaders, dict):
+            return list(loaders.values())[self.dataloader_idx]
+        return loaders
+
+    def samples(self, trainer: pl.Trainer) -> tuple[Any, Any] | None:
+        """The fixed ``(images, targets)`` (picked on first use, then cached on the CPU)."""
+        if self._samples is None:
+            loader = self._loader(trainer)
+            if loader is None:
+                return None
+            x, y, self.indices = _grid.fixed_samples(
+                _WHO, loader, self.num_samples, self.seed, self.indices, self.batch_transform
+            )
+            self._samples = (x, y)
+        return self._samples
+
+    def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor | None:
+        """Run the model on the fixed samples (eval, no grad) and return the grid as ``uint8`` ``(3, H, W)``."""
+        got = self.samples(trainer)
+        if got is None:
+            return None
+        x, y = got
+        images = _grid.images_of(x)
+        n = len(images)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                out = pl_module(move_data_to_device(x, pl_module.device))
+        finally:
+            pl_module.train(was_training)
+        if self.output_transform is not None:
+            out = self.output_transform(out)
+        out = _grid.check_outputs(_WHO, self.task, out, n)
+        y = _grid.check_targets(_WHO, self.task, y, n)
+        mean = self.mean if self.mean is not None else _datamodule_attr(trainer, "mean")
+        std = self.std if self.std is not None else _datamodule_attr(trainer, "std")
+        if (mean is None) != (std is None):
+            mean = std = None
+        names = self.class_names if self.class_names is not None else _datamodule_attr(trainer, "class_names")
+        panels = [self._panel(i, images[i], out, y, mean, std, names) for i in range(n)]
+        return _grid.make_image_grid(panels, nrow=self.nrow)
+
+    def _panel(self, i: int, x: torch.Tensor, out: Any, y: Any, mean: Any, std: Any, names: Any) -> torch.Tensor:
+        img = _grid.to_display(x, mean, std, self.display_min_size, self.display_max_size)
+        if self.task == "classification":
+            prob = out[i].softmax(-1)
+            pred = int(prob.argmax())
+            return _grid.classification_panel(img, int(y[i]), pred, float(prob[pred]), names)
+        if self.task == "object-detection":
+            return _grid.detection_panel(img, tuple(x.shape[-2:]), y[i], out[i], self.score_threshold, names)
+        logits = out[i]
+        if tuple(logits.shape[-2:]) != tuple(x.shape[-2:]):
+            logits = torch.nn.functional.interpolate(
+                logits[None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False
+            )[0]
+        return _grid.segmentation_panel(img, y[i], logits.argmax(0), logits.shape[0], self.background_class)

@@ -1,0 +1,292 @@
+"""MLflowCVLogger against a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from mlflow import MlflowClient
+from tiny import N_METRICS, TinyModel, history_counts, loaders, trainer
+
+from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv import _spool
+from lightning_mlflow_cv._keys import MAX_PARAM_VAL_LENGTH
+
+
+def _fit(logger, max_epochs=2, model=None, **kw):
+    train, val = loaders()
+    tr = trainer(logger, max_epochs=max_epochs, **kw)
+    tr.fit(model or TinyModel(), train, val)
+    return tr
+
+
+def test_default_store_is_sqlite_in_cwd_and_env_read_at_construction(tmp_path, monkeypatch):
+    logger = MLflowCVLogger()
+    assert logger._tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    assert MLflowCVLogger()._tracking_uri.endswith("other.db")
+    # the run really lands in ./mlflow.db and `mlflow ui`'s default store shows it
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    logger = MLflowCVLogger(experiment_name="default-store")
+    logger.log_metrics({"x": 1.0}, step=0)
+    logger.finalize("success")
+    assert (tmp_path / "mlflow.db").exists()
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(logger.run_id)
+    assert run.data.metrics == {"x": 1.0}
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_fit_delivers_every_point_params_tags_and_status(tracking_uri, spool_dir):
+    logger = MLflowCVLogger(
+        experiment_name="fit", tracking_uri=tracking_uri, tags={"task": "classification", "backbone": "linear"}
+    )
+    tr = trainer(logger, max_epochs=2)
+    train, val = loaders()
+    tr.fit(TinyModel(lr=0.05), train, val)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(logger.run_id)
+    assert run.info.status == "FINISHED"
+    counts = history_counts(client, logger.run_id)
+    steps = tr.global_step
+    assert steps == 32
+    for k in range(N_METRICS):
+        assert counts[f"train/m{k}"] == steps
+    assert counts["val/loss"] == 2
+    assert run.data.params["lr"] == "0.05"
+    tags = run.data.tags
+    assert tags["task"] == "classification" and tags["backbone"] == "linear"
+    assert tags["hardware"] == "cpu"
+    assert tags["git_commit"] == os.environ["GIT_COMMIT_SHA"]
+    # delivered spools are cleaned up
+    assert not list(spool_dir.glob("*.jsonl"))
+
+
+def test_log_metrics_only_enqueues_until_flush(tracking_uri):
+    logger = MLflowCVLogger(tracking_uri=tracking_uri, flush_interval_s=3600)
+    run_id = logger.run_id
+    for step in range(2500):
+        logger.log_metrics({f"m{k}": float(step * k) for k in range(4)}, step=step)
+    client = MlflowClient(tracking_uri)
+    # the writer wakes once a batch worth of points waits; but it never holds the caller
+    assert logger.flush() is True
+    assert all(len(client.get_metric_history(run_id, f"m{k}")) == 2500 for k in range(4))
+    logger.finalize("success")
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_spool_compacts_so_disk_and_memory_stay_bounded(tracking_uri, monkeypatch):
+    monkeypatch.setattr(_spool, "COMPACT_BYTES", 10_000)
+    logger = MLflowCVLogger(tracking_uri=tracking_uri, flush_interval_s=3600)
+    _ = logger.run_id
+    for step in range(3000):
+        logger.log_metrics({"a": float(step), "b": 1.0}, step=step)
+    assert logger.flush()
+    assert logger.spool_path.stat().st_size < 10_000
+    for step in range(3000, 3100):
+        logger.log_metrics({"a": float(step)}, step=step)
+    logger.finalize("success")
+    assert len(MlflowClient(tracking_uri).get_metric_history(logger.run_id, "a")) == 3100
+
+
+def test_images_figures_artifacts_and_dicts(tracking_uri, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    logger = MLflowCVLogger(tracking_uri=tracking_uri)
+    for step in (1, 2):
+        logger.log_image("val/grid", torch.rand(3, 20, 30), step=step)
+    logger.log_image("single", np.zeros((10, 12), dtype=np.uint8))
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3])
+    logger.log_figure("curve", fig)
+    src = tmp_path / "notes.txt"
+    src.write_text("hello")
+    logger.log_artifact(src, "extra")
+    src.unlink()  # the spool kept a copy: deleting the original loses nothing
+    logger.log_dict({"token": "abc", "a": 1}, "cfg/c.json")
+    logger.log_text("text", "txt/t.txt")
+    logger.finalize("success")
+    client = MlflowClient(tracking_uri)
+    images = [a.path for a in client.list_artifacts(logger.run_id, "images")]
+    pngs = sorted(p for p in images if p.endswith(".png"))
+    assert [p.split("+step+")[1].split("+")[0] for p in pngs if "val~grid" in p] == ["1", "2"]
+    assert len([p for p in images if p.endswith(".webp")]) == 3
+    local = client.download_artifacts(logger.run_id, pngs[-1], str(tmp_path / "dl"))
+    from PIL import Image
+
+    assert Image.open(local).size == (30, 20)
+    assert client.get_run(logger.run_id).data.tags["mlflow.loggedImages"] == "True"
+    paths = {a.path for d in ("figures", "extra", "cfg", "txt") for a in client.list_artifacts(logger.run_id, d)}
+    assert paths == {"figures/curve.png", "extra/notes.txt", "cfg/c.json", "txt/t.txt"}
+    cfg = json.loads(Path(client.download_artifacts(logger.run_id, "cfg/c.json", str(tmp_path / "dl"))).read_text())
+    assert cfg == {"token": "***REDACTED***", "a": 1}
+
+
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (torch.rand(2, 5, 5), r"\(C, H, W\) with C in \(1, 3, 4\)"),
+        (torch.rand(5, 5) * 10, r"float images must be in \[0, 1\]"),
+        (torch.zeros(2, 3, 8, 8), r"Log one image per call"),
+        ("not-an-image", r"unsupported image type str"),
+        (torch.zeros(4, 4, dtype=torch.int32), r"unsupported dtype int32"),
+    ],
+)
+def test_bad_images_raise_with_the_fix(tracking_uri, image, match):
+    logger = MLflowCVLogger(tracking_uri=tracking_uri)
+    logger.log_metrics({"kept": 1.0}, step=0)
+    with pytest.raises(ValueError, match=match):
+        logger.log_image("bad", image, step=0)
+    logger.finalize("success")
+    # what was logged before the mistake is not lost
+    assert MlflowClient(tracking_uri).get_run(logger.run_id).data.metrics == {"kept": 1.0}
+
+
+def test_bad_keys_values_and_params(tracking_uri, tmp_path):
+    logger = MLflowCVLogger(tracking_uri=tracking_uri)
+    with pytest.warns(UserWarning, match=r"key 'acc@top1\(val\)' has characters MLflow does not allow; it is logged as 'acc_top1_val_'"):
+        logger.log_metrics({"acc@top1(val)": 0.5}, step=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same key warns only once
+        logger.log_metrics({"acc@top1(val)": 0.6}, step=1)
+    with pytest.warns(UserWarning, match=r"metric 'label' has a non-numeric value 'cat'.*not logged"):
+        logger.log_metrics({"label": "cat", "ok": 1.0}, step=0)
+    logger.log_metrics(
+        {"nan": float("nan"), "inf": float("inf"), "grad": torch.tensor(2.0, requires_grad=True) * 1}, step=0
+    )
+    long_value = "x" * 10_000
+    logger.log_hyperparams({"long": long_value, "model": {"depth": 3}, "db_password": "hunter2"})
+    logger.finalize("success")
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(logger.run_id)
+    m = run.data.metrics
+    assert m["acc_top1_val_"] == 0.6 and m["ok"] == 1.0 and "label" not in m
+    assert math.isnan(m["nan"]) and m["inf"] > 1e300 and m["grad"] == 2.0
+    p = run.data.params
+    assert len(p["long"]) == MAX_PARAM_VAL_LENGTH and p["long"].endswith("...")
+    assert p["model/depth"] == "3" and p["db_password"] == "***REDACTED***"
+    whole = json.loads(Path(client.download_artifacts(logger.run_id, "params/full_values.json", str(tmp_path))).read_text())
+    assert whole["long"] == long_value
+
+
+def test_unknown_task_tag_warns():
+    with pytest.warns(UserWarning, match=r"task='segmentation' is not a known CV task.*semantic-segmentation"):
+        MLflowCVLogger(tags={"task": "segmentation"})
+
+
+def test_invalid_arguments_raise():
+    with pytest.raises(ValueError, match=r"`flush_interval_s` must be > 0 seconds, got 0"):
+        MLflowCVLogger(flush_interval_s=0)
+    with pytest.raises(ValueError, match=r"`nested=True` needs an active MLflow run"):
+        MLflowCVLogger(nested=True)
+    with pytest.raises(ValueError, match=r"either `nested=True` or `parent_run_id=`"):
+        MLflowCVLogger(nested=True, parent_run_id="abc")
+
+
+def test_nested_and_parent_runs_form_a_tree(tracking_uri):
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        mlflow.set_experiment("pipeline")
+        with mlflow.start_run(run_name="full-pipeline") as parent:
+            ids = []
+            for stage in ("augment", "train"):
+                logger = MLflowCVLogger(run_name=stage, nested=True)
+                _fit(logger, max_epochs=1)
+                ids.append(logger.run_id)
+        explicit = MLflowCVLogger(tracking_uri=tracking_uri, experiment_name="pipeline", parent_run_id=parent.info.run_id, run_name="eval")
+        explicit.log_metrics({"x": 1.0}, step=0)
+        explicit.finalize("success")
+        ids.append(explicit.run_id)
+    finally:
+        mlflow.set_tracking_uri(None)
+    client = MlflowClient(tracking_uri)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(r.info.run_id for r in children) == sorted(ids)
+    assert sorted(r.info.run_name for r in children) == ["augment", "eval", "train"]
+    assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tracking_uri, tmp_path):
+    train, val = loaders()
+    first = MLflowCVLogger(tracking_uri=tracking_uri, experiment_name="resume")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    tr = trainer(first, max_epochs=1, callbacks=[ckpt], enable_checkpointing=True)
+    tr.fit(TinyModel(lr=0.05), train, val)
+    run_id = first.run_id
+
+    second = MLflowCVLogger(tracking_uri=tracking_uri, experiment_name="resume")
+    tr2 = trainer(second, max_epochs=2, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2")], enable_checkpointing=True)
+    with pytest.warns(UserWarning, match=r"param 'lr' was already logged for run .* as '0.05'; the new value '0.1' is not logged"):
+        tr2.fit(TinyModel(lr=0.1), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert second.run_id == run_id and second.resumed
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.05"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/m0")]
+    # epoch 0 from the first fit, epoch 1 from the resumed one: one continuous, duplicate-free history
+    assert sorted(steps) == list(range(32))
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+    # an explicit run_id wins over the checkpoint's
+    other = MLflowCVLogger(tracking_uri=tracking_uri, experiment_name="resume", run_id=None)
+    third = trainer(other, max_epochs=3)
+    assert other.run_id != run_id
+    third.fit(TinyModel(lr=0.05), train, val)
+
+
+def test_status_failed_and_killed(tracking_uri):
+    client = MlflowClient(tracking_uri)
+    logger = MLflowCVLogger(tracking_uri=tracking_uri)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        _fit(logger, model=TinyModel(fail_at_step=3))
+    run = client.get_run(logger.run_id)
+    assert run.info.status == "FAILED"
+    assert len(client.get_metric_history(logger.run_id, "train/m0")) == 3
+
+    logger = MLflowCVLogger(tracking_uri=tracking_uri)
+    with pytest.raises(SystemExit):  # Lightning turns Ctrl+C into a graceful shutdown and exit(1)
+        _fit(logger, model=TinyModel(interrupt_at_step=2))
+    assert client.get_run(logger.run_id).info.status == "KILLED"
+
+
+def test_autolog_is_detected_with_the_fix():
+    mlflow.pytorch.autolog(log_models=False, checkpoint=False)
+    try:
+        with pytest.warns(UserWarning, match=r"mlflow.pytorch.autolog\(\)` is active.*autolog\(disable=True\)"):
+            MLflowCVLogger()
+    finally:
+        mlflow.pytorch.autolog(disable=True)
+
+
+def test_unwritable_spool_dir_warns_and_still_delivers(tracking_uri, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with pytest.warns(RuntimeWarning, match=r"cannot write the spool file .*Training continues.*set `spool_dir=`"):
+        logger = MLflowCVLogger(tracking_uri=tracking_uri, spool_dir=str(blocker / "spool"))
+        _ = logger.run_id
+    train, val = loaders()
+    tr = trainer(logger, max_epochs=1)
+    tr.fit(TinyModel(), train, val)
+    client = MlflowClient(tracking_uri)
+    assert len(client.get_metric_history(logger.run_id, "train/m3")) == 16
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+
+
+def test_find_logger_error_names_the_fix():
+    from lightning_mlflow_cv._context import find_mlflow_logger
+
+    tr = trainer(False, max_epochs=1)
+    with pytest.raises(RuntimeError, match=r"MyCallback needs an MLflowCVLogger.*found: none.*Trainer\(logger=MLflowCVLogger"):
+        find_mlflow_logger(tr, "MyCallback")
