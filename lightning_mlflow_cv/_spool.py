@@ -532,6 +532,7 @@ class Writer(threading.Thread):
         request_timeout_s: float = 10.0,
         max_backoff_s: float = 30.0,
         on_bound: Callable[[str], None] | None = None,
+        already_warned: bool = False,
     ) -> None:
         super().__init__(name="MLflowCVLogger-writer", daemon=True)
         self._client_factory = client_factory
@@ -549,7 +550,7 @@ class Writer(threading.Thread):
         self._failures = 0
         self._next_try = 0.0
         self.last_error: BaseException | None = None
-        self.degraded = False
+        self.degraded = already_warned  # the caller already told the user the store is unreachable
         self.delivered_after_outage = False
         self._deliverer: Deliverer | None = None
 

@@ -414,6 +414,7 @@ class MLflowCVLogger(MLFlowLogger):
                     flush_interval_s=self._flush_interval_s,
                     request_timeout_s=self._request_timeout_s,
                     on_bound=self._on_bound,
+                    already_warned=self.offline,
                 )
                 self._writer.start()
                 _live_loggers.add(self)

@@ -1,0 +1,36 @@
+"""MLflowCVLogger under real 2-process CPU DDP (gloo): one run, same run id on every rank."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_logger.py"
+
+
+def test_ddp_creates_exactly_one_run_with_the_same_id_on_both_ranks(tracking_uri, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    # bounded: a deadlock fails the test instead of hanging CI
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), tracking_uri, str(out)], capture_output=True, text=True, timeout=240,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["run_id"] == ranks[1]["run_id"] is not None
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("ddp")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [ranks[0]["run_id"]]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    # 64 samples, batch 4, split over 2 ranks -> 8 steps per epoch, 2 epochs; logged once, by rank 0
+    assert len(client.get_metric_history(run.info.run_id, "train/m0")) == 16
