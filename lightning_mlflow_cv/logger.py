@@ -232,6 +232,12 @@ class MLflowCVLogger(MLFlowLogger):
             parent_experiment_id = active.info.experiment_id
             if tracking_uri is None:
                 tracking_uri = mlflow.get_tracking_uri()
+        if tracking_uri is None and run_id is None and parent_run_id is None and not nested:
+            from lightning_mlflow_cv.pipeline import ACTIVE_STAGE
+
+            stage = ACTIVE_STAGE.get()
+            if stage is not None:  # inside `pipeline_run(...).stage(...)`: log into the stage's run
+                tracking_uri, run_id = stage.tracking_uri, stage.run_id
         tracking_uri = tracking_uri or default_tracking_uri()
         user_tags = validate_tags(tags)
         if "git_commit" not in user_tags:
