@@ -329,6 +329,20 @@ def is_retryable(err: BaseException) -> bool:
     return code not in _NON_RETRYABLE
 
 
+def describe_failure(err: BaseException) -> str:
+    """A short reason for a tracking failure, with the fix for credential problems (never the secret)."""
+    code = getattr(err, "error_code", None)
+    text = redact_text(str(err))
+    if code == "UNAUTHENTICATED" or " 401 " in text:
+        return (
+            "the tracking server refused the credentials (HTTP 401). Fix: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to valid credentials"
+        )
+    if code == "PERMISSION_DENIED" or " 403 " in text:
+        return "the tracking server denied permission (HTTP 403). Fix: ask an admin for EDIT permission on the experiment"
+    return f"{type(err).__name__}: {text[:300]}"
+
+
 def safe_uri(uri: str) -> str:
     """The tracking URI without credentials, as kept in the spool header."""
     return redact_text(uri)
@@ -628,7 +642,7 @@ class Writer(threading.Thread):
                 where = self.spool.path if self.spool.on_disk else "memory (spool directory not writable)"
                 warnings.warn(
                     f"MLflowCVLogger: cannot reach the MLflow tracking store {safe_uri(self.tracking_uri)} "
-                    f"({type(err).__name__}: {str(err)[:300]}). Training continues; logged data is kept in {where} "
+                    f"({describe_failure(err)}). Training continues; logged data is kept in {where} "
                     "and retried with backoff. If the run ends before the store is back, deliver it with: "
                     f"lightning-mlflow-cv sync {self.spool.path}",
                     RuntimeWarning,

@@ -38,7 +38,7 @@ from lightning_mlflow_cv._keys import (
     validate_tags,
 )
 from lightning_mlflow_cv._redact import redact
-from lightning_mlflow_cv._spool import Spool, Writer, create_run, is_retryable, safe_uri
+from lightning_mlflow_cv._spool import Spool, Writer, create_run, describe_failure, is_retryable, safe_uri
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -377,7 +377,7 @@ class MLflowCVLogger(MLFlowLogger):
             self._open_spool(placeholder, header)
             warnings.warn(
                 f"MLflowCVLogger: cannot create the MLflow run at {safe_uri(self._tracking_uri)} "
-                f"({type(err).__name__}: {str(err)[:300]}). Training continues offline; everything is kept in "
+                f"({describe_failure(err)}). Training continues offline; everything is kept in "
                 f"{self._spool.path} and the run is created when the store comes back. If it does not before the "  # type: ignore[union-attr]
                 f"fit ends: lightning-mlflow-cv sync {self._spool.path}",  # type: ignore[union-attr]
                 RuntimeWarning,

@@ -120,3 +120,55 @@ def digits():
 
 def has_postgres() -> bool:
     return Path("/usr/lib/postgresql/15/bin/initdb").exists() and shutil.which("runuser") is not None
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL 15 cluster: initdb in a temp dir as the unprivileged user `nobody`."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="lmc-pg-", dir="/tmp"))
+        self.port = free_port()
+        self.data = self.dir / "data"
+
+    def _as_nobody(self, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        prefix = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+        return subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=timeout, check=True)
+
+    def start(self) -> None:
+        os.chmod(self.dir, 0o755)
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "nobody", "nogroup")
+        self._as_nobody(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        self._as_nobody(
+            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "pg.log"), "-w", "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start",
+        )
+        self._as_nobody(str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "mlflow")
+
+    def uri(self, db: str = "mlflow") -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        try:
+            self._as_nobody(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=60)
+        except (subprocess.SubprocessError, OSError):
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres():
+    """A started PostgreSQL cluster (database `mlflow`), always stopped and removed at the end."""
+    if not has_postgres():
+        pytest.skip("PostgreSQL 15 server binaries not found in /usr/lib/postgresql/15/bin")
+    pg = PostgresServer()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.stop()
