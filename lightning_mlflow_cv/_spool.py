@@ -55,6 +55,9 @@ def default_spool_dir() -> Path:
 class Spool:
     """Append-only JSON-lines journal with an acknowledged offset, on disk or (fallback) in memory.
 
+    The file is line-buffered: each append is one ``write`` to the OS, so a process killed with SIGKILL
+    loses nothing it had logged (the page cache outlives the process).
+
     If the spool directory cannot be written (read-only, disk full), it warns once, naming the
     directory and the fix, and keeps records in memory: training continues and the data is still
     delivered while the process lives.
@@ -73,13 +76,15 @@ class Spool:
         self._end = 0
         self._header: list[str] = []
         self.acked = 0
+        #: Bumped when offsets change meaning (switch to memory); acks from an older generation are ignored.
+        self.generation = 0
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             if self.path.exists():
                 self._end = self.path.stat().st_size
                 self.acked = _read_int(self.ack_path)
                 self._header = [line for line in self._iter_lines(0, header_only=True)]
-            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+            self._fh = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - kept open for the run
         except OSError as err:
             self._to_memory(err)
 
@@ -199,9 +204,15 @@ class Spool:
                 out["run_id"] = rec["run_id"]
         return out
 
-    def ack(self, offset: int) -> None:
-        """Mark everything before ``offset`` delivered; compact a large, fully delivered journal."""
+    def ack(self, offset: int, generation: int | None = None) -> None:
+        """Mark everything before ``offset`` delivered; compact a large, fully delivered journal.
+
+        ``generation`` is the :attr:`generation` the offset was read in; a stale one is ignored (the records
+        are then sent again, which is idempotent).
+        """
         with self._lock:
+            if generation is not None and generation != self.generation:
+                return
             self.acked = max(self.acked, offset)
             if self._memory is not None:
                 drop = self.acked - self._memory_base
@@ -214,7 +225,7 @@ class Spool:
                     self._fh.close()
                     with open(self.path, "w", encoding="utf-8") as fh:
                         fh.write("".join(self._header))
-                    self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+                    self._fh = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
                     self._end = self.acked = self.path.stat().st_size
                 _write_int(self.ack_path, self.acked)
             except OSError as err:
@@ -281,6 +292,7 @@ class Spool:
         self._memory_base = 0
         self.acked = 0
         self._end = len(lines)
+        self.generation += 1
 
 
 def _read_int(path: Path) -> int:
@@ -371,6 +383,9 @@ class Deliverer:
     def deliver(self, offset: int, ack: bool = True, max_records: int = 5000) -> int:
         """Deliver records after ``offset``; returns the new offset. Raises on a retryable failure."""
         while True:
+            generation = self.spool.generation
+            if ack:
+                offset = self.spool.acked  # re-sync: offsets restart if the spool moved to memory
             batch = self.spool.read(offset, max_records=max_records)
             if not batch:
                 return offset
@@ -379,7 +394,7 @@ class Deliverer:
                 self._send(run_id, request)
                 offset = end
                 if ack:
-                    self.spool.ack(end)
+                    self.spool.ack(end, generation)
 
     def _send(self, run_id: str, request: dict[str, Any]) -> None:
         kind = request["kind"]

@@ -1,0 +1,81 @@
+"""A fault-injecting HTTP proxy in front of a real `mlflow server` (127.0.0.1 only).
+
+Modes: ``ok`` (forward), ``error`` (answer 500 without forwarding), ``slow`` (sleep ``delay_s``, then forward).
+Counts requests per mode so tests can prove the fault was actually hit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "content-encoding"}
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.mode = "ok"
+        self.delay_s = 2.0
+        self.hits: Counter[str] = Counter()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                mode = proxy.mode
+                proxy.hits[mode] += 1
+                if mode == "error":
+                    payload = b'{"error_code": "INTERNAL_ERROR", "message": "injected 500"}'
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if mode == "slow":
+                    time.sleep(proxy.delay_s)
+                req = urllib.request.Request(proxy.upstream + self.path, data=body, method=self.command)
+                for k, v in self.headers.items():
+                    if k.lower() not in _HOP:
+                        req.add_header(k, v)
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as resp:
+                        status, headers, payload = resp.status, resp.headers, resp.read()
+                except urllib.error.HTTPError as err:
+                    status, headers, payload = err.code, err.headers, err.read()
+                self.send_response(status)
+                for k, v in headers.items():
+                    if k.lower() not in _HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FaultProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

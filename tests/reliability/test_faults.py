@@ -1,0 +1,85 @@
+"""Faults against a real `mlflow server`: training is unaffected and nothing logged is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from faults import FaultProxy
+from mlflow import MlflowClient
+from tiny import N_METRICS, TinyModel, history_counts, loaders, trainer
+
+from lightning_mlflow_cv import MLflowCVLogger
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+class _Toggle(pl.Callback):
+    def __init__(self, proxy: FaultProxy, at: dict[int, str]) -> None:
+        self.proxy, self.at = proxy, at
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step in self.at:
+            self.proxy.mode = self.at[trainer.global_step]
+
+
+def test_server_answering_500_for_a_while_loses_nothing(mlflow_server, recwarn):
+    with FaultProxy(mlflow_server.uri) as proxy:
+        logger = MLflowCVLogger(tracking_uri=proxy.uri, experiment_name="e500", flush_interval_s=0.2)
+        train, val = loaders()
+        tr = trainer(logger, max_epochs=3, callbacks=[_Toggle(proxy, {4: "error", 30: "ok"})])
+        tr.fit(TinyModel(), train, val)
+        assert proxy.hits["error"] > 0  # the fault was really hit
+    client = MlflowClient(mlflow_server.uri)
+    counts = history_counts(client, logger.run_id)
+    assert all(counts[f"train/m{k}"] == 48 for k in range(N_METRICS))
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+    assert sum("cannot reach the MLflow tracking store" in str(w.message) for w in recwarn) == 1
+
+
+def test_disk_full_spool_warns_once_and_training_continues(mlflow_server, tmp_path):
+    """RLIMIT_FSIZE makes the spool's writes fail with EFBIG, like a full disk, in a child process."""
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "disk_full.py"), mlflow_server.uri, str(tmp_path / "spool"), str(out)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("cannot write the spool file") == 1
+    assert "set `spool_dir=`" in proc.stderr
+    res = json.loads(out.read_text())
+    assert res["global_step"] == 48
+    counts = history_counts(MlflowClient(mlflow_server.uri), res["run_id"])
+    assert all(counts[f"train/m{k}"] == 48 for k in range(N_METRICS)), counts
+
+
+def test_sigkill_mid_fit_then_resume_continues_the_run_and_replays_the_spool(mlflow_server, tmp_path):
+    spool, ckpt = tmp_path / "spool", tmp_path / "ckpt"
+    common = [sys.executable, str(SCRIPTS / "kill_resume.py"), mlflow_server.uri, str(spool), str(ckpt)]
+    first = subprocess.run([*common, "first"], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    run_id = (tmp_path / "run_id.txt").read_text()
+    pending = list(spool.glob(f"{run_id}.jsonl"))
+    assert pending, "the killed fit left its undelivered points in the spool"
+    before = [json.loads(x) for x in pending[0].read_text().splitlines()]
+    spooled_steps = sorted({r["s"] for r in before if r["t"] == "m" and "train/m0" in r["d"]})
+    assert spooled_steps, "points logged before the kill were not in the spool"
+
+    second = subprocess.run([*common, "resume"], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (tmp_path / "run_id.txt").read_text() == run_id  # the same run continues
+    client = MlflowClient(mlflow_server.uri)
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+    hist = client.get_metric_history(run_id, "train/m0")
+    points = [(m.step, m.timestamp, m.value) for m in hist]
+    assert len(points) == len(set(points))  # no point stored twice
+    steps = sorted({m.step for m in hist})
+    assert steps == list(range(48))  # every step of the 3 epochs, including those only the spool had
+    assert client.get_run(run_id).info.status == "FINISHED"
