@@ -418,10 +418,7 @@ class Deliverer:
             elif kind == "noop":
                 return
             elif kind == "status":
-                if request["status"] == "RUNNING":
-                    self.client.update_run(run_id, status="RUNNING")
-                else:
-                    self.client.set_terminated(run_id, request["status"], end_time=request.get("end"))
+                set_run_status(self.client, run_id, request["status"], request.get("end"))
         except Exception as err:  # noqa: BLE001 - classify, then re-raise or record
             if is_retryable(err):
                 raise
@@ -451,6 +448,22 @@ class Deliverer:
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+def set_run_status(client: Any, run_id: str, status: str, end_time: int | None = None) -> None:
+    """Set the run status through the store, not ``MlflowClient.set_terminated``: the latter prints the run
+    URL to stdout, credentials included when the tracking URI carries ``user:pass@``."""
+    from mlflow.entities import RunStatus
+
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    if store is None:  # pragma: no cover - other MLflow versions
+        client.set_terminated(run_id, status, end_time=end_time)
+        return
+    if status == "RUNNING":
+        end_time = None
+    else:
+        end_time = end_time or int(time.time() * 1000)
+    store.update_run_info(run_id, RunStatus.from_string(status), end_time, None)
 
 
 def _describe(request: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from lightning_mlflow_cv._spool import set_run_status
 from lightning_mlflow_cv._keys import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
@@ -402,7 +403,7 @@ class _Tracker:
                 tags.append(RunTag("optuna.fail_reason", tr.error or "the objective returned no valid value"))
             _log_batch(self.client, tr.run_id, metrics, params, tags)
             interrupted = state == "FAIL" and (tr.error or "").startswith("KeyboardInterrupt")
-            self.client.set_terminated(tr.run_id, "KILLED" if interrupted else RUN_STATUS.get(state, "FAILED"))
+            set_run_status(self.client, tr.run_id, "KILLED" if interrupted else RUN_STATUS.get(state, "FAILED"))
         except Exception as err:  # noqa: BLE001
             _warn_tracking(f"record trial {frozen.number} in MLflow run {tr.run_id}", err)
 
@@ -635,7 +636,7 @@ def optuna_sweep(
         running = [t for t in study.get_trials(deepcopy=False) if t.state.name in ("RUNNING", "WAITING")]
         if status != "FINISHED" or not running:  # other workers still running: the last one ends the parent
             try:
-                client.set_terminated(parent, status)
+                set_run_status(client, parent, status)
             except Exception as err:  # noqa: BLE001
                 _warn_tracking(f"end the parent run {parent}", err)
     return study

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_mlflow_cv._spool import set_run_status
 from lightning_mlflow_cv._keys import validate_tags
 from lightning_mlflow_cv._redact import redact_text
 
@@ -74,7 +75,7 @@ class Pipeline:
         finally:
             ACTIVE_STAGE.reset(token)
             self._summarise(client, stage)
-            client.set_terminated(stage.run_id, status)
+            set_run_status(client, stage.run_id, status)
 
     def _summarise(self, client: Any, stage: Stage) -> None:
         from mlflow.entities import Metric
@@ -134,7 +135,7 @@ def pipeline_run(
         raise
     finally:
         client.set_tag(pipe.run_id, "pipeline_stages", ",".join(s.name for s in pipe.stages))
-        client.set_terminated(pipe.run_id, status)
+        set_run_status(client, pipe.run_id, status)
 
 
 def describe(pipe: Pipeline) -> str:
