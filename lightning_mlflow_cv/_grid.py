@@ -471,7 +471,10 @@ def draw_boxes(img: Tensor, boxes: Tensor, labels: Tensor, src_size: tuple[int, 
         for lbl, s in zip(labels.tolist(), scores.tolist() if scores is not None else [None] * len(labels))
     ]
     colors = [PALETTE[int(lbl) % len(PALETTE)] for lbl in labels.tolist()]
-    return draw_bounding_boxes(img, b, labels=texts, colors=colors, width=2)
+    try:  # white text on a filled label background (torchvision >= 0.20), readable on any image
+        return draw_bounding_boxes(img, b, labels=texts, colors=colors, width=2, label_colors="white", fill_labels=True)
+    except TypeError:  # pragma: no cover - older torchvision
+        return draw_bounding_boxes(img, b, labels=texts, colors=colors, width=2)
 
 
 def detection_panel(img: Tensor, src_size: tuple[int, int], target: Mapping[str, Tensor] | None,
@@ -484,12 +487,12 @@ def detection_panel(img: Tensor, src_size: tuple[int, int], target: Mapping[str,
     left = img
     if target is not None:
         left = draw_boxes(img, target["boxes"], target["labels"], src_size, None, class_names)
-        left = caption(left, [f"truth: {len(target['boxes'])} boxes"])
+        left = caption(left, [f"truth: {len(target['boxes'])}"])
     if pred is None:
         return left
     keep = pred["scores"] >= score_threshold
     right = draw_boxes(img, pred["boxes"][keep], pred["labels"][keep], src_size, pred["scores"][keep], class_names)
-    right = caption(right, [f"pred: {int(keep.sum())} boxes >= {score_threshold:g}"])
+    right = caption(right, [f"pred>={score_threshold:g}: {int(keep.sum())}"])
     return hstack([left, right])
 
 
@@ -598,3 +601,30 @@ def fixed_samples(who: str, loader: Any, k: int, seed: int, indices: Sequence[in
     if idx is None:
         x, y = x[:k], y[:k]
     return x, y, idx
+
+
+def resolve_module(who: str, model: torch.nn.Module, path: Any, arg: str = "target_layer") -> torch.nn.Module:
+    """The submodule of ``model`` at dotted ``path`` (as in ``model.named_modules()``).
+
+    Raises:
+        ValueError: when there is none, listing close matches (difflib) and some valid names.
+
+    Example::
+
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
+        >>> type(resolve_module("X", m, "0")).__name__
+        'Conv2d'
+    """
+    import difflib
+
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(path, str) and path in names:
+        return model.get_submodule(path)
+    close = difflib.get_close_matches(str(path), names, n=5, cutoff=0.5)
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    hint = f" Close matches: {close}." if close else " No close matches."
+    some = convs[-5:] or names[:10]
+    raise ValueError(
+        f"{who}: `{arg}`={path!r} is not a submodule of {type(model).__name__}.{hint} Fix: a dotted name from "
+        f"`[n for n, _ in model.named_modules()]`, e.g. one of {some} (usually the last conv layer)."
+    )

@@ -116,10 +116,9 @@ class Spool:
     def stage_file(self, src: str | os.PathLike[str], name: str | None = None) -> str:
         """Keep a copy of ``src`` inside the spool so later deletion by the caller loses nothing."""
         src = Path(src)
-        if self._memory is not None:
-            return str(src)
         try:
-            dst_dir = self.files_dir / f"{time.time_ns()}"
+            base = self.files_dir if self._memory is None else Path(_tempdir())
+            dst_dir = base / f"{time.time_ns()}"
             dst_dir.mkdir(parents=True, exist_ok=True)
             dst = dst_dir / (name or src.name)
             try:

@@ -11,6 +11,7 @@ convention (``{"logits": (N, C), "targets": (N,)}``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from typing import Any
 
 import lightning.pytorch as pl
@@ -178,11 +179,16 @@ def demo_callbacks() -> list[pl.Callback]:
         "PredictionGridCallback": lambda c: c(
             task="classification", num_samples=16, class_names=DIGITS_CLASSES, mean=DIGITS_MEAN, std=DIGITS_STD
         ),
+        "AugmentationSamplesCallback": lambda c: c(
+            num_samples=16, task="classification", class_names=DIGITS_CLASSES, mean=DIGITS_MEAN, std=DIGITS_STD
+        ),
+        "GradCAMCallback": lambda c: c("features.3", num_samples=8) if importlib.util.find_spec("captum") else None,
     }
     for name, make in factories.items():
         cls = getattr(cbs, name, None)
-        if cls is not None:
-            out.append(make(cls))
+        cb = make(cls) if cls is not None else None
+        if cb is not None:
+            out.append(cb)
     return out
 
 
@@ -221,6 +227,8 @@ def run_demo(max_epochs: int = 8, experiment_name: str = "digits-demo", tracking
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lightning_mlflow_cv._spool import safe_uri
+
     parser = argparse.ArgumentParser(prog="lightning-mlflow-cv demo", description=__doc__.splitlines()[0])
     parser.add_argument("--max-epochs", type=int, default=8)
     parser.add_argument("--experiment-name", default="digits-demo")
@@ -229,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     out = run_demo(args.max_epochs, args.experiment_name, args.tracking_uri)
     print("\n=== lightning-mlflow-cv demo ===")
     print(f"run id:        {out['run_id']}")
-    print(f"tracking URI:  {out['tracking_uri']}")
+    print(f"tracking URI:  {safe_uri(out['tracking_uri'])}")
     for k in sorted(out["metrics"]):
         print(f"  {k:<22} {out['metrics'][k]}")
-    uri = out["tracking_uri"]
+    uri = safe_uri(out["tracking_uri"])
     print(f"\nSee the run:   mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     return 0

@@ -239,7 +239,7 @@ class MLflowCVLogger(MLFlowLogger):
             if stage is not None:  # inside `pipeline_run(...).stage(...)`: log into the stage's run
                 tracking_uri, run_id = stage.tracking_uri, stage.run_id
         tracking_uri = tracking_uri or default_tracking_uri()
-        user_tags = validate_tags(tags)
+        user_tags = validate_tags(redact(dict(tags or {})))
         if "git_commit" not in user_tags:
             sha = _git_commit()
             if sha:
@@ -677,6 +677,15 @@ class MLflowCVLogger(MLFlowLogger):
             {"t": "a", "src": str(webp), "dst": "images"},
             {"t": "tag", "d": {"mlflow.loggedImages": "True"}},
         )
+
+    @rank_zero_only
+    def log_image_artifact(self, image: Any, artifact_file: str) -> None:
+        """Log a single (non-series) image as the PNG artifact ``artifact_file`` (e.g. ``augmentations/x.png``).
+
+        Accepts what :meth:`log_image` accepts and raises the same ``ValueError`` on bad input.
+        """
+        pil = to_pil_image(image)
+        self._log_file(artifact_file, lambda path: pil.save(path, format="PNG"))
 
     @rank_zero_only
     def log_figure(self, key: str, figure: Any, step: int | None = None, close: bool = True) -> None:

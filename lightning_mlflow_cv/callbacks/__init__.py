@@ -1,3 +1,17 @@
 """The plugin's callbacks, one per module."""
 
-__all__: list[str] = []
+from lightning_mlflow_cv.callbacks.augmentation_samples import AugmentationSamplesCallback
+from lightning_mlflow_cv.callbacks.dataset_lineage import DatasetLineageCallback
+from lightning_mlflow_cv.callbacks.gradcam import GradCAMCallback
+from lightning_mlflow_cv.callbacks.prediction_grid import PredictionGridCallback
+from lightning_mlflow_cv.callbacks.reproducibility import ReproducibilityCallback
+from lightning_mlflow_cv.callbacks.save_config import MLflowSaveConfigCallback
+
+__all__ = [
+    "AugmentationSamplesCallback",
+    "DatasetLineageCallback",
+    "GradCAMCallback",
+    "MLflowSaveConfigCallback",
+    "PredictionGridCallback",
+    "ReproducibilityCallback",
+]

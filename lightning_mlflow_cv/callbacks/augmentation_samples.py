@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +40,7 @@ class AugmentationSamplesCallback(Callback):
         task: Draw targets as for this task; None shows images only.
         class_names: Names for class ids; default ``trainer.datamodule.class_names`` when it exists.
         num_classes: Segmentation: number of classes for overlays (default: largest id in the masks + 1).
+        background_class: Segmentation: a class id left uncoloured in overlays (e.g. 0 for background).
         batch_transform: A callable, or its import path ``"pkg.module:function"``, mapping a training batch to
             ``(images, targets)``.
         nrow: Images per grid row; default near-square.
@@ -70,6 +69,7 @@ class AugmentationSamplesCallback(Callback):
         task: Task | None = None,
         class_names: Sequence[str] | None = None,
         num_classes: int | None = None,
+        background_class: int | None = None,
         batch_transform: str | Callable[[Any], Any] | None = None,
         nrow: int | None = None,
         display_min_size: int = 96,
@@ -88,6 +88,7 @@ class AugmentationSamplesCallback(Callback):
             raise ValueError(f"{_WHO}: `class_names` must be a list of names or None, got {class_names!r}.")
         self.class_names = list(class_names) if class_names is not None else None
         self.num_classes = _grid.check_positive_int(_WHO, "num_classes", num_classes, allow_none=True)
+        self.background_class = background_class
         self.batch_transform = _grid.resolve_callable(_WHO, "batch_transform", batch_transform)
         self.nrow = _grid.check_positive_int(_WHO, "nrow", nrow, allow_none=True)
         self.display_min_size = _grid.check_positive_int(_WHO, "display_min_size", display_min_size)
@@ -152,7 +153,9 @@ class AugmentationSamplesCallback(Callback):
             elif self.task == "object-detection":
                 img = _grid.detection_panel(img, tuple(x.shape[-2:]), self._targets[i], None, class_names=names)
             elif self.task == "semantic-segmentation":
-                img = _grid.segmentation_panel(img, self._targets[i], None, int(num_classes or 1))
+                img = _grid.segmentation_panel(
+                    img, self._targets[i], None, int(num_classes or 1), self.background_class
+                )
             panels.append(img)
         return _grid.make_image_grid(panels, nrow=self.nrow)
 
@@ -161,11 +164,8 @@ class AugmentationSamplesCallback(Callback):
 
         grid = self.render(trainer)
         logger = find_mlflow_logger(trainer, who=_WHO)
-        name = Path(self.artifact_file).name
-        folder = str(Path(self.artifact_file).parent).replace("\\", "/")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-            logger.log_artifact(path, None if folder in ("", ".") else folder)
+        pil = Image.fromarray(grid.permute(1, 2, 0).numpy())
+        # rendered straight into the logger's spool (same delivery and failure policy as log_dict/log_text)
+        logger.log_image_artifact(pil, self.artifact_file)
         self.logged = True
         self._images, self._targets = [], []
