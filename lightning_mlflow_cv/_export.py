@@ -83,6 +83,11 @@ def best_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[nn.
     return module, source
 
 
+def release(trainer: pl.Trainer) -> None:
+    """Drop the shared best-weights copy of ``trainer`` (called from the callbacks' ``teardown``)."""
+    _BEST_CACHE.pop(trainer, None)
+
+
 def _images_from_batch(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, torch.Tensor):
         return batch
@@ -187,22 +192,46 @@ def export_onnx(
     """Export ``module(sample)`` to ONNX at ``path`` (batch axis dynamic when asked). Raises what the exporter raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dynamic_axes = None
-    if dynamic_batch:
-        dynamic_axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
-    with _quiet(), torch.no_grad():
-        torch.onnx.export(
-            _Forward(module).eval(),
-            (sample,),
-            str(path),
-            opset_version=opset,
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamic_axes=dynamic_axes,
-            dynamo=dynamo,
-            verbose=False,
-        )
+    extra: dict[str, Any] = {}
+    if dynamic_batch and dynamo:
+        extra["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1)},)
+    elif dynamic_batch:
+        extra["dynamic_axes"] = {n: {0: "batch"} for n in (*input_names, *output_names)}
+
+    def run(**more: Any) -> None:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(
+                _Forward(module).eval(),
+                (sample,),
+                str(path),
+                opset_version=opset,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamo=dynamo,
+                verbose=False,
+                **extra,
+                **more,
+            )
+
+    if not dynamo:
+        run()
+        return path
+    # one self-contained file (the dynamo exporter writes weights to `<name>.data` by default); models over
+    # protobuf's 2 GB limit keep external data: `onnx_files(path)` lists every file to ship
+    try:
+        run(external_data=False)
+    except Exception as err:  # noqa: BLE001
+        if "2GB" not in str(err).replace(" ", "") and "2 GB" not in str(err) and "too large" not in str(err).lower():
+            raise
+        run(external_data=True)
     return path
+
+
+def onnx_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The ONNX file and its external-data file (``<name>.data``) when there is one."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.is_file() else [path]
 
 
 def export_pt2(module: nn.Module, sample: torch.Tensor, path: str | os.PathLike[str]) -> Path:

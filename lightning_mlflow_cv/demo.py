@@ -183,6 +183,17 @@ def demo_callbacks() -> list[pl.Callback]:
             num_samples=16, task="classification", class_names=DIGITS_CLASSES, mean=DIGITS_MEAN, std=DIGITS_STD
         ),
         "GradCAMCallback": lambda c: c("features.3", num_samples=8) if importlib.util.find_spec("captum") else None,
+        "ONNXExportCallback": lambda c: c(),
+        "InferenceLatencyCallback": lambda c: c(),
+        "ModelRegistryCallback": lambda c: c(
+            "digits-cnn",
+            gates={"val/acc": ">=0.9", "p95_latency_ms": "<=50"},
+            compare_metric="val/acc",
+            model_card={
+                "intended_use": "Demo: 8x8 handwritten digit classification.",
+                "limitations": "Trained on 1,077 scikit-learn digits; not for real-world OCR.",
+            },
+        ),
     }
     for name, make in factories.items():
         cls = getattr(cbs, name, None)
@@ -219,11 +230,18 @@ def run_demo(max_epochs: int = 8, experiment_name: str = "digits-demo", tracking
         default_root_dir="checkpoints",
     )
     trainer.fit(model, datamodule=dm)
-    metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     test = trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)
     logger.flush()
-    metrics.update({k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
-    return {"run_id": logger.run_id, "tracking_uri": logger._tracking_uri, "metrics": metrics, "test": test}
+    from mlflow import MlflowClient
+
+    client = MlflowClient(logger._tracking_uri)
+    stored = client.get_run(logger.run_id).data.metrics
+    metrics = {k: round(v, 4) for k, v in stored.items() if not k.endswith("_step") and "/per_class" not in k}
+    models = []
+    for mv in client.search_model_versions(f"run_id = '{logger.run_id}'"):
+        aliases = client.get_model_version(mv.name, mv.version).aliases
+        models.append(f"models:/{mv.name}/{mv.version} aliases={aliases or '[]'}")
+    return {"run_id": logger.run_id, "tracking_uri": logger._tracking_uri, "metrics": metrics, "test": test, "models": models}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run id:        {out['run_id']}")
     print(f"tracking URI:  {safe_uri(out['tracking_uri'])}")
     for k in sorted(out["metrics"]):
-        print(f"  {k:<22} {out['metrics'][k]}")
+        print(f"  {k:<30} {out['metrics'][k]}")
+    for m in out["models"]:
+        print(f"registered:    {m}")
     uri = safe_uri(out["tracking_uri"])
-    print(f"\nSee the run:   mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    print(f"\nSee the run:   mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)", flush=True)
     return 0

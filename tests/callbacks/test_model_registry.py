@@ -1,0 +1,285 @@
+"""ModelRegistryCallback end to end: real digits fits, a real SQLite registry, the served pyfunc model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import mlflow
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from mlflow import MlflowClient
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_mlflow_cv import MLflowCVLogger, _pyfunc
+from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback, model_card_markdown
+from lightning_mlflow_cv.demo import DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule, load_digits_tensors
+from lightning_mlflow_cv.registry import evaluate
+
+SHA = "a" * 64
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('registry_cb') / 'store.db'}"
+
+
+@pytest.fixture
+def uri(store, monkeypatch) -> str:
+    """The module's SQLite store, also as MLflow's tracking URI (what `models:/` loading uses)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    mlflow.set_tracking_uri(store)
+    yield store
+    mlflow.set_tracking_uri(None)
+
+
+class LogAtEnd(Callback):
+    """Logs a lineage param at fit start and chosen metrics when training ends (before the registry reads)."""
+
+    def __init__(self, metrics: dict[str, float]) -> None:
+        self.metrics = metrics
+
+    def on_fit_start(self, trainer, pl_module):
+        trainer.logger.log_params_dict({"training_dataset_sha256": SHA, "dataset_name": "sklearn-digits"})
+
+    def on_train_end(self, trainer, pl_module):
+        trainer.logger.log_metrics(self.metrics, step=trainer.global_step)
+
+
+def _fit(uri, registry, metrics=None, steps=2, epochs=1, checkpoint=False, logger=None):
+    pl.seed_everything(0)
+    logger = logger or MLflowCVLogger(experiment_name="registry", tracking_uri=uri, flush_interval_s=0.5)
+    cbs = [LogAtEnd(metrics or {}), registry]
+    if checkpoint:
+        cbs.append(ModelCheckpoint(monitor="val/acc", mode="max", dirpath="ckpt"))
+    trainer = pl.Trainer(
+        max_epochs=epochs, limit_train_batches=steps, limit_val_batches=2, logger=logger, callbacks=cbs,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", default_root_dir=".",
+        enable_checkpointing=checkpoint, log_every_n_steps=1,
+    )
+    dm = DigitsDataModule(batch_size=32, augment=False)
+    model = DigitsClassifier()
+    trainer.fit(model, datamodule=dm)
+    return trainer, model, dm, logger
+
+
+def test_register_serve_champion_matches_module(uri):
+    reg = ModelRegistryCallback(
+        "digits-e2e",
+        gates={"val/acc": ">=0.2"},
+        compare_metric="val/acc",
+        model_card={"intended_use": "Demo of 8x8 digits.", "limitations": "Grayscale 8x8 only.", "Owner": "team-cv"},
+        class_names=[str(i) for i in range(10)],
+    )
+    trainer, _, dm, logger = _fit(uri, reg, steps=8, epochs=2, checkpoint=True)
+    assert reg.decision is not None and reg.decision.promoted, reg.decision
+    assert reg.version == "1"
+
+    # served with no user code, raw uint8 NHWC in, probabilities out, equal to the module's own predictions
+    served = mlflow.pyfunc.load_model("models:/digits-e2e@champion")
+    images = dm.val_set.images[:16]  # uint8 (N, 1, 8, 8)
+    raw = images.permute(0, 2, 3, 1).numpy()  # NHWC
+    probs = served.predict(raw)
+    best = DigitsClassifier()
+    best.load_state_dict(torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)["state_dict"])
+    best.eval()
+    mean, std = torch.tensor(DIGITS_MEAN).view(1, -1, 1, 1), torch.tensor(DIGITS_STD).view(1, -1, 1, 1)
+    expected = best((images.float() / 255 - mean) / std).softmax(-1).detach().numpy()
+    assert probs.shape == (16, 10) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert (probs.argmax(1) == expected.argmax(1)).all()
+    # any size: a 16x16 upscale is resized back to 8x8 before the network
+    big = np.repeat(np.repeat(raw, 2, axis=1), 2, axis=2)
+    assert served.predict(big).shape == (16, 10)
+    with pytest.raises(Exception, match="uint8"):
+        served.predict(raw.astype(np.float32))  # the signature takes raw uint8 images
+
+    # signature and input example are raw uint8 images; nothing pickled inside the model
+    inputs = served.metadata.get_input_schema().inputs[0]
+    assert inputs.type == np.dtype("uint8") and inputs.shape == (-1, -1, -1, 1)
+    client = MlflowClient(uri)
+    mv = client.get_model_version("digits-e2e", "1")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/digits-e2e/1"))
+    names = {p.name for p in local.rglob("*") if p.is_file()}
+    assert {"network.pt2", "preprocess.json", "MODEL_CARD.md", "lmc_pyfunc.py", "input_example.json"} <= names
+    assert not [n for n in names if n.endswith((".pkl", ".pickle"))]
+    assert json.loads((local / "artifacts" / "preprocess.json").read_text())["layout"] == "NHWC"
+
+    # registry records: aliases, decision tags, description = decision + model card
+    assert set(mv.aliases) == {"challenger", "champion"}
+    assert mv.source == f"models:/{reg.model_id}" and mv.run_id == logger.run_id  # linked to the LoggedModel
+    assert mv.tags["decision"] == "promoted" and mv.tags["gate.val/acc"].startswith("pass")
+    assert "## Promotion decision" in mv.description and "# Model card: digits-e2e" in mv.description
+    for text in ("Demo of 8x8 digits.", "Grayscale 8x8 only.", f"`training_dataset_sha256`: `{SHA}`", "## Owner",
+                 "| `val/acc` |", "torch: ", "mlflow: ", "Training: cpu"):
+        assert text in mv.description, text
+    run = client.get_run(logger.run_id)
+    assert run.data.tags["registry.status"] == "registered" and run.data.tags["registry.version"] == "1"
+    assert "MODEL_CARD.md" in [f.path for f in client.list_artifacts(logger.run_id)]
+    assert reg.model_id in [o.model_id for o in run.outputs.model_outputs]
+
+    # the model carries its own code: it serves where lightning_mlflow_cv cannot be imported
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'lightning_mlflow_cv': raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import mlflow, numpy as np\n"
+        "p = mlflow.pyfunc.load_model('models:/digits-e2e@champion').predict(np.load('raw.npy'))\n"
+        "np.save('out.npy', p)\n"
+    )
+    np.save("raw.npy", raw)
+    subprocess.run([sys.executable, "-c", blocker], check=True, capture_output=True, timeout=120)
+    np.testing.assert_allclose(np.load("out.npy"), probs, atol=1e-6)
+
+    # evaluate: the champion over the test split, in MLflow's evaluation view
+    metrics = evaluate("models:/digits-e2e@champion", dm.test_dataloader())
+    assert 0.0 <= metrics["accuracy_score"] <= 1.0 and 0.0 <= metrics["roc_auc_macro"] <= 1.0
+    assert {"precision_score", "recall_score", "f1_score"} <= set(metrics)
+    assert "eval/predictions.json" in [f.path for f in client.list_artifacts(logger.run_id, "eval")]
+
+
+def test_champion_challenger_and_missing_gate_through_fits(uri):
+    def reg(**kw):
+        return ModelRegistryCallback("digits-cc", compare_metric="quality", min_improvement=0.01, **kw)
+
+    client = MlflowClient(uri)
+    champion = lambda: str(client.get_model_version_by_alias("digits-cc", "champion").version)  # noqa: E731
+    first = reg(gates={"quality": ">=0.5"})
+    _fit(uri, first, {"quality": 0.90})
+    assert first.decision.promoted and champion() == "1"
+
+    worse = reg(gates={"quality": ">=0.5"})
+    _fit(uri, worse, {"quality": 0.80})
+    assert not worse.decision.promoted and champion() == "1"
+    v2 = client.get_model_version("digits-cc", "2")
+    assert v2.aliases == ["challenger"] and v2.tags["decision"] == "rejected"
+    assert v2.tags["compare.champion"] == "0.9" and v2.tags["decision.previous_champion"] == "1"
+
+    missing = reg(gates={"quality": ">=0.5", "p95_latency_ms": "<=50"})  # no latency callback: metric missing
+    _fit(uri, missing, {"quality": 0.99})
+    assert not missing.decision.promoted and champion() == "1"
+    assert client.get_model_version("digits-cc", "3").tags["gate.p95_latency_ms"].startswith("missing")
+
+    better = reg(gates={"quality": ">=0.5"}, use_stages=True)
+    _fit(uri, better, {"quality": 0.95})
+    assert better.decision.promoted and champion() == "4"
+    assert "champion" not in client.get_model_version("digits-cc", "1").aliases
+    assert client.get_model_version("digits-cc", "4").current_stage == "Production"
+
+
+def test_onnx_network_inside_the_pyfunc(uri):
+    reg = ModelRegistryCallback("digits-onnx", network_format="onnx", preprocess={"mean": DIGITS_MEAN, "std": DIGITS_STD})
+    _, model, dm, _ = _fit(uri, reg)
+    assert reg.decision.promoted  # no gates, no champion yet
+    served = mlflow.pyfunc.load_model("models:/digits-onnx@champion")
+    images = dm.val_set.images[:4]
+    expected = model.cpu().eval()((images.float() / 255 - DIGITS_MEAN[0]) / DIGITS_STD[0]).softmax(-1).detach().numpy()
+    np.testing.assert_allclose(served.predict(images.permute(0, 2, 3, 1).numpy()), expected, atol=1e-5)
+    local = Path(mlflow.artifacts.download_artifacts("models:/digits-onnx@champion"))
+    assert (local / "artifacts" / "network.onnx").is_file()
+    assert "onnxruntime==" in (local / "requirements.txt").read_text()
+
+
+def test_tracking_failure_keeps_model_on_disk_and_fit_finishes(tmp_path):
+    logger = MLflowCVLogger(
+        experiment_name="down", tracking_uri="http://127.0.0.1:9", request_timeout_s=0.5, finalize_timeout_s=1
+    )
+    reg = ModelRegistryCallback("digits-down")
+    with pytest.warns(RuntimeWarning, match=r"registering 'digits-down' failed .* The saved model is kept in"):
+        trainer, *_ = _fit(None, reg, logger=logger)
+    assert trainer.state.finished and reg.version is None
+    assert reg.kept_model_dir is not None and Path(reg.kept_model_dir).is_relative_to(tmp_path)
+    # what is kept is a complete MLflow model: it serves without any store
+    served = mlflow.pyfunc.load_model(str(reg.kept_model_dir / "model"))
+    images, _ = load_digits_tensors()
+    assert served.predict(images[:3].permute(0, 2, 3, 1).numpy()).shape == (3, 10)
+
+
+def test_needs_normalisation_before_training(uri):
+    x = torch.randn(8, 1, 8, 8)
+    loader = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=4)
+    logger = MLflowCVLogger(experiment_name="nonorm", tracking_uri=uri)
+    trainer = pl.Trainer(max_epochs=1, logger=logger, callbacks=[ModelRegistryCallback("m")], enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"ModelRegistryCallback: no normalisation known: pass preprocess="):
+        trainer.fit(DigitsClassifier(), train_dataloaders=loader)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"registered_model_name": ""}, r"`registered_model_name` must be a non-empty string"),
+        ({"registered_model_name": "a/b"}, r"cannot contain '/' or ':' .* got 'a/b'"),
+        ({"postprocess": "argmax"}, r"`postprocess` must be one of \('softmax', 'sigmoid', 'masks', 'boxes', 'none'\), got 'argmax'"),
+        ({"alias": "champion"}, r"`alias` and `champion_alias` must differ"),
+        ({"alias": "a b"}, r"`alias` must be an alias of letters, digits"),
+        ({"gates": {"val/acc": "0.9"}}, r"`gates`: gate for 'val/acc': cannot parse '0.9'"),
+        ({"compare_mode": "higher"}, r"`compare_mode` must be 'max' or 'min', got 'higher'"),
+        ({"min_improvement": -0.1}, r"`min_improvement` must be a number >= 0, got -0.1"),
+        ({"model_card": "demo"}, r"`model_card` must map section names to text"),
+        ({"network_format": "pickle"}, r"`network_format` must be 'pt2' or 'onnx', got 'pickle'"),
+        ({"preprocess": {"mean": [0.5]}}, r"needs both 'mean' and 'std'"),
+        ({"preprocess": {"mean": 0.5, "std": 0}}, r"`preprocess\['std'\]` must be > 0"),
+        ({"preprocess": {"layout": "HWC"}}, r"`preprocess\['layout'\]` must be one of \('NHWC', 'NCHW'\), got 'HWC'"),
+        ({"preprocess": {"size": (8,)}}, r"`preprocess\['size'\]` must be \(H, W\)"),
+        ({"preprocess": {"scale": 1}}, r"unknown keys \['scale'\]"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    kwargs = {"registered_model_name": "m", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ModelRegistryCallback(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# pure parts: the model card and the pyfunc's pre/post-processing
+# ------------------------------------------------------------------------------------------------
+def test_model_card_markdown():
+    text = model_card_markdown(
+        "m", run_id="r1", weights="final weights", intended_use=None, limitations="small",
+        metrics={"val/acc": 0.5}, params={"training_dataset_sha256": SHA, "lr": "0.1"}, tags={"hardware": "cpu"},
+        datasets=[("digits", "d1g3st", "training")], versions={"torch": "2"},
+    )
+    assert "_Not stated. Pass `model_card={'intended_use': '...'}`" in text
+    assert "dataset `digits` (training), digest `d1g3st`" in text and f"`training_dataset_sha256`: `{SHA}`" in text
+    assert "lr" not in text and "| `val/acc` | 0.5 |" in text and "- torch: 2" in text
+
+
+def test_preprocess_layouts_and_resize():
+    raw = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    a = _pyfunc.preprocess(raw, [0, 0, 0], [1, 1, 1], None, "NHWC", 3)
+    b = _pyfunc.preprocess(raw.transpose(0, 3, 1, 2), [0, 0, 0], [1, 1, 1], None, "NCHW", 3)
+    assert a.shape == (2, 3, 4, 4) and torch.equal(a, b) and float(a.max()) == pytest.approx(95 / 255)
+    gray = _pyfunc.preprocess(np.full((1, 6, 6), 255, np.uint8), [0.5], [0.5], [3, 3], "NHWC", 1)
+    assert gray.shape == (1, 1, 3, 3) and torch.allclose(gray, torch.ones(1, 1, 3, 3))
+    with pytest.raises(ValueError, match=r"expected 3 channel\(s\) in layout NHWC"):
+        _pyfunc.preprocess(raw[..., :1], [0] * 3, [1] * 3, None, "NHWC", 3)
+    with pytest.raises(ValueError, match="expected a batch of images"):
+        _pyfunc.preprocess(np.zeros(5, np.uint8), [0], [1], None, "NHWC", 1)
+
+
+def test_postprocess_masks_and_boxes_with_nms():
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 2, 0, 0] = 5
+    masks = _pyfunc.postprocess(logits, "masks")
+    assert masks.dtype == np.int64 and masks.tolist() == [[[2, 0], [0, 0]]]
+    # two overlapping boxes of class 1 (NMS keeps the higher score), one of class 0, one below threshold
+    out = torch.tensor([[
+        [0, 0, 10, 10, -9, 3.0],
+        [1, 1, 10, 10, -9, 2.0],
+        [0, 0, 10, 10, 1.0, -9],
+        [20, 20, 30, 30, -9, -9],
+    ]])
+    (det,) = _pyfunc.postprocess(out, "boxes", {"score_threshold": 0.05, "iou_threshold": 0.5})
+    assert det["labels"].tolist() == [1, 0]
+    np.testing.assert_allclose(det["scores"], torch.tensor([3.0, 1.0]).sigmoid().numpy(), rtol=1e-6)
+    assert det["boxes"].tolist() == [[0, 0, 10, 10], [0, 0, 10, 10]]
+    probs = _pyfunc.postprocess(torch.tensor([[0.0, 0.0]]), "softmax")
+    assert probs.tolist() == [[0.5, 0.5]]
+    assert _pyfunc.postprocess(torch.tensor([[0.0]]), "sigmoid").tolist() == [[0.5]]
