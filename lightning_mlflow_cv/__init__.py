@@ -3,6 +3,7 @@
 from lightning_mlflow_cv._spool import sync
 from lightning_mlflow_cv.callbacks import (
     AugmentationSamplesCallback,
+    CVMetricsCallback,
     DatasetLineageCallback,
     GradCAMCallback,
     InferenceLatencyCallback,
@@ -20,6 +21,7 @@ from lightning_mlflow_cv.registry import evaluate, promote
 __version__ = "0.1.0"
 __all__ = [
     "AugmentationSamplesCallback",
+    "CVMetricsCallback",
     "DatasetLineageCallback",
     "GradCAMCallback",
     "InferenceLatencyCallback",

@@ -168,6 +168,28 @@ def load_output_fn(spec: str | OutputFn | None, who: str = "callback") -> Output
     return obj
 
 
+def logits_and_batch_targets(outputs: Any, batch: Any) -> dict[str, Any]:
+    """A ready-made ``output_fn``: the step returned raw logits (or a dict with ``"logits"``) and the batch is
+    ``(inputs, targets, ...)`` or a dict with ``"targets"``/``"target"``/``"labels"``/``"label"``/``"mask"``.
+
+    Works for classification and semantic segmentation. In YAML:
+    ``output_fn: lightning_mlflow_cv._adapters:logits_and_batch_targets``.
+
+    Example::
+
+        >>> out = logits_and_batch_targets(torch.zeros(2, 3), (torch.zeros(2, 8), torch.tensor([0, 2])))
+        >>> out["targets"].tolist()
+        [0, 2]
+    """
+    logits = outputs["logits"] if isinstance(outputs, Mapping) and "logits" in outputs else outputs
+    targets: Any = None
+    if isinstance(batch, Mapping):
+        targets = next((batch[k] for k in ("targets", "target", "labels", "label", "mask") if k in batch), None)
+    elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+        targets = batch[1]
+    return {"logits": logits, "targets": targets}
+
+
 def _fail(who: str, task: str, outputs: Any, problem: str) -> ValueError:
     return ValueError(
         f"{who}: the step outputs are not in the {task!r} format: {problem}. "

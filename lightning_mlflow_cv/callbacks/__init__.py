@@ -1,6 +1,7 @@
 """The plugin's callbacks, one per module."""
 
 from lightning_mlflow_cv.callbacks.augmentation_samples import AugmentationSamplesCallback
+from lightning_mlflow_cv.callbacks.cv_metrics import CVMetricsCallback
 from lightning_mlflow_cv.callbacks.dataset_lineage import DatasetLineageCallback
 from lightning_mlflow_cv.callbacks.gradcam import GradCAMCallback
 from lightning_mlflow_cv.callbacks.inference_latency import InferenceLatencyCallback
@@ -12,6 +13,7 @@ from lightning_mlflow_cv.callbacks.save_config import MLflowSaveConfigCallback
 
 __all__ = [
     "AugmentationSamplesCallback",
+    "CVMetricsCallback",
     "DatasetLineageCallback",
     "GradCAMCallback",
     "InferenceLatencyCallback",

@@ -1,0 +1,777 @@
+"""CVMetricsCallback: the usual CV metric tables, confusion matrices and curves, logged to MLflow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
+from typing_extensions import override
+
+from lightning_mlflow_cv._adapters import (
+    ClassificationOutput,
+    DetectionOutput,
+    SegmentationOutput,
+    Task,
+    adapt_outputs,
+    load_output_fn,
+    normalize_task,
+)
+from lightning_mlflow_cv._context import find_mlflow_logger
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+WHO = "CVMetricsCallback"
+Stage = Literal["val", "test"]
+STAGES: tuple[str, ...] = ("val", "test")
+#: Artifact folder of the plots and tables: ``cv_metrics/<stage>/...``.
+ARTIFACT_DIR = "cv_metrics"
+
+
+# ----------------------------------------------------------------------------------------------
+# pure helpers (tested without a Trainer)
+# ----------------------------------------------------------------------------------------------
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    num, den = num.double(), den.double()
+    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.full_like(num, float("nan")))
+
+
+def confusion_stats(confmat: Tensor) -> dict[str, Tensor]:
+    """Per-class statistics of a confusion matrix (rows: true class, columns: predicted class).
+
+    Returns ``support``, ``precision``, ``recall``, ``f1``, ``iou`` (NaN where undefined) per class and the
+    overall ``accuracy``.
+
+    Example::
+
+        >>> s = confusion_stats(torch.tensor([[3, 1], [0, 4]]))
+        >>> [round(v, 3) for v in s["iou"].tolist()], round(float(s["accuracy"]), 3)
+        ([0.75, 0.8], 0.875)
+    """
+    cm = confmat.double()
+    tp = cm.diag()
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    precision = _safe_div(tp, predicted)
+    recall = _safe_div(tp, support)
+    f1 = _safe_div(2 * tp, support + predicted)
+    iou = _safe_div(tp, support + predicted - tp)
+    accuracy = _safe_div(tp.sum(), cm.sum())
+    return {"support": support, "precision": precision, "recall": recall, "f1": f1, "iou": iou, "accuracy": accuracy}
+
+
+def match_detections(
+    pred_boxes: Tensor,
+    pred_scores: Tensor,
+    pred_labels: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    num_classes: int,
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class true positives, false positives and false negatives of one image's detections.
+
+    Predictions with ``score >= score_threshold`` are taken in descending score order; each matches the
+    unmatched ground-truth box of its class with the highest IoU if that IoU is ``>= iou_threshold`` (a true
+    positive), else it is a false positive. Ground-truth boxes left unmatched are false negatives.
+
+    Returns:
+        ``(tp, fp, fn)``, each a ``(num_classes,)`` long tensor.
+
+    Example::
+
+        >>> b = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+        >>> match_detections(b, torch.tensor([0.9]), torch.tensor([1]), b, torch.tensor([1]), num_classes=2)
+        (tensor([0, 1]), tensor([0, 0]), tensor([0, 0]))
+    """
+    from torchvision.ops import box_iou
+
+    tp = torch.zeros(num_classes, dtype=torch.long)
+    fp = torch.zeros(num_classes, dtype=torch.long)
+    fn = torch.zeros(num_classes, dtype=torch.long)
+    keep = pred_scores >= score_threshold
+    pred_boxes, pred_scores, pred_labels = pred_boxes[keep].cpu(), pred_scores[keep].cpu(), pred_labels[keep].cpu()
+    gt_boxes, gt_labels = gt_boxes.cpu(), gt_labels.cpu()
+    for c in torch.unique(torch.cat([pred_labels, gt_labels])).tolist():
+        p = pred_labels == c
+        g = gt_labels == c
+        pb = pred_boxes[p][pred_scores[p].argsort(descending=True, stable=True)]
+        gb = gt_boxes[g]
+        if len(gb) == 0:
+            fp[c] += len(pb)
+            continue
+        if len(pb) == 0:
+            fn[c] += len(gb)
+            continue
+        iou = box_iou(pb.double(), gb.double())
+        matched = torch.zeros(len(gb), dtype=torch.bool)
+        for i in range(len(pb)):
+            cand = iou[i].masked_fill(matched, -1.0)
+            j = int(cand.argmax())
+            if cand[j] >= iou_threshold:
+                matched[j] = True
+                tp[c] += 1
+            else:
+                fp[c] += 1
+        fn[c] += int((~matched).sum())
+    return tp, fp, fn
+
+
+class DetectionMatchCounts(Metric):
+    """True/false positives and false negatives per class at one IoU and score threshold (DDP: summed).
+
+    Args:
+        num_classes: Number of classes (label values ``0 .. num_classes - 1``).
+        iou_threshold: Minimum IoU of a true positive.
+        score_threshold: Predictions below this score are ignored.
+
+    Example::
+
+        m = DetectionMatchCounts(num_classes=3)
+        m.update(preds, targets)
+        tp, fp, fn = m.compute()
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, iou_threshold: float = 0.5, score_threshold: float = 0.5, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.iou_threshold = iou_threshold
+        self.score_threshold = score_threshold
+        for name in ("tp", "fp", "fn"):
+            self.add_state(name, torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> None:
+        for p, t in zip(preds, targets):
+            tp, fp, fn = match_detections(
+                p["boxes"], p["scores"], p["labels"], t["boxes"], t["labels"],
+                self.num_classes, self.iou_threshold, self.score_threshold,
+            )
+            self.tp += tp.to(self.device)
+            self.fp += fp.to(self.device)
+            self.fn += fn.to(self.device)
+
+    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.tp, self.fp, self.fn
+
+
+@contextmanager
+def _integer_bincount_allowed() -> Iterator[None]:
+    """Let torchmetrics use ``torch.bincount`` while ``torch.use_deterministic_algorithms(True)`` is on.
+
+    In deterministic mode torchmetrics replaces ``bincount`` with a dense ``(len(x), minlength)`` comparison,
+    which for a binned 10-class PR curve over a batch of 128 needs 16 GB (and for a segmentation confusion
+    matrix grows with the pixel count). Counting integers without weights gives the same result in any order,
+    so the fast path is exact; the global setting is restored right after.
+    """
+    if not torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+
+
+def _num(v: Any) -> float | None:
+    """A finite float, or None (for tables: NaN and -1 'not present' become None)."""
+    f = float(v)
+    return None if math.isnan(f) or math.isinf(f) else f
+
+
+def table_csv(rows: list[dict[str, Any]]) -> str:
+    """Rows of dicts as CSV text (empty cells for None)."""
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if v is None else (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# the callback
+# ----------------------------------------------------------------------------------------------
+class CVMetricsCallback(Callback):
+    """Metric presets for classification, object detection and semantic segmentation, built on torchmetrics.
+
+    Reads predictions from what ``validation_step``/``test_step`` return (the output convention in
+    :mod:`lightning_mlflow_cv._adapters`, or ``output_fn``), accumulates torchmetrics states on every rank
+    (synchronised under DDP) and logs, with the stage as prefix (``val/...``, ``test/...``):
+
+    - **classification**: ``top1_acc``, ``top5_acc`` (k capped at ``num_classes``), macro ``precision``,
+      ``recall``, ``f1`` and ``per_class_f1/<class>``;
+    - **object-detection**: ``mAP50``, ``mAP50-95`` (``MeanAveragePrecision``, COCO definition),
+      ``precision`` and ``recall`` (macro over classes seen, from greedy matching at ``iou_threshold`` of the
+      predictions scoring at least ``score_threshold``);
+    - **semantic-segmentation**: ``mIoU`` (mean over classes present in targets or predictions),
+      ``pixel_acc`` and ``per_class_IoU/<class>``.
+
+    Scalars are logged every validation epoch (not during the sanity check) with ``pl_module.log``, so
+    ``ModelCheckpoint``/``EarlyStopping`` can monitor them (e.g. ``monitor="val/mAP50"``); the step is the
+    Trainer's global step, like the model's own ``val/loss``.
+
+    Plots and tables are logged once, under ``cv_metrics/<stage>/``: at fit end for the best validation epoch
+    (judged by ``monitor``/``mode``, by default those of the Trainer's ``ModelCheckpoint``; its confusion
+    state is kept) or the last one, and at the end of ``trainer.test``/``trainer.validate``:
+
+    - ``confusion_matrix.png``, ``confusion_matrix_normalized.png`` (rows sum to 1),
+      ``confusion_matrix.json`` (classification, segmentation);
+    - ``pr_curve.png`` and ``roc_curve.png`` with per-class AP/AUC in the legend (classification);
+    - ``per_class.json`` and ``per_class.csv``: per-class precision/recall/F1/AUC, IoU, or AP50-95/AP50/AR100.
+
+    At fit end the summary metrics ``best_<monitor>``, ``best_epoch`` and ``total_train_time_hrs`` are logged.
+
+    Under DDP every rank computes (torchmetrics syncs the states) and only global rank 0 writes. Note that a
+    ``DistributedSampler`` pads the validation set to a multiple of the world size by repeating samples,
+    which then count twice.
+
+    Args:
+        task: ``"classification"``, ``"object-detection"`` or ``"semantic-segmentation"`` (``"detection"``
+            and ``"segmentation"`` are accepted too).
+        num_classes: Number of classes (for detection: label values are ``0 .. num_classes - 1``, a
+            background class included if the model has one).
+        class_names: One name per class (default ``"0"``, ``"1"``, ...), used in metric keys and plots.
+        stages: Where to compute: any of ``"val"``, ``"test"``.
+        output_fn: ``fn(outputs, batch) -> dict`` in the task's format, or its import path
+            (``"pkg.module:fn"``) for YAML, when ``validation_step`` returns something else.
+        top_k: The k of the second accuracy (logged as ``top5_acc``), capped at ``num_classes``.
+        ignore_index: Segmentation target value to ignore (e.g. 255).
+        iou_threshold: Detection IoU of a true positive for ``precision``/``recall``.
+        score_threshold: Detection score below which predictions are ignored for ``precision``/``recall``.
+        curve_thresholds: Thresholds of the PR/ROC curves: an int bins scores into that many thresholds
+            (constant memory); ``None`` keeps every score (exact, memory grows with the dataset).
+        monitor: Metric that decides the best epoch; default: the ``ModelCheckpoint``'s monitor (if any).
+        mode: ``"min"`` or ``"max"`` for ``monitor``; default: the ``ModelCheckpoint``'s mode, else ``"max"``.
+        detection_backend: Backend of ``MeanAveragePrecision``: ``"pycocotools"`` or ``"faster_coco_eval"``.
+        max_plot_classes: Above this many classes, the curve plots are skipped (the tables keep AUC) and
+            the confusion matrix plots have no cell text.
+
+    Raises:
+        ValueError: for an unknown task or stage, a ``num_classes`` below 2, ``class_names`` of the wrong
+            length, a bad threshold or ``mode``, or an ``output_fn`` that cannot be imported.
+        RuntimeError: at setup, when the Trainer has no ``MLflowCVLogger``.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning_mlflow_cv import MLflowCVLogger
+        from lightning_mlflow_cv.callbacks.cv_metrics import CVMetricsCallback
+
+        trainer = Trainer(
+            logger=MLflowCVLogger(experiment_name="digits"),
+            callbacks=[
+                ModelCheckpoint(monitor="val/f1", mode="max"),
+                CVMetricsCallback(task="classification", num_classes=10, class_names=[str(i) for i in range(10)]),
+            ],
+        )
+        trainer.fit(model, datamodule=dm)   # val/top1_acc, val/f1, ... every epoch; plots of the best epoch
+        trainer.test(model, datamodule=dm)  # test/top1_acc, ... and cv_metrics/test/*.png
+    """
+
+    def __init__(
+        self,
+        task: Task | Literal["detection", "segmentation"],
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        stages: Sequence[Stage] = ("val", "test"),
+        output_fn: str | Callable[[Any, Any], Any] | None = None,
+        top_k: int = 5,
+        ignore_index: int | None = None,
+        iou_threshold: float = 0.5,
+        score_threshold: float = 0.5,
+        curve_thresholds: int | None = 200,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] | None = None,
+        detection_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
+        max_plot_classes: int = 30,
+    ) -> None:
+        super().__init__()
+        self.task: str = normalize_task(task, WHO)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(
+                f"{WHO}: `num_classes` must be an int >= 2, got {num_classes!r}. "
+                "Fix: pass the number of classes the model predicts (binary tasks: 2)."
+            )
+        self.num_classes = num_classes
+        if class_names is None:
+            names = [str(i) for i in range(num_classes)]
+        elif isinstance(class_names, str) or not isinstance(class_names, Sequence):
+            raise ValueError(
+                f"{WHO}: `class_names` must be a list of {num_classes} strings, got {type(class_names).__name__}. "
+                "Fix: pass e.g. class_names=['cat', 'dog']."
+            )
+        else:
+            names = [str(n) for n in class_names]
+            if len(names) != num_classes:
+                raise ValueError(
+                    f"{WHO}: `class_names` has {len(names)} names but num_classes={num_classes}: {names[:10]}. "
+                    "Fix: give exactly one name per class (for detection with a background class, include it)."
+                )
+            if len(set(names)) != len(names):
+                dup = sorted({n for n in names if names.count(n) > 1})
+                raise ValueError(f"{WHO}: `class_names` must be unique, these repeat: {dup}. Fix: rename them.")
+        self.class_names: list[str] = names
+        stages = (stages,) if isinstance(stages, str) else tuple(stages)
+        bad = [s for s in stages if s not in STAGES]
+        if bad or not stages:
+            raise ValueError(
+                f"{WHO}: `stages` must be a non-empty subset of {list(STAGES)}, got {list(stages)}. "
+                "Fix: e.g. stages=['val', 'test']."
+            )
+        self.stages: tuple[str, ...] = tuple(dict.fromkeys(stages))
+        self._output_fn_spec = output_fn
+        self.output_fn = load_output_fn(output_fn, WHO)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"{WHO}: `top_k` must be an int >= 1, got {top_k!r}. Fix: e.g. top_k=5.")
+        self.top_k = min(top_k, num_classes)
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise ValueError(f"{WHO}: `ignore_index` must be an int or None, got {ignore_index!r}. Fix: e.g. 255.")
+        self.ignore_index = ignore_index
+        for name, val in (("iou_threshold", iou_threshold), ("score_threshold", score_threshold)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= float(val) <= 1.0:
+                raise ValueError(f"{WHO}: `{name}` must be a number in [0, 1], got {val!r}. Fix: e.g. {name}=0.5.")
+        self.iou_threshold = float(iou_threshold)
+        self.score_threshold = float(score_threshold)
+        if curve_thresholds is not None and (
+            isinstance(curve_thresholds, bool) or not isinstance(curve_thresholds, int) or curve_thresholds < 2
+        ):
+            raise ValueError(
+                f"{WHO}: `curve_thresholds` must be an int >= 2 (binned curves) or None (exact), "
+                f"got {curve_thresholds!r}. Fix: e.g. curve_thresholds=200."
+            )
+        self.curve_thresholds = curve_thresholds
+        if mode not in (None, "min", "max"):
+            raise ValueError(f"{WHO}: `mode` must be 'min', 'max' or None, got {mode!r}. Fix: mode='max'.")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"{WHO}: `monitor` must be a metric name or None, got {monitor!r}. Fix: 'val/f1'.")
+        self._monitor_arg = monitor
+        self._mode_arg = mode
+        if detection_backend not in ("pycocotools", "faster_coco_eval"):
+            raise ValueError(
+                f"{WHO}: `detection_backend` must be 'pycocotools' or 'faster_coco_eval', got {detection_backend!r}."
+            )
+        self.detection_backend = detection_backend
+        if isinstance(max_plot_classes, bool) or not isinstance(max_plot_classes, int) or max_plot_classes < 1:
+            raise ValueError(f"{WHO}: `max_plot_classes` must be an int >= 1, got {max_plot_classes!r}.")
+        self.max_plot_classes = max_plot_classes
+
+        self._metrics: dict[str, dict[str, Metric]] = {}
+        self._updated: dict[str, bool] = {}
+        self._devices: dict[str, torch.device] = {}
+        self.monitor: str | None = monitor
+        self.mode: str = mode or "max"
+        # state (state_dict)
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.best_snapshot: dict[str, Any] | None = None
+        self.last_epoch: int | None = None
+        self.last_snapshot: dict[str, Any] | None = None
+        self.train_time_s: float = 0.0
+        self._fit_start: float | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # metrics
+    # ------------------------------------------------------------------------------------------
+    def _build(self) -> dict[str, Metric]:
+        from torchmetrics import classification as C
+
+        n = self.num_classes
+        if self.task == "classification":
+            return {
+                "scalars": MetricCollection(
+                    {
+                        "top1_acc": C.MulticlassAccuracy(n, top_k=1, average="micro"),
+                        "top5_acc": C.MulticlassAccuracy(n, top_k=self.top_k, average="micro"),
+                        "precision": C.MulticlassPrecision(n, average="macro"),
+                        "recall": C.MulticlassRecall(n, average="macro"),
+                        "f1": C.MulticlassF1Score(n, average="macro"),
+                        "per_class_f1": C.MulticlassF1Score(n, average=None),
+                    },
+                    compute_groups=False,
+                ),
+                "confmat": C.MulticlassConfusionMatrix(n),
+                "pr": C.MulticlassPrecisionRecallCurve(n, thresholds=self.curve_thresholds),
+                "roc": C.MulticlassROC(n, thresholds=self.curve_thresholds),
+            }
+        if self.task == "semantic-segmentation":
+            return {"confmat": C.MulticlassConfusionMatrix(n, ignore_index=self.ignore_index)}
+        from torchmetrics.detection import MeanAveragePrecision
+
+        try:
+            mean_ap = MeanAveragePrecision(
+                box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=True,
+                backend=self.detection_backend,
+            )
+        except ModuleNotFoundError as err:
+            extra = "pycocotools" if self.detection_backend == "pycocotools" else "faster-coco-eval"
+            raise ModuleNotFoundError(
+                f"{WHO}: task='object-detection' needs {extra} for MeanAveragePrecision ({err}). "
+                f"Fix: pip install {extra}  (or: pip install 'lightning-mlflow-cv[detection]')"
+            ) from err
+        return {
+            "map": mean_ap,
+            "counts": DetectionMatchCounts(n, self.iou_threshold, self.score_threshold),
+        }
+
+    def _metrics_for(self, stage: str, device: torch.device) -> dict[str, Metric]:
+        metrics = self._metrics.get(stage)
+        if metrics is None:
+            metrics = self._metrics[stage] = self._build()
+        if self._devices.get(stage) != device:
+            for m in metrics.values():
+                m.to(device)
+            self._devices[stage] = device
+        return metrics
+
+    def _update(self, stage: str, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
+        out = adapt_outputs(self.task, outputs, batch, self.output_fn, self.num_classes, WHO)
+        metrics = self._metrics_for(stage, pl_module.device)
+        self._updated[stage] = True
+        with _integer_bincount_allowed():
+            self._update_metrics(metrics, out)
+
+    @staticmethod
+    def _update_metrics(metrics: dict[str, Metric], out: Any) -> None:
+        if isinstance(out, ClassificationOutput):
+            logits, targets = out.logits.detach().float(), out.targets
+            metrics["scalars"].update(logits, targets)
+            metrics["confmat"].update(logits.argmax(1), targets)
+            probs = logits.softmax(1)
+            metrics["pr"].update(probs, targets)
+            metrics["roc"].update(probs, targets)
+        elif isinstance(out, SegmentationOutput):
+            metrics["confmat"].update(out.logits.detach().argmax(1), out.targets)
+        elif isinstance(out, DetectionOutput):
+            preds = [{k: v.detach() for k, v in d.items()} for d in out.preds]
+            metrics["map"].update(preds, out.targets)
+            metrics["counts"].update(preds, out.targets)
+
+    def _compute(self, stage: str) -> tuple[dict[str, float], dict[str, Any]]:
+        """Synchronised results: (scalars without the stage prefix, snapshot for plots and tables). Resets."""
+        metrics = self._metrics[stage]
+        names = self.class_names
+        scalars: dict[str, float] = {}
+        snap: dict[str, Any] = {"task": self.task}
+        if self.task == "classification":
+            res = metrics["scalars"].compute()
+            for k in ("top1_acc", "top5_acc", "precision", "recall", "f1"):
+                scalars[k] = float(res[k])
+            per_f1 = res["per_class_f1"].cpu()
+            for i, name in enumerate(names):
+                scalars[f"per_class_f1/{name}"] = float(per_f1[i])
+            confmat = metrics["confmat"].compute().cpu()
+            pr = self._curve_cpu(metrics["pr"].compute())
+            roc = self._curve_cpu(metrics["roc"].compute())
+            from torchmetrics.functional.classification.auroc import _reduce_auroc
+            from torchmetrics.functional.classification.average_precision import _reduce_average_precision
+
+            auc = _reduce_auroc(roc[0], roc[1], average=None).cpu()
+            ap = _reduce_average_precision(pr[0], pr[1], average=None).cpu()
+            stats = confusion_stats(confmat)
+            snap.update(confmat=confmat, pr=pr, roc=roc, auc=auc, ap=ap)
+            snap["table"] = [
+                {
+                    "class": name,
+                    "support": int(stats["support"][i]),
+                    "precision": _num(stats["precision"][i]),
+                    "recall": _num(stats["recall"][i]),
+                    "f1": _num(per_f1[i]),
+                    "roc_auc": _num(auc[i]),
+                    "average_precision": _num(ap[i]),
+                }
+                for i, name in enumerate(names)
+            ]
+        elif self.task == "semantic-segmentation":
+            confmat = metrics["confmat"].compute().cpu()
+            stats = confusion_stats(confmat)
+            iou = stats["iou"]
+            valid = ~torch.isnan(iou)
+            scalars["mIoU"] = float(iou[valid].mean()) if bool(valid.any()) else float("nan")
+            scalars["pixel_acc"] = float(stats["accuracy"])
+            for i, name in enumerate(names):
+                if bool(valid[i]):
+                    scalars[f"per_class_IoU/{name}"] = float(iou[i])
+            snap["confmat"] = confmat
+            snap["table"] = [
+                {
+                    "class": name,
+                    "support_pixels": int(stats["support"][i]),
+                    "iou": _num(iou[i]),
+                    "pixel_acc": _num(stats["recall"][i]),
+                    "precision": _num(stats["precision"][i]),
+                }
+                for i, name in enumerate(names)
+            ]
+        else:
+            res = metrics["map"].compute()
+            tp, fp, fn = (t.cpu() for t in metrics["counts"].compute())
+            scalars["mAP50"] = float(res["map_50"])
+            scalars["mAP50-95"] = float(res["map"])
+            seen = (tp + fp + fn) > 0
+            prec = _safe_div(tp, tp + fp).nan_to_num(0.0)
+            rec = _safe_div(tp, tp + fn).nan_to_num(0.0)
+            scalars["precision"] = float(prec[seen].mean()) if bool(seen.any()) else 0.0
+            scalars["recall"] = float(rec[seen].mean()) if bool(seen.any()) else 0.0
+            classes = [int(c) for c in torch.atleast_1d(res["classes"]).tolist()]
+            ap_all = torch.atleast_1d(res["map_per_class"]).cpu()
+            ar_all = torch.atleast_1d(res["mar_100_per_class"]).cpu()
+            precision = res.get("precision")  # (T, R, K, A, M), -1 where undefined
+            rows = []
+            for k, c in enumerate(classes):
+                ap50 = None
+                if isinstance(precision, Tensor) and precision.ndim == 5 and k < precision.shape[2]:
+                    p = precision[0, :, k, 0, -1]
+                    p = p[p > -1]
+                    ap50 = float(p.mean()) if p.numel() else None
+                name = names[c] if 0 <= c < len(names) else str(c)
+                rows.append(
+                    {
+                        "class": name,
+                        "ap50_95": _num(ap_all[k]) if k < ap_all.numel() else None,
+                        "ap50": ap50,
+                        "ar100": _num(ar_all[k]) if k < ar_all.numel() else None,
+                        "precision": _num(prec[c]) if 0 <= c < self.num_classes else None,
+                        "recall": _num(rec[c]) if 0 <= c < self.num_classes else None,
+                        "tp": int(tp[c]) if 0 <= c < self.num_classes else None,
+                        "fp": int(fp[c]) if 0 <= c < self.num_classes else None,
+                        "fn": int(fn[c]) if 0 <= c < self.num_classes else None,
+                    }
+                )
+            for r in rows:  # COCO reports -1 for classes without ground truth
+                for key in ("ap50_95", "ar100", "ap50"):
+                    if r[key] is not None and r[key] < 0:
+                        r[key] = None
+            snap["table"] = rows
+        for m in metrics.values():
+            m.reset()
+        self._updated[stage] = False
+        return scalars, snap
+
+    @staticmethod
+    def _curve_cpu(curve: Any) -> tuple[Any, Any, Any]:
+        def cpu(x: Any) -> Any:
+            return [t.cpu() for t in x] if isinstance(x, (list, tuple)) else x.cpu()
+
+        return tuple(cpu(x) for x in curve)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------------
+    # plots and tables (rank zero)
+    # ------------------------------------------------------------------------------------------
+    def _log_artifacts(self, trainer: pl.Trainer, stage: str, snap: dict[str, Any], epoch: int | None) -> None:
+        if not trainer.is_global_zero:
+            return
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
+        logger = find_mlflow_logger(trainer, WHO)
+        base = f"{ARTIFACT_DIR}/{stage}"
+        names = self.class_names
+        many = self.num_classes > self.max_plot_classes
+        if "confmat" in snap:
+            from torchmetrics.utilities.plot import plot_confusion_matrix
+
+            cm = snap["confmat"]
+            rows = cm.double().sum(1, keepdim=True)
+            norm = torch.where(rows > 0, cm.double() / rows.clamp(min=1), torch.zeros_like(cm.double()))
+            size = max(6.0, 0.45 * self.num_classes)
+            for suffix, val, title in (("", cm, "counts"), ("_normalized", norm, "normalised by true class")):
+                fig = Figure(figsize=(size, size))
+                ax = fig.subplots()
+                plot_confusion_matrix(val, ax=ax, add_text=not many, labels=names)
+                ax.set_title(f"{stage} confusion matrix ({title})" + (f", epoch {epoch}" if epoch is not None else ""))
+                logger.log_figure(f"{base}/confusion_matrix{suffix}.png", fig)
+            logger.log_dict(
+                {
+                    "stage": stage,
+                    "epoch": epoch,
+                    "labels": names,
+                    "rows": "true class",
+                    "columns": "predicted class",
+                    "matrix": cm.tolist(),
+                    "normalized": [[round(v, 6) for v in r] for r in norm.tolist()],
+                },
+                f"{base}/confusion_matrix.json",
+            )
+        if "roc" in snap and not many:
+            from torchmetrics.utilities.plot import plot_curve
+
+            p, r, t = snap["pr"]
+            for fname, curve, score, axes, title in (
+                ("pr_curve", (r, p, t), snap["ap"], ("Recall", "Precision"), "precision-recall (AP)"),
+                ("roc_curve", snap["roc"], snap["auc"], ("False positive rate", "True positive rate"), "ROC (AUC)"),
+            ):
+                fig = Figure(figsize=(7, 6))
+                ax = fig.subplots()
+                plot_curve(curve, score=score, ax=ax, label_names=axes, name=f"{stage} {title}", labels=names)
+                ax.legend(fontsize=7, loc="lower right" if fname == "roc_curve" else "lower left")
+                logger.log_figure(f"{base}/{fname}.png", fig)
+        elif "roc" in snap:
+            warnings.warn(
+                f"{WHO}: {self.num_classes} classes > max_plot_classes={self.max_plot_classes}: PR/ROC curve plots "
+                "are skipped (per-class AUC and AP are in per_class.json). Raise max_plot_classes to plot them.",
+                UserWarning,
+                stacklevel=2,
+            )
+        table = snap.get("table") or []
+        logger.log_dict({"stage": stage, "epoch": epoch, "task": self.task, "classes": table}, f"{base}/per_class.json")
+        logger.log_text(table_csv(table), f"{base}/per_class.csv")
+
+    # ------------------------------------------------------------------------------------------
+    # hooks
+    # ------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        find_mlflow_logger(trainer, WHO)
+        if self._monitor_arg is None:
+            ckpt = next(
+                (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None  # type: ignore[attr-defined]
+            )
+            if ckpt is not None:
+                self.monitor = ckpt.monitor
+                self.mode = self._mode_arg or ckpt.mode
+        else:
+            self.monitor = self._monitor_arg
+            self.mode = self._mode_arg or "max"
+
+    def _batch_end(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
+        if stage in self.stages and not trainer.sanity_checking:
+            self._update(stage, pl_module, outputs, batch)
+
+    def _epoch_end(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+        if stage not in self.stages or trainer.sanity_checking or stage not in self._metrics:
+            return None
+        scalars, snap = self._compute(stage)
+        for k, v in scalars.items():
+            pl_module.log(f"{stage}/{k}", v, on_step=False, on_epoch=True, sync_dist=True)
+        return snap
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end("val", trainer, pl_module, outputs, batch)
+
+    @override
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end("test", trainer, pl_module, outputs, batch)
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for m in self._metrics.get("val", {}).values():
+            m.reset()
+
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for m in self._metrics.get("test", {}).values():
+            m.reset()
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        snap = self._epoch_end("val", trainer, pl_module)
+        if snap is None:
+            return
+        self.last_epoch = trainer.current_epoch
+        self.last_snapshot = snap
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after the epoch's metrics are final and before ModelCheckpoint (checkpoint callbacks run last).
+        if trainer.sanity_checking or self.last_snapshot is None or "val" not in self.stages:
+            return
+        if trainer.state.fn != "fit":  # trainer.validate(): plot now
+            self._log_artifacts(trainer, "val", self.last_snapshot, None)
+            self.last_snapshot = None
+            return
+        if self.monitor is None:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        score = float(value)
+        if math.isnan(score):
+            return
+        better = (
+            self.best_score is None
+            or (self.mode == "max" and score > self.best_score)
+            or (self.mode == "min" and score < self.best_score)
+        )
+        if better:
+            self.best_score = score
+            self.best_epoch = self.last_epoch
+            self.best_snapshot = self.last_snapshot
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        snap = self._epoch_end("test", trainer, pl_module)
+        if snap is not None:
+            self._log_artifacts(trainer, "test", snap, None)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.monotonic()
+
+    def _elapsed_s(self) -> float:
+        return self.train_time_s + (time.monotonic() - self._fit_start if self._fit_start is not None else 0.0)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = self._elapsed_s()
+        self.train_time_s, self._fit_start = total, None
+        if not trainer.is_global_zero:
+            return
+        logger = find_mlflow_logger(trainer, WHO)
+        use_best = self.monitor is not None and self.best_snapshot is not None
+        epoch = self.best_epoch if use_best else self.last_epoch
+        snap = self.best_snapshot if use_best else self.last_snapshot
+        if snap is not None and "val" in self.stages:
+            self._log_artifacts(trainer, "val", snap, epoch)
+        summary: dict[str, float] = {"total_train_time_hrs": total / 3600.0}
+        if epoch is not None:
+            summary["best_epoch"] = float(epoch)
+        if use_best and self.best_score is not None:
+            summary[f"best_{self.monitor}"] = self.best_score
+        logger.log_metrics(summary, step=trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_snapshot": self.best_snapshot,
+            "last_epoch": self.last_epoch,
+            "last_snapshot": self.last_snapshot,
+            "train_time_s": self._elapsed_s(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("monitor") == self.monitor or self.monitor is None:
+            self.best_score = state_dict.get("best_score")
+            self.best_epoch = state_dict.get("best_epoch")
+            self.best_snapshot = state_dict.get("best_snapshot")
+        self.last_epoch = state_dict.get("last_epoch")
+        self.last_snapshot = state_dict.get("last_snapshot")
+        self.train_time_s = float(state_dict.get("train_time_s", 0.0))
