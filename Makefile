@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench wheel clean
+.PHONY: install demo test test-fast bench bench-quick wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not server and not ddp" $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(PY) benchmarks/logging_overhead.py
+bench: $(STAMP)  ## logging-overhead benchmark (~15-17 min on 2 quiet cores); writes benchmarks/README.md
+	$(PY) benchmarks/logging_overhead.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)  ## smoke version, prints only
+	$(PY) benchmarks/logging_overhead.py --quick --no-readme $(BENCH_ARGS)
 
 wheel: $(STAMP)
 	$(PIP) wheel --no-deps -w dist .
