@@ -1,40 +1,64 @@
-"""lightning-mlflow-cv: MLflow best practice for computer-vision training with PyTorch Lightning."""
+"""lightning-mlflow-cv: MLflow best practice for computer-vision training with PyTorch Lightning.
 
-from lightning_mlflow_cv._spool import sync
-from lightning_mlflow_cv.callbacks import (
-    AugmentationSamplesCallback,
-    CVMetricsCallback,
-    DatasetLineageCallback,
-    GradCAMCallback,
-    InferenceLatencyCallback,
-    MLflowSaveConfigCallback,
-    ModelRegistryCallback,
-    ONNXExportCallback,
-    PredictionGridCallback,
-    ReproducibilityCallback,
-)
-from lightning_mlflow_cv.cli_lightning import MLflowCVCLI
-from lightning_mlflow_cv.logger import MLflowCVLogger
-from lightning_mlflow_cv.pipeline import pipeline_run
-from lightning_mlflow_cv.registry import evaluate, promote
+Public names are imported lazily (PEP 562), so ``import lightning_mlflow_cv`` and the background writer
+process stay light; ``from lightning_mlflow_cv import MLflowCVLogger`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "AugmentationSamplesCallback",
-    "CVMetricsCallback",
-    "DatasetLineageCallback",
-    "GradCAMCallback",
-    "InferenceLatencyCallback",
-    "MLflowCVCLI",
-    "MLflowCVLogger",
-    "MLflowSaveConfigCallback",
-    "ModelRegistryCallback",
-    "ONNXExportCallback",
-    "PredictionGridCallback",
-    "ReproducibilityCallback",
-    "__version__",
-    "evaluate",
-    "pipeline_run",
-    "promote",
-    "sync",
-]
+
+_EXPORTS = {
+    "AugmentationSamplesCallback": "lightning_mlflow_cv.callbacks.augmentation_samples",
+    "CVMetricsCallback": "lightning_mlflow_cv.callbacks.cv_metrics",
+    "DatasetLineageCallback": "lightning_mlflow_cv.callbacks.dataset_lineage",
+    "GradCAMCallback": "lightning_mlflow_cv.callbacks.gradcam",
+    "InferenceLatencyCallback": "lightning_mlflow_cv.callbacks.inference_latency",
+    "MLflowCVCLI": "lightning_mlflow_cv.cli_lightning",
+    "MLflowCVLogger": "lightning_mlflow_cv.logger",
+    "MLflowSaveConfigCallback": "lightning_mlflow_cv.callbacks.save_config",
+    "ModelRegistryCallback": "lightning_mlflow_cv.callbacks.model_registry",
+    "ONNXExportCallback": "lightning_mlflow_cv.callbacks.onnx_export",
+    "PredictionGridCallback": "lightning_mlflow_cv.callbacks.prediction_grid",
+    "ReproducibilityCallback": "lightning_mlflow_cv.callbacks.reproducibility",
+    "evaluate": "lightning_mlflow_cv.registry",
+    "pipeline_run": "lightning_mlflow_cv.pipeline",
+    "promote": "lightning_mlflow_cv.registry",
+    "sync": "lightning_mlflow_cv._spool",
+}
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+if TYPE_CHECKING:
+    from lightning_mlflow_cv._spool import sync
+    from lightning_mlflow_cv.callbacks import (
+        AugmentationSamplesCallback,
+        CVMetricsCallback,
+        DatasetLineageCallback,
+        GradCAMCallback,
+        InferenceLatencyCallback,
+        MLflowSaveConfigCallback,
+        ModelRegistryCallback,
+        ONNXExportCallback,
+        PredictionGridCallback,
+        ReproducibilityCallback,
+    )
+    from lightning_mlflow_cv.cli_lightning import MLflowCVCLI
+    from lightning_mlflow_cv.logger import MLflowCVLogger
+    from lightning_mlflow_cv.pipeline import pipeline_run
+    from lightning_mlflow_cv.registry import evaluate, promote
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_mlflow_cv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -22,6 +22,7 @@ Record kinds (key ``t``):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -63,8 +64,9 @@ class Spool:
     delivered while the process lives.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], key: str) -> None:
+    def __init__(self, directory: str | os.PathLike[str], key: str, compact: bool = True) -> None:
         self.directory = Path(directory)
+        self.compact = compact  # only the process that appends may compact
         self.key = key
         self.path = self.directory / f"{key}.jsonl"
         self.ack_path = self.directory / f"{key}.ack"
@@ -106,7 +108,13 @@ class Spool:
                 self._end += len(lines)
                 return
             try:
-                self._fh.write("".join(lines))
+                fd = self._fh.fileno()
+                fcntl.flock(fd, fcntl.LOCK_EX)  # the writer process may be compacting the file
+                try:
+                    self._fh.write("".join(lines))
+                    self._fh.flush()
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
                 self._end += sum(len(line.encode("utf-8")) for line in lines)
             except OSError as err:
                 self._to_memory(err)
@@ -220,19 +228,41 @@ class Spool:
                     self._memory_base = self.acked
                 return
             try:
-                if self.acked >= self._end and self._end > COMPACT_BYTES:
-                    self._fh.close()
-                    with open(self.path, "w", encoding="utf-8") as fh:
-                        fh.write("".join(self._header))
-                    self._fh = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-                    self._end = self.acked = self.path.stat().st_size
+                if self.compact and self.acked > COMPACT_BYTES:
+                    self._compact()
                 _write_int(self.ack_path, self.acked)
             except OSError as err:
                 self._to_memory(err)
 
+    def _compact(self) -> None:
+        """Truncate a fully delivered journal to its header, under an exclusive lock (appends wait on it)."""
+        fd = self._fh.fileno()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if self.acked < os.fstat(fd).st_size:
+                return  # something arrived since: compact next time
+            os.ftruncate(fd, 0)
+            self._fh.write("".join(self._header))
+            self._fh.flush()
+            self._end = self.acked = os.fstat(fd).st_size
+            self.generation += 1  # offsets read before the truncation are now meaningless
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def refresh_ack(self) -> None:
+        """Re-read the ack offset another process (the writer process) advanced."""
+        if self._memory is None:
+            with self._lock:
+                self.acked = max(self.acked, _read_int(self.ack_path))
+
     @property
     def pending(self) -> int:
         """Bytes (or lines, in memory) not yet delivered."""
+        if self._memory is None:
+            try:
+                return os.path.getsize(self.path) - self.acked
+            except OSError:
+                return self._end - self.acked
         return self._end - self.acked
 
     def remove(self) -> None:
@@ -574,8 +604,12 @@ class Writer(threading.Thread):
         max_backoff_s: float = 30.0,
         on_bound: Callable[[str], None] | None = None,
         already_warned: bool = False,
+        on_warning: Callable[[str], None] | None = None,
+        on_recovered: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name="MLflowCVLogger-writer", daemon=True)
+        self._on_warning = on_warning
+        self._on_recovered = on_recovered
         self._client_factory = client_factory
         self.spool = spool
         self._run_id = run_id
@@ -657,6 +691,8 @@ class Writer(threading.Thread):
             if self.degraded:
                 self.delivered_after_outage = True
                 log.warning("MLflowCVLogger: tracking store reachable again; spooled data delivered.")
+                if self._on_recovered is not None:
+                    self._on_recovered()
             self.degraded = False
             self._failures = 0
         except Exception as err:  # noqa: BLE001 - any failure is retried, data stays in the spool
@@ -667,14 +703,16 @@ class Writer(threading.Thread):
             if not self.degraded:
                 self.degraded = True
                 where = self.spool.path if self.spool.on_disk else "memory (spool directory not writable)"
-                warnings.warn(
+                message = (
                     f"MLflowCVLogger: cannot reach the MLflow tracking store {safe_uri(self.tracking_uri)} "
                     f"({describe_failure(err)}). Training continues; logged data is kept in {where} "
                     "and retried with backoff. If the run ends before the store is back, deliver it with: "
-                    f"lightning-mlflow-cv sync {self.spool.path}",
-                    RuntimeWarning,
-                    stacklevel=1,
+                    f"lightning-mlflow-cv sync {self.spool.path}"
                 )
+                if self._on_warning is not None:
+                    self._on_warning(message)
+                else:
+                    warnings.warn(message, RuntimeWarning, stacklevel=1)
             log.debug("MLflowCVLogger: delivery failed (%s); next try in %.1fs", err, backoff)
         finally:
             with self._idle:

@@ -171,6 +171,10 @@ class MLflowCVLogger(MLFlowLogger):
             ``~/.cache/lightning_mlflow_cv/spool``.
         request_timeout_s: Per-request timeout of the background writer (no retries inside one attempt).
         finalize_timeout_s: How long :meth:`finalize` waits for a reachable store to take the backlog.
+        writer: ``"process"`` (default; env ``LIGHTNING_MLFLOW_CV_WRITER``): deliver from a child process, so
+            MLflow's per-point Python work never competes with training for the GIL, and a crashed trainer's
+            spool is still delivered; ``"thread"``: a background thread (also the fallback when the spool
+            directory is not writable).
 
     Raises:
         ValueError: ``nested=True`` with no active MLflow run, both ``nested`` and ``parent_run_id``,
@@ -206,11 +210,19 @@ class MLflowCVLogger(MLFlowLogger):
         spool_dir: str | None = None,
         request_timeout_s: float = 10.0,
         finalize_timeout_s: float = 60.0,
+        writer: Literal["process", "thread"] | None = None,
     ) -> None:
         if flush_interval_s <= 0:
             raise ValueError(
                 f"MLflowCVLogger: `flush_interval_s` must be > 0 seconds, got {flush_interval_s!r}. "
                 "Use a small value such as 0.5 for near-real-time charts."
+            )
+        writer = writer or os.environ.get("LIGHTNING_MLFLOW_CV_WRITER") or "process"  # type: ignore[assignment]
+        if writer not in ("process", "thread"):
+            raise ValueError(
+                f"MLflowCVLogger: `writer` must be one of ('process', 'thread'), got {writer!r}. "
+                "'process' (default) keeps MLflow's per-point work off the training process; 'thread' avoids a "
+                "child process (e.g. where spawning is not allowed)."
             )
         if nested and parent_run_id:
             raise ValueError(
@@ -259,11 +271,12 @@ class MLflowCVLogger(MLFlowLogger):
         self._parent_run_id = parent_run_id
         self._parent_experiment_id = parent_experiment_id
         self._flush_interval_s = float(flush_interval_s)
+        self._writer_mode = writer
         self._spool_dir = spool_dir
         self._request_timeout_s = float(request_timeout_s)
         self._finalize_timeout_s = float(finalize_timeout_s)
         self._spool: Spool | None = None
-        self._writer: Writer | None = None
+        self._writer: Any = None  # Writer (thread) or ProcessWriter
         self._writer_lock = threading.Lock()
         self._params: dict[str, str] = {}
         self._whole_params: dict[str, str] = {}
@@ -312,8 +325,9 @@ class MLflowCVLogger(MLFlowLogger):
                         (self._run_id, self._experiment_id), src=0
                     )
             self._broadcast_done = True
-        elif trainer is None or trainer.world_size <= 1:
-            self._broadcast_done = True
+        elif trainer is not None and trainer.world_size <= 1:
+            self._broadcast_done = True  # single process: nothing to share
+        # without a Trainer (e.g. `logger.run_id` read before `fit`), a later DDP setup still broadcasts
 
     def _attach(self, trainer: pl.Trainer) -> None:
         if not any(isinstance(cb, _RunIdInCheckpoint) for cb in trainer.callbacks):
@@ -405,23 +419,36 @@ class MLflowCVLogger(MLFlowLogger):
         self._spool = spool
         self._ensure_writer()
 
-    def _ensure_writer(self) -> Writer:
+    def _ensure_writer(self) -> Any:
         with self._writer_lock:
             if self._writer is None or not self._writer.is_alive():
                 from mlflow import MlflowClient
 
                 uri = self._tracking_uri
                 bound = self._run_id if not (self._run_id or "").startswith("offline-") else None
-                self._writer = Writer(
-                    lambda: MlflowClient(uri),
-                    self._spool,  # type: ignore[arg-type]
-                    bound,
-                    uri,
-                    flush_interval_s=self._flush_interval_s,
-                    request_timeout_s=self._request_timeout_s,
-                    on_bound=self._on_bound,
-                    already_warned=self.offline,
-                )
+                if self._writer_mode == "process" and self._spool.on_disk:  # type: ignore[union-attr]
+                    from lightning_mlflow_cv._writer_proc import ProcessWriter
+
+                    self._writer = ProcessWriter(
+                        self._spool,  # type: ignore[arg-type]
+                        bound,
+                        uri,
+                        flush_interval_s=self._flush_interval_s,
+                        request_timeout_s=self._request_timeout_s,
+                        on_bound=self._on_bound,
+                        already_warned=self.offline,
+                    )
+                else:
+                    self._writer = Writer(
+                        lambda: MlflowClient(uri),
+                        self._spool,  # type: ignore[arg-type]
+                        bound,
+                        uri,
+                        flush_interval_s=self._flush_interval_s,
+                        request_timeout_s=self._request_timeout_s,
+                        on_bound=self._on_bound,
+                        already_warned=self.offline,
+                    )
                 self._writer.start()
                 _live_loggers.add(self)
             return self._writer
@@ -460,6 +487,7 @@ class MLflowCVLogger(MLFlowLogger):
         self._close_writer()
 
     def _close_writer(self) -> None:
+        self._follow_spool_to_memory()
         writer = self._writer
         if writer is None or self._spool is None:
             return
@@ -491,7 +519,16 @@ class MLflowCVLogger(MLFlowLogger):
             self._open_spool(key, {"t": "run", "tracking_uri": safe_uri(self._tracking_uri), "run_id": self._run_id})
         elif self._writer is None or not self._writer.is_alive():
             self._ensure_writer()
+        else:
+            self._follow_spool_to_memory()
         return self._spool  # type: ignore[return-value]
+
+    def _follow_spool_to_memory(self) -> None:
+        if self._spool is not None and not self._spool.on_disk and getattr(self._writer, "is_process", False):
+            # the disk failed: the child delivers what reached the disk, a thread takes the in-memory rest
+            self._writer.detach()
+            self._writer = None
+            self._ensure_writer()
 
     def _warn_once(self, key: str, msg: str, category: type[Warning] = UserWarning) -> None:
         if key not in self._warned:

@@ -28,6 +28,12 @@ class _Toggle(pl.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step in self.at:
             self.proxy.mode = self.at[trainer.global_step]
+            if self.proxy.mode == "error":  # keep the fault on until the writer has really hit it
+                import time
+
+                deadline = time.monotonic() + 60
+                while self.proxy.hits["error"] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
 
 
 def test_server_answering_500_for_a_while_loses_nothing(mlflow_server, recwarn):

@@ -1,0 +1,228 @@
+"""The background writer in its own process.
+
+MLflow's per-point work (building entities, protobuf/JSON for REST, SQLAlchemy inserts for SQL stores) is pure
+Python. In a thread it competes with the training loop for the GIL; in a child process it only uses CPU the
+training process leaves idle. The child tails the same spool file (the journal is already a cross-process
+queue: ``sync`` reads it too), delivers it with the same :class:`~lightning_mlflow_cv._spool.Writer` logic and
+writes the ack file. It talks to the parent over stdin/stdout, one JSON object per line:
+
+- parent -> child: ``{"op": "wake"}``, ``{"op": "flush", "seq": n, "timeout": s}``, ``{"op": "stop", "seq": n, "timeout": s}``
+- child -> parent: ``{"event": "warning", "message": ...}``, ``{"event": "bound", "run_id": ...}``,
+  ``{"event": "flushed" | "stopped", "seq": n, "ok": bool, "acked": int, "degraded": bool, "run_id": ...}``
+
+If the parent dies (even by SIGKILL), the child sees EOF on stdin, makes a last delivery attempt of what is
+on disk, and exits: nothing already spooled waits for a resume to be delivered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lightning_mlflow_cv import _spool
+from lightning_mlflow_cv._spool import Spool, Writer
+
+_EOF_DRAIN_S = 30.0
+
+
+class ProcessWriter:
+    """Parent-side handle with the :class:`~lightning_mlflow_cv._spool.Writer` interface."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        run_id: str | None,
+        tracking_uri: str,
+        flush_interval_s: float,
+        request_timeout_s: float,
+        on_bound: Callable[[str], None] | None = None,
+        already_warned: bool = False,
+    ) -> None:
+        self.spool = spool
+        self._run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.request_timeout_s = request_timeout_s
+        self.degraded = already_warned
+        self._on_bound = on_bound
+        self._cfg = {
+            "dir": str(spool.directory),
+            "key": spool.key,
+            "uri": tracking_uri,
+            "run_id": run_id,
+            "flush_interval_s": flush_interval_s,
+            "request_timeout_s": request_timeout_s,
+            "already_warned": already_warned,
+            "compact_bytes": _spool.COMPACT_BYTES,
+        }
+        self._proc: subprocess.Popen[str] | None = None
+        self._cv = threading.Condition()
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._seq = 0
+        self._dead = False
+        self._send_lock = threading.Lock()
+
+    def start(self) -> None:
+        pkg_parent = str(Path(__file__).resolve().parents[1])
+        env = os.environ.copy()
+        env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from lightning_mlflow_cv._writer_proc import main; main()", json.dumps(self._cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
+        threading.Thread(target=self._read, name="MLflowCVLogger-writer-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            ev = msg.get("event")
+            if ev == "warning":
+                self.degraded = True
+                warnings.warn(msg["message"], RuntimeWarning, stacklevel=1)
+            elif ev == "recovered":
+                self.degraded = False
+            elif ev == "bound":
+                self._run_id = msg["run_id"]
+                if self._on_bound is not None:
+                    self._on_bound(msg["run_id"])
+            elif ev in ("flushed", "stopped"):
+                with self._cv:
+                    self.degraded = bool(msg.get("degraded"))
+                    self._replies[msg["seq"]] = msg
+                    self._cv.notify_all()
+        with self._cv:
+            self._dead = True
+            self._cv.notify_all()
+
+    def _send(self, op: str, **kw: Any) -> int | None:
+        with self._send_lock:
+            self._seq += 1
+            seq = self._seq
+            try:
+                assert self._proc is not None and self._proc.stdin is not None
+                self._proc.stdin.write(json.dumps({"op": op, "seq": seq, **kw}) + "\n")
+                self._proc.stdin.flush()
+            except (OSError, ValueError, AssertionError):
+                return None
+            return seq
+
+    def _wait(self, seq: int | None, timeout: float) -> dict[str, Any] | None:
+        if seq is None:
+            return None
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while seq not in self._replies and not self._dead:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cv.wait(left)
+            return self._replies.pop(seq, None)
+
+    def wake(self) -> None:
+        self._send("wake")
+
+    def flush(self, timeout: float) -> bool:
+        reply = self._wait(self._send("flush", timeout=timeout), timeout + self.request_timeout_s + 5)
+        return bool(reply and reply["ok"])
+
+    def stop(self, timeout: float) -> bool:
+        reply = self._wait(self._send("stop", timeout=timeout), timeout + self.request_timeout_s + 10)
+        if self._proc is not None:
+            try:
+                if self._proc.stdin is not None:
+                    self._proc.stdin.close()
+                self._proc.wait(timeout=self.request_timeout_s + 5)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+        self.spool.refresh_ack()
+        if reply and reply.get("run_id"):
+            self._run_id = reply["run_id"]
+        return bool(reply and reply["ok"])
+
+    def detach(self) -> None:
+        """Tell the child to deliver what is on disk and exit, without waiting (used when the spool moved
+        to memory, where a thread writer takes over)."""
+        self._send("stop", timeout=_EOF_DRAIN_S)
+        try:
+            if self._proc is not None and self._proc.stdin is not None:
+                self._proc.stdin.close()
+        except OSError:
+            pass
+
+    is_process = True
+
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+
+def main() -> None:
+    """Child entry point: deliver the spool until told to stop (or until the parent goes away)."""
+    cfg = json.loads(sys.argv[1])
+    out_lock = threading.Lock()
+
+    def emit(**msg: Any) -> None:
+        with out_lock:
+            try:
+                sys.stdout.write(json.dumps(msg) + "\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):  # the parent is gone; keep delivering anyway
+                pass
+
+    from mlflow import MlflowClient
+
+    uri = cfg["uri"]
+    _spool.COMPACT_BYTES = int(cfg.get("compact_bytes", _spool.COMPACT_BYTES))
+    spool = Spool(cfg["dir"], cfg["key"])
+    writer = Writer(
+        lambda: MlflowClient(uri),
+        spool,
+        cfg["run_id"],
+        uri,
+        flush_interval_s=cfg["flush_interval_s"],
+        request_timeout_s=cfg["request_timeout_s"],
+        on_bound=lambda rid: emit(event="bound", run_id=rid),
+        already_warned=cfg["already_warned"],
+        on_warning=lambda message: emit(event="warning", message=message),
+        on_recovered=lambda: emit(event="recovered"),
+    )
+    writer.start()
+
+    def reply(event: str, seq: int, ok: bool) -> None:
+        emit(event=event, seq=seq, ok=ok, acked=spool.acked, degraded=writer.degraded, run_id=writer.run_id)
+
+    for line in sys.stdin:
+        try:
+            cmd = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        op = cmd.get("op")
+        if op == "wake":
+            writer.wake()
+        elif op == "flush":
+            reply("flushed", cmd["seq"], writer.flush(float(cmd["timeout"])))
+        elif op == "stop":
+            reply("stopped", cmd["seq"], writer.stop(float(cmd["timeout"])))
+            spool.close()
+            return
+    # the parent went away without stopping us (crash, SIGKILL): deliver what is on disk, then exit
+    writer.stop(_EOF_DRAIN_S)
+    spool.close()
