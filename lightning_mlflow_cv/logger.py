@@ -171,10 +171,10 @@ class MLflowCVLogger(MLFlowLogger):
             ``~/.cache/lightning_mlflow_cv/spool``.
         request_timeout_s: Per-request timeout of the background writer (no retries inside one attempt).
         finalize_timeout_s: How long :meth:`finalize` waits for a reachable store to take the backlog.
-        writer: ``"process"`` (default; env ``LIGHTNING_MLFLOW_CV_WRITER``): deliver from a child process, so
-            MLflow's per-point Python work never competes with training for the GIL, and a crashed trainer's
-            spool is still delivered; ``"thread"``: a background thread (also the fallback when the spool
-            directory is not writable).
+        writer: ``"thread"`` (default; env ``LIGHTNING_MLFLOW_CV_WRITER``): a background thread.
+            ``"process"``: a child process tails the spool, so MLflow's per-point Python work never holds the
+            training process's GIL and a crashed trainer's spool is still delivered; it pays off with spare
+            cores (on 2 saturated cores it measured slower, see benchmarks/README.md).
 
     Raises:
         ValueError: ``nested=True`` with no active MLflow run, both ``nested`` and ``parent_run_id``,
@@ -217,7 +217,7 @@ class MLflowCVLogger(MLFlowLogger):
                 f"MLflowCVLogger: `flush_interval_s` must be > 0 seconds, got {flush_interval_s!r}. "
                 "Use a small value such as 0.5 for near-real-time charts."
             )
-        writer = writer or os.environ.get("LIGHTNING_MLFLOW_CV_WRITER") or "process"  # type: ignore[assignment]
+        writer = writer or os.environ.get("LIGHTNING_MLFLOW_CV_WRITER") or "thread"  # type: ignore[assignment]
         if writer not in ("process", "thread"):
             raise ValueError(
                 f"MLflowCVLogger: `writer` must be one of ('process', 'thread'), got {writer!r}. "

@@ -184,7 +184,22 @@ def test_unknown_task_tag_warns():
         MLflowCVLogger(tags={"task": "segmentation"})
 
 
+def test_process_writer_delivers_and_compacts(tracking_uri, monkeypatch):
+    monkeypatch.setattr(_spool, "COMPACT_BYTES", 10_000)
+    logger = MLflowCVLogger(tracking_uri=tracking_uri, writer="process", flush_interval_s=0.2)
+    for step in range(3000):
+        logger.log_metrics({"a": float(step), "b": 1.0}, step=step)
+    assert logger.flush()
+    assert logger.spool_path.stat().st_size < 10_000  # the child compacted while the parent appended
+    logger.finalize("success")
+    client = MlflowClient(tracking_uri)
+    assert len(client.get_metric_history(logger.run_id, "a")) == 3000
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+
+
 def test_invalid_arguments_raise():
+    with pytest.raises(ValueError, match=r"`writer` must be one of \('process', 'thread'\), got 'fork'"):
+        MLflowCVLogger(writer="fork")
     with pytest.raises(ValueError, match=r"`flush_interval_s` must be > 0 seconds, got 0"):
         MLflowCVLogger(flush_interval_s=0)
     with pytest.raises(ValueError, match=r"`nested=True` needs an active MLflow run"):

@@ -30,9 +30,11 @@ class _Outage(pl.Callback):
             self.server.start()
 
 
-def test_server_stopped_mid_fit_then_restarted_every_point_arrives(mlflow_server, recwarn):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_server_stopped_mid_fit_then_restarted_every_point_arrives(mlflow_server, recwarn, writer):
     logger = MLflowCVLogger(
-        tracking_uri=mlflow_server.uri, experiment_name="outage", flush_interval_s=0.2, request_timeout_s=2
+        tracking_uri=mlflow_server.uri, experiment_name="outage", flush_interval_s=0.2, request_timeout_s=2,
+        writer=writer,
     )
     train, val = loaders()
     tr = trainer(logger, max_epochs=3, callbacks=[_Outage(mlflow_server, stop_at=8, start_at=40)])
