@@ -626,7 +626,6 @@ class Writer(threading.Thread):
         self._next_try = 0.0
         self.last_error: BaseException | None = None
         self.degraded = already_warned  # the caller already told the user the store is unreachable
-        self.delivered_after_outage = False
         self._deliverer: Deliverer | None = None
 
     # -- API used by the logger -----------------------------------------------------------------
@@ -698,7 +697,6 @@ class Writer(threading.Thread):
                 if self._on_bound is not None and self._run_id:
                     self._on_bound(self._run_id)
             if self.degraded:
-                self.delivered_after_outage = True
                 log.warning("MLflowCVLogger: tracking store reachable again; spooled data delivered.")
                 if self._on_recovered is not None:
                     self._on_recovered()

@@ -426,29 +426,18 @@ class MLflowCVLogger(MLFlowLogger):
 
                 uri = self._tracking_uri
                 bound = self._run_id if not (self._run_id or "").startswith("offline-") else None
+                common = {
+                    "flush_interval_s": self._flush_interval_s,
+                    "request_timeout_s": self._request_timeout_s,
+                    "on_bound": self._on_bound,
+                    "already_warned": self.offline,
+                }
                 if self._writer_mode == "process" and self._spool.on_disk:  # type: ignore[union-attr]
                     from lightning_mlflow_cv._writer_proc import ProcessWriter
 
-                    self._writer = ProcessWriter(
-                        self._spool,  # type: ignore[arg-type]
-                        bound,
-                        uri,
-                        flush_interval_s=self._flush_interval_s,
-                        request_timeout_s=self._request_timeout_s,
-                        on_bound=self._on_bound,
-                        already_warned=self.offline,
-                    )
+                    self._writer = ProcessWriter(self._spool, bound, uri, **common)  # type: ignore[arg-type]
                 else:
-                    self._writer = Writer(
-                        lambda: MlflowClient(uri),
-                        self._spool,  # type: ignore[arg-type]
-                        bound,
-                        uri,
-                        flush_interval_s=self._flush_interval_s,
-                        request_timeout_s=self._request_timeout_s,
-                        on_bound=self._on_bound,
-                        already_warned=self.offline,
-                    )
+                    self._writer = Writer(lambda: MlflowClient(uri), self._spool, bound, uri, **common)  # type: ignore[arg-type]
                 self._writer.start()
                 _live_loggers.add(self)
             return self._writer

@@ -11,7 +11,6 @@ from typing import Any
 
 from lightning_mlflow_cv._spool import set_run_status
 from lightning_mlflow_cv._keys import validate_tags
-from lightning_mlflow_cv._redact import redact_text
 
 #: The stage a default-configured MLflowCVLogger logs into (set by ``Pipeline.stage``).
 ACTIVE_STAGE: contextvars.ContextVar[Stage | None] = contextvars.ContextVar("lmc_active_stage", default=None)
@@ -63,19 +62,14 @@ class Pipeline:
         stage = Stage(name, run.info.run_id, self.experiment_id, self.tracking_uri)
         self.stages.append(stage)
         token = ACTIVE_STAGE.set(stage)
-        status = "FINISHED"
+        outcome = {"status": "FINISHED"}
         try:
-            yield stage
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        except BaseException:
-            status = "FAILED"
-            raise
+            with _status_on_exit(outcome):
+                yield stage
         finally:
             ACTIVE_STAGE.reset(token)
             self._summarise(client, stage)
-            set_run_status(client, stage.run_id, status)
+            set_run_status(client, stage.run_id, outcome["status"])
 
     def _summarise(self, client: Any, stage: Stage) -> None:
         from mlflow.entities import Metric
@@ -124,22 +118,23 @@ def pipeline_run(
     exp_id = exp.experiment_id if exp is not None and exp.lifecycle_stage != "deleted" else client.create_experiment(exp_name)
     run = client.create_run(exp_id, run_name=name, tags={**validate_tags(tags), "pipeline": name})
     pipe = Pipeline(name, run.info.run_id, exp_id, uri)
-    status = "FINISHED"
+    outcome = {"status": "FINISHED"}
     try:
-        yield pipe
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
+        with _status_on_exit(outcome):
+            yield pipe
     finally:
         client.set_tag(pipe.run_id, "pipeline_stages", ",".join(s.name for s in pipe.stages))
-        set_run_status(client, pipe.run_id, status)
+        set_run_status(client, pipe.run_id, outcome["status"])
 
 
-def describe(pipe: Pipeline) -> str:
-    """One line naming the parent run and its stages (for printing; no credentials)."""
-    return f"{pipe.name} [{pipe.run_id}] @ {redact_text(pipe.tracking_uri)}: " + ", ".join(
-        f"{s.name}={s.run_id}" for s in pipe.stages
-    )
+@contextlib.contextmanager
+def _status_on_exit(outcome: dict[str, str]) -> Iterator[None]:
+    """Record the MLflow status a block ended with: KILLED on Ctrl+C, FAILED on any other exception."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        outcome["status"] = "KILLED"
+        raise
+    except BaseException:
+        outcome["status"] = "FAILED"
+        raise
