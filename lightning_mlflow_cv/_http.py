@@ -53,9 +53,20 @@ def install() -> None:
         _installed = True
 
 
+def current_timeout() -> float | None:
+    """The fail-fast timeout of the current thread (None: MLflow's normal retries), to hand to helper threads."""
+    return getattr(_state, "timeout", None)
+
+
 @contextlib.contextmanager
-def fail_fast(timeout_s: float) -> Iterator[None]:
-    """Within this block, MLflow HTTP calls from this thread do not retry and time out after ``timeout_s``."""
+def fail_fast(timeout_s: float | None) -> Iterator[None]:
+    """Within this block, MLflow HTTP calls from this thread do not retry and time out after ``timeout_s``.
+
+    ``None`` leaves MLflow's normal retries in place (so a caller can pass on :func:`current_timeout`).
+    """
+    if timeout_s is None:
+        yield
+        return
     install()
     previous = getattr(_state, "timeout", None)
     _state.timeout = timeout_s

@@ -43,6 +43,34 @@ log = logging.getLogger(__name__)
 #: Compact the journal when everything is delivered and it grew past this size.
 COMPACT_BYTES = 32 * 1024 * 1024
 
+#: Metric-only requests in flight at once to an HTTP tracking server. Metric points are independent (MLflow
+#: orders a history by step and timestamp, not arrival), so a slow or distant server is paid one round trip
+#: per this many requests rather than per request. SQL and file stores get 1: their cost is the client's CPU.
+HTTP_CONCURRENCY = 4
+
+
+#: Failed attempts in a row after which a flush (and so ``finalize``) stops waiting for a store that was
+#: reachable when the flush began; the backoff between them is 0.5 s, then 1 s.
+FLUSH_TRIES = 3
+
+
+def concurrency_for(tracking_uri: str | None) -> int:
+    """How many metric requests :class:`Deliverer` keeps in flight for this store."""
+    scheme = (tracking_uri or "").split(":", 1)[0].lower()
+    return HTTP_CONCURRENCY if scheme in ("http", "https") else 1
+
+
+def lower_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux threads are schedulable tasks): when training keeps every
+    core busy, the kernel prefers the training threads, and MLflow's per-point work fills idle time instead.
+    Measured on 2 saturated cores in benchmarks/README.md; LIGHTNING_MLFLOW_CV_WRITER_NICE=0 disables it."""
+    nice = int(os.environ.get("LIGHTNING_MLFLOW_CV_WRITER_NICE", "10") or 0)
+    if nice > 0 and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            pass
+
 
 def default_spool_dir() -> Path:
     """``$LIGHTNING_MLFLOW_CV_SPOOL_DIR`` or ``~/.cache/lightning_mlflow_cv/spool``."""
@@ -390,13 +418,27 @@ def safe_uri(uri: str) -> str:
 
 
 class Deliverer:
-    """Sends spool records to MLflow in batches within MLflow's limits, acking as it goes."""
+    """Sends spool records to MLflow in batches within MLflow's limits, acking as it goes.
 
-    def __init__(self, client: Any, spool: Spool, run_id: str | None) -> None:
+    With ``concurrency`` > 1, runs of consecutive metric-only requests are sent that many at a time (each on a
+    helper thread with the caller's fail-fast setting); anything else (params, tags, artifacts, status) waits
+    for them and goes alone, so a status is never stored before the points logged ahead of it. Offsets are
+    acked only up to the first request not yet stored; a point re-sent after a partial failure is stored once
+    (MLflow's SQL stores ignore an identical point).
+    """
+
+    def __init__(self, client: Any, spool: Spool, run_id: str | None, concurrency: int = 1) -> None:
         self.client = client
         self.spool = spool
         self.run_id = run_id
         self.rejected = 0
+        self.concurrency = max(int(concurrency), 1)
+        self._pool: Any = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def ensure_run(self) -> str:
         if self.run_id:
@@ -419,11 +461,49 @@ class Deliverer:
             if not batch:
                 return offset
             run_id = self.ensure_run()
+            in_flight: list[tuple[Any, int]] = []
             for request, end in _plan(batch):
+                if self.concurrency > 1 and _metrics_only(request):
+                    in_flight.append((self._submit(run_id, request), end))
+                    if len(in_flight) >= self.concurrency:
+                        offset = self._settle(in_flight, offset, ack, generation)
+                    continue
+                offset = self._settle(in_flight, offset, ack, generation)
                 self._send(run_id, request)
                 offset = end
                 if ack:
                     self.spool.ack(end, generation)
+            offset = self._settle(in_flight, offset, ack, generation)
+
+    def _submit(self, run_id: str, request: dict[str, Any]) -> Any:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.concurrency, "MLflowCVLogger-send", initializer=lower_priority)
+        timeout = _http.current_timeout()
+
+        def send() -> None:
+            with _http.fail_fast(timeout):
+                self._send(run_id, request)
+
+        return self._pool.submit(send)
+
+    def _settle(self, in_flight: list[tuple[Any, int]], offset: int, ack: bool, generation: int) -> int:
+        """Wait for every request in flight; ack the stored prefix; re-raise the first failure."""
+        error: BaseException | None = None
+        for future, end in in_flight:
+            try:
+                future.result()
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after the others finished
+                error = error or err
+            if error is None:
+                offset = end
+                if ack:
+                    self.spool.ack(end, generation)
+        in_flight.clear()
+        if error is not None:
+            raise error
+        return offset
 
     def _send(self, run_id: str, request: dict[str, Any]) -> None:
         kind = request["kind"]
@@ -477,6 +557,10 @@ class Deliverer:
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+def _metrics_only(request: dict[str, Any]) -> bool:
+    return request["kind"] == "batch" and not request["params"] and not request["tags"]
 
 
 def set_run_status(client: Any, run_id: str, status: str, end_time: int | None = None) -> None:
@@ -635,18 +719,20 @@ class Writer(threading.Thread):
     def flush(self, timeout: float) -> bool:
         """Ask for an immediate attempt and wait until everything is delivered or ``timeout`` passes.
 
-        Returns True when the spool is fully delivered. While the server is unreachable, it returns
-        after the first failed attempt rather than waiting for the whole timeout.
+        Returns True when the spool is fully delivered. It does not wait out an outage: when the store was
+        already unreachable it returns after the first failed attempt, and when it fails during this flush
+        (a transient 5xx, a dropped connection) after :data:`FLUSH_TRIES` attempts in a row have failed.
         """
         deadline = time.monotonic() + timeout
         with self._idle:
             start = self._attempts
+            tries = 1 if self.degraded else FLUSH_TRIES
             self._next_try = 0.0
             self._wake.set()
             while time.monotonic() < deadline and self.is_alive():
                 if self.spool.pending <= 0 and self._attempts > start:
                     return True
-                if self._attempts > start and self.degraded:
+                if self._attempts > start and self.degraded and self._failures >= tries:
                     return False
                 self._idle.wait(min(0.05, max(deadline - time.monotonic(), 0)))
         return self.spool.pending <= 0
@@ -665,15 +751,7 @@ class Writer(threading.Thread):
 
     # -- thread ----------------------------------------------------------------------------------
     def run(self) -> None:
-        # Lower the writer's CPU priority (Linux threads are schedulable tasks): when training keeps every core
-        # busy, the kernel prefers the training threads, and MLflow's per-point work fills idle time instead.
-        # Measured on 2 saturated cores in benchmarks/README.md; LIGHTNING_MLFLOW_CV_WRITER_NICE=0 disables it.
-        nice = int(os.environ.get("LIGHTNING_MLFLOW_CV_WRITER_NICE", "10") or 0)
-        if nice > 0 and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-            except OSError:
-                pass
+        lower_priority()
         while not self._stop_event.is_set():
             wait = self.flush_interval_s
             if self.degraded:
@@ -685,11 +763,15 @@ class Writer(threading.Thread):
             if self.degraded and time.monotonic() < self._next_try:
                 continue
             self._attempt()
+        if self._deliverer is not None:
+            self._deliverer.close()
 
     def _attempt(self) -> None:
         try:
             if self._deliverer is None:
-                self._deliverer = Deliverer(self._client_factory(), self.spool, self._run_id)
+                self._deliverer = Deliverer(
+                    self._client_factory(), self.spool, self._run_id, concurrency_for(self.tracking_uri)
+                )
             with _http.fail_fast(self.request_timeout_s):
                 self._deliverer.deliver(self.spool.acked)
             if self._deliverer.run_id != self._run_id:
@@ -750,8 +832,11 @@ def sync(spool_path: str | os.PathLike[str], tracking_uri: str | None = None) ->
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or header.get("tracking_uri")
     if not uri:
         raise ValueError(f"sync: no tracking URI in {path} and none given. Pass --tracking-uri or set MLFLOW_TRACKING_URI.")
-    deliverer = Deliverer(MlflowClient(uri), spool, header.get("run_id"))
-    end = deliverer.deliver(0, ack=False)
+    deliverer = Deliverer(MlflowClient(uri), spool, header.get("run_id"), concurrency_for(uri))
+    try:
+        end = deliverer.deliver(0, ack=False)
+    finally:
+        deliverer.close()
     spool.ack(end)
     spool.close()
     return {"run_id": deliverer.run_id, "records": end, "tracking_uri": safe_uri(uri), "rejected": deliverer.rejected}

@@ -239,6 +239,49 @@ def _client(tracking_uri: str | None) -> MlflowClient:
     return MlflowClient(tracking_uri, registry_uri=tracking_uri) if tracking_uri else MlflowClient()
 
 
+_NO_REGISTRY_CODES = {"ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED", "FEATURE_DISABLED"}
+
+
+def registry_unsupported(client: MlflowClient) -> str | None:
+    """Why ``client``'s registry store cannot hold registered models, or ``None`` when it can (or cannot be
+    reached right now: an outage is a tracking failure, not a configuration mistake).
+
+    One cheap call (``search_registered_models(max_results=1)``): a URI scheme without a registry store fails in
+    MLflow before any request; a tracking-only server answers 404 (``ENDPOINT_NOT_FOUND``).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.search_registered_models(max_results=1)
+    except NotImplementedError as err:
+        return f"NotImplementedError: {err}"
+    except MlflowException as err:
+        text = " ".join(str(err.message).split())
+        if err.error_code in _NO_REGISTRY_CODES or "not supported" in text.lower() or " 404 " in f" {text} ":
+            return f"{err.error_code}: {text[:400]}"
+    except Exception:  # noqa: BLE001 - unreachable, timeout, auth: not this question
+        return None
+    return None
+
+
+def require_registry(client: MlflowClient, who: str) -> None:
+    """Raise a ``ValueError`` naming the store and the fix when it has no Model Registry.
+
+    Raises:
+        ValueError: the registry store does not support registered models.
+    """
+    reason = registry_unsupported(client)
+    if reason is not None:
+        from lightning_mlflow_cv._spool import safe_uri
+
+        uri = safe_uri(str(getattr(client, "_registry_uri", None) or client.tracking_uri))
+        raise ValueError(
+            f"{who}: the store {uri!r} does not support the MLflow Model Registry ({reason}). Fix: use a tracking "
+            "URI whose store has a registry (sqlite:///mlflow.db, postgresql+psycopg2://..., or an `mlflow server` "
+            "at http(s)://...), or leave the registry step out."
+        )
+
+
 def resolve_version(client: MlflowClient, model_name: str, candidate: str | int) -> ModelVersion:
     """The model version ``candidate`` names: a version number, or a run id (its newest version).
 
@@ -331,6 +374,7 @@ def promote(
     if isinstance(min_improvement, bool) or not isinstance(min_improvement, (int, float)) or min_improvement < 0:
         raise ValueError(f"promote: `min_improvement` must be a number >= 0, got {min_improvement!r}. Example: 0.005.")
     client = _client(tracking_uri)
+    require_registry(client, "promote")
     mv = resolve_version(client, model_name, candidate)
     if metrics is None:
         metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}

@@ -1,16 +1,21 @@
 """A fault-injecting HTTP proxy in front of a real `mlflow server` (127.0.0.1 only).
 
 Modes: ``ok`` (forward), ``error`` (answer 500 without forwarding), ``slow`` (sleep ``delay_s``, then forward).
-Counts requests per mode so tests can prove the fault was actually hit.
+Counts requests per mode so tests can prove the fault was actually hit, and records every request
+(``log``: method, path, start and end time) and the most requests in flight at once (``max_in_flight``).
+``error_if(method, path)`` returning True answers that one request with a 500 whatever the mode (an int: that
+HTTP status, e.g. 404 for a server without the endpoint).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "content-encoding"}
@@ -22,6 +27,11 @@ class FaultProxy:
         self.mode = "ok"
         self.delay_s = 2.0
         self.hits: Counter[str] = Counter()
+        self.log: list[tuple[str, str, float, float]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.error_if: Callable[[str, str], bool | int] | None = None
+        self._lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -31,13 +41,31 @@ class FaultProxy:
                 pass
 
             def _handle(self) -> None:
+                start = time.monotonic()
+                with proxy._lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    self._forward()
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
+                        proxy.log.append((self.command, self.path, start, time.monotonic()))
+
+            def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 mode = proxy.mode
+                status = 500
+                if proxy.error_if is not None:
+                    code = proxy.error_if(self.command, self.path)
+                    if code:
+                        mode, status = "error", (500 if code is True else int(code))
                 proxy.hits[mode] += 1
                 if mode == "error":
-                    payload = b'{"error_code": "INTERNAL_ERROR", "message": "injected 500"}'
-                    self.send_response(500)
+                    error_code = "ENDPOINT_NOT_FOUND" if status == 404 else "INTERNAL_ERROR"
+                    payload = json.dumps({"error_code": error_code, "message": f"injected {status}"}).encode()
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()

@@ -352,8 +352,20 @@ class ModelRegistryCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            find_mlflow_logger(trainer, _NAME)
+            logger = find_mlflow_logger(trainer, _NAME)
             self._norm(trainer)
+            if trainer.is_global_zero:
+                self._check_registry(logger)
+
+    def _check_registry(self, logger: Any) -> None:
+        """Fail before training when the store has no Model Registry (a store that is down is not checked)."""
+        from mlflow import MlflowClient
+
+        from lightning_mlflow_cv.registry import require_registry
+
+        uri = logger._tracking_uri
+        with _http.fail_fast(max(float(getattr(logger, "_request_timeout_s", 10.0)), 5.0)):
+            require_registry(MlflowClient(uri, registry_uri=uri), _NAME)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

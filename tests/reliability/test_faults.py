@@ -89,3 +89,58 @@ def test_sigkill_mid_fit_then_resume_continues_the_run_and_replays_the_spool(mlf
     steps = sorted({m.step for m in hist})
     assert steps == list(range(48))  # every step of the 3 epochs, including those only the spool had
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def _log_points(logger: MLflowCVLogger, steps: int, keys: int) -> None:
+    for step in range(steps):
+        logger.log_metrics({f"slow/m{k}": float(step * keys + k) for k in range(keys)}, step=step)
+
+
+def test_slow_server_gets_metric_requests_in_parallel_and_the_status_last(mlflow_server):
+    """A slow server (0.5 s per request here) costs one round trip per 4 metric requests, not one per request,
+    and the run is only marked FINISHED after every point it logged was stored."""
+    steps, keys = 600, 8  # 4,800 points: at least 5 requests of <= 1,000
+    with FaultProxy(mlflow_server.uri) as proxy:
+        logger = MLflowCVLogger(tracking_uri=proxy.uri, experiment_name="eslow", flush_interval_s=60)
+        _ = logger.experiment  # create the run at full speed
+        proxy.mode, proxy.delay_s = "slow", 0.5
+        _log_points(logger, steps, keys)
+        logger.finalize("success")
+    batches = [(s, e) for m, path, s, e in proxy.log if path.endswith("/runs/log-batch")]
+    updates = [(s, e) for m, path, s, e in proxy.log if path.endswith("/runs/update")]
+    assert len(batches) >= 5
+    overlapping = max(sum(1 for s2, e2 in batches if s2 < e and e2 > s) for s, e in batches)
+    assert overlapping >= 2, f"metric requests were sent one at a time: {batches}"
+    assert updates and min(s for s, _ in updates) >= max(e for _, e in batches), "status stored before the points"
+    client = MlflowClient(mlflow_server.uri)
+    assert all(len(client.get_metric_history(logger.run_id, f"slow/m{k}")) == steps for k in range(keys))
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+
+
+def test_one_failed_request_among_parallel_ones_is_resent_and_nothing_is_lost(mlflow_server):
+    steps, keys = 600, 8
+    failed: list[int] = []
+    seen = [0]
+
+    def second_batch_fails_once(method: str, path: str) -> bool:
+        if not path.endswith("/runs/log-batch"):
+            return False
+        seen[0] += 1
+        if seen[0] == 2 and not failed:
+            failed.append(seen[0])
+            return True
+        return False
+
+    with FaultProxy(mlflow_server.uri) as proxy:
+        logger = MLflowCVLogger(tracking_uri=proxy.uri, experiment_name="epartial", flush_interval_s=60)
+        _ = logger.experiment
+        proxy.mode, proxy.delay_s = "slow", 0.3
+        _log_points(logger, steps, keys)
+        proxy.error_if = second_batch_fails_once
+        logger.finalize("success")
+    assert failed, "the fault was not hit"
+    client = MlflowClient(mlflow_server.uri)
+    for k in range(keys):
+        history = client.get_metric_history(logger.run_id, f"slow/m{k}")
+        assert sorted(m.step for m in history) == list(range(steps)), f"slow/m{k}: lost or duplicated points"
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
