@@ -43,6 +43,12 @@ slow but working baseline is not cut off); a child still running then is killed 
 completeness is then counted by the parent). If MLflowCVLogger left data in its spool (the store was still down
 when the fit ended), the child replays it with ``lightning_mlflow_cv.sync`` afterwards and reports the
 completeness after that separately; the bar is judged on the completeness at the end of the fit.
+
+Slow-server scenario (issue 8; ``http`` only; ``none``, ``sync``, ``autolog`` and ``cv`` with the outage fits'
+steps, one run each; ``--quick``: ``none`` and ``cv``): a fresh server behind a proxy (``tests/faults.py``,
+running in this parent process) that holds every request ``--slow-delay-s`` seconds (default 2) before
+forwarding it. Completeness is counted against the server directly. Baselines that log synchronously pay the
+delay on every step, so they are capped at 2x the floor + 30 s and reported as not finished.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONFIGS = ["none", "sync", "async", "autolog", "cv"]
 OUTAGE_CONFIGS = ["none", "sync", "autolog", "cv"]
+SLOW_CONFIGS = ["none", "sync", "autolog", "cv"]
 LABELS = {
     "none": "no logger (floor)",
     "sync": "MLFlowLogger (sync, default)",
@@ -257,15 +264,16 @@ def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
         run = mlflow.last_active_run()
         run_id = run.info.run_id if run else None
     out: dict[str, Any] = {"wall_s": wall, "setup_s": setup, "cpu_s": cpu, "fit_end": fit_end, "threads": torch.get_num_threads(), "peak_rss_mib": peak_rss_mib, "run_id": run_id}
+    count_uri = spec.get("count_uri") or uri
     if config != "none":
-        out.update(count_points(MlflowClient(uri), run_id, steps, epochs))
+        out.update(count_points(MlflowClient(count_uri), run_id, steps, epochs))
     left = getattr(logger, "last_spool_path", None) if config == "cv" else None
     if left is not None and out.get("completeness", 1.0) < 1.0:
         # what the logger kept on disk, delivered the documented way (`lightning-mlflow-cv sync SPOOL`)
         from lightning_mlflow_cv import sync
 
-        sync(left)
-        out["after_sync"] = count_points(MlflowClient(uri), run_id, steps, epochs)["completeness"]
+        sync(left, tracking_uri=count_uri)
+        out["after_sync"] = count_points(MlflowClient(count_uri), run_id, steps, epochs)["completeness"]
     return out
 
 
@@ -375,8 +383,10 @@ def run_child(
     tag: str,
     outage: dict[str, Any] | None = None,
     cap_s: float | None = None,
+    count_uri: str | None = None,
 ) -> dict[str, Any]:
-    """One configuration in a fresh process. ``outage``: {"server", "at_step", "seconds"}."""
+    """One configuration in a fresh process. ``outage``: {"server", "at_step", "seconds"}. ``count_uri``: where
+    completeness is counted (default ``uri``)."""
     d = work / tag
     d.mkdir(parents=True)
     spec = {
@@ -394,6 +404,7 @@ def run_child(
         "state": str(d / "state.json"),
         "marker": str(d / "outage.marker") if outage else None,
         "marker_step": outage["at_step"] if outage else None,
+        "count_uri": count_uri,
     }
     (d / "spec.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -439,7 +450,7 @@ def run_child(
             try:
                 from mlflow import MlflowClient
 
-                result.update(count_points(MlflowClient(uri), run_id, steps, epochs))
+                result.update(count_points(MlflowClient(count_uri or uri), run_id, steps, epochs))
             except Exception as err:  # noqa: BLE001
                 result["count_error"] = str(err)
     if not result.get("finished"):
@@ -559,6 +570,25 @@ def outage_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def slow_table(results: list[dict[str, Any]], delay_s: float) -> str:
+    floor = median_or_none([r.get("wall_s") for r in results if r["config"] == "none" and r.get("finished")])
+    lines = [
+        "| configuration | finished | fit wall (s) | ratio to floor | extra wall time in round trips "
+        "| requests sent | completeness at fit end |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for config in SLOW_CONFIGS:
+        for r in [r for r in results if r["config"] == config]:
+            wall = r.get("wall_s")
+            ratio = wall / floor if wall and floor else None
+            trips = (wall - floor) / delay_s if wall and floor and config != "none" else None
+            fin = "yes" if r.get("finished") else f"**no** ({str(r.get('error', '?'))[:60]})"
+            comp = "n/a" if config == "none" else _pct(r.get("completeness"))
+            reqs = "-" if config == "none" else str(r.get("requests", "-"))
+            lines.append(f"| {LABELS[config]} | {fin} | {fmt_s(wall)} | {_x(ratio)} | {_x(trips)} | {reqs} | {comp} |")
+    return "\n".join(lines)
+
+
 def bar_verdicts(summary: dict[str, dict[str, Any]], outage: list[dict[str, Any]], stores: list[str]) -> list[str]:
     out = []
     for store in stores:
@@ -644,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                    "back by ~70%% of the floor fit, from the measured ms/step and server start-up; --quick: 400)")
     p.add_argument("--outage-s", type=float, default=None, help="seconds the server stays down (default 10; --quick 3)")
     p.add_argument("--outage-at", type=float, default=0.2, help="fraction of the outage fit at which the server is killed")
+    p.add_argument("--no-slow", action="store_true", help="skip the slow-server scenario")
+    p.add_argument("--slow-delay-s", type=float, default=2.0, help="seconds the proxy holds each request in the slow-server scenario")
     p.add_argument("--cap-s", type=float, default=240.0, help="kill a child (reported as not finished) after this long; "
                    "outage runs get at least 8x the outage floor's fit time + 2x --outage-s")  # fmt: skip
     p.add_argument("--readme", default=None, help="write the results into this Markdown file (default: benchmarks/README.md, "
@@ -686,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="lmc-bench-"))
     results: list[dict[str, Any]] = []
     outage_results: list[dict[str, Any]] = []
+    slow_results: list[dict[str, Any]] = []
     outage_cap = args.cap_s
     server: MlflowServer | None = None
     startups: list[float] = []
@@ -745,6 +778,11 @@ def main(argv: list[str] | None = None) -> int:
                 comp = f" completeness {100 * r['completeness']:.1f}%" if "completeness" in r else ""
                 down = f" server down {r['down_s']:.1f}s" if "down_s" in r else ""
                 print(f"[{time.monotonic() - t_all:6.0f}s] {tag:<22} wall {fmt_s(r.get('wall_s'))}s{comp}{down}", flush=True)
+        if server is not None:
+            server.stop()
+            server = None
+        if not args.no_slow and "http" in stores:
+            slow_results = run_slow(args, work, configs, startups, t_all)
     finally:
         if server is not None:
             server.stop()
@@ -785,6 +823,16 @@ def main(argv: list[str] | None = None) -> int:
             "",
             outage_table(outage_results),
         ]
+    if slow_results:
+        md += [
+            "",
+            f"### Slow server: every request held {args.slow_delay_s:.0f}s by a proxy, {args.outage_steps} steps, 1 run each",
+            "",
+            slow_table(slow_results, args.slow_delay_s),
+            "",
+            "*Extra wall time in round trips*: (fit wall - floor) / the delay. *Requests sent*: requests that reached "
+            "the proxy during the child's whole life (run creation, logging, the final drain and status).",
+        ]
     md += ["", "### The bar (issue 3)", "", *bar_verdicts(summary, outage_results, stores)]
     text = "\n".join(md)
     print("\n" + text)
@@ -792,6 +840,33 @@ def main(argv: list[str] | None = None) -> int:
         write_readme(readme, text)
         print(f"\nwritten to {readme}")
     return 0
+
+
+def run_slow(args: argparse.Namespace, work: Path, configs: list[str], startups: list[float], t_all: float) -> list[dict[str, Any]]:
+    """The slow-server scenario: a fresh server behind a proxy that holds every request ``--slow-delay-s``."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from faults import FaultProxy
+
+    (work / "slow-server").mkdir()
+    server = MlflowServer(work / "slow-server")
+    startups.append(server.start())
+    results: list[dict[str, Any]] = []
+    try:
+        with FaultProxy(server.uri) as proxy:
+            proxy.mode, proxy.delay_s = "slow", args.slow_delay_s
+            cap = args.cap_s
+            for config in [c for c in SLOW_CONFIGS if c in configs and (not args.quick or c in ("none", "cv"))]:
+                before = len(proxy.log)
+                r = run_child(args, work, config, "http", proxy.uri, args.outage_steps, args.epochs, f"slow-{config}", None, cap, server.uri)
+                r["requests"] = len(proxy.log) - before
+                results.append(r)
+                if config == "none" and r.get("wall_s"):
+                    cap = max(60.0, 2 * r["wall_s"] + 30)
+                comp = f" completeness {100 * r['completeness']:.1f}%" if "completeness" in r else ""
+                print(f"[{time.monotonic() - t_all:6.0f}s] slow-{config:<17} wall {fmt_s(r.get('wall_s'))}s{comp} requests {r['requests']}", flush=True)
+    finally:
+        server.stop()
+    return results
 
 
 def _threads(args: argparse.Namespace, results: list[dict[str, Any]]) -> str:

@@ -22,6 +22,8 @@ Record kinds (key ``t``):
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import fcntl
 import json
 import logging
@@ -452,28 +454,53 @@ class Deliverer:
         return self.run_id
 
     def deliver(self, offset: int, ack: bool = True, max_records: int = 5000) -> int:
-        """Deliver records after ``offset``; returns the new offset. Raises on a retryable failure."""
-        while True:
-            generation = self.spool.generation
-            if ack:
-                offset = self.spool.acked  # re-sync: offsets restart if the spool moved to memory
-            batch = self.spool.read(offset, max_records=max_records)
-            if not batch:
-                return offset
-            run_id = self.ensure_run()
-            in_flight: list[tuple[Any, int]] = []
-            for request, end in _plan(batch):
-                if self.concurrency > 1 and _metrics_only(request):
-                    in_flight.append((self._submit(run_id, request), end))
-                    if len(in_flight) >= self.concurrency:
-                        offset = self._settle(in_flight, offset, ack, generation)
+        """Deliver records after ``offset``; returns the new offset. Raises on a retryable failure.
+
+        Metric-only requests go out through a sliding window of ``concurrency`` requests: while some are in
+        flight, newly logged points are read and sent as soon as they fill a request (a partial request waits
+        for a free window unless something follows it, e.g. the final status). Everything else waits for the
+        window to empty and goes alone.
+        """
+        in_flight: collections.deque[tuple[Any, int]] = collections.deque()
+        generation = self.spool.generation
+        try:
+            while True:
+                if not in_flight:
+                    generation = self.spool.generation
+                    if ack:
+                        offset = self.spool.acked  # re-sync: offsets restart if the spool moved to memory
+                elif self.spool.generation != generation:  # moved to memory meanwhile: settle, then re-read
+                    self._settle(in_flight, ack, generation, wait_all=True)
                     continue
-                offset = self._settle(in_flight, offset, ack, generation)
-                self._send(run_id, request)
-                offset = end
-                if ack:
-                    self.spool.ack(end, generation)
-            offset = self._settle(in_flight, offset, ack, generation)
+                batch = self.spool.read(offset, max_records=max_records)
+                if not batch:
+                    if not in_flight:
+                        return offset
+                    self._settle(in_flight, ack, generation, timeout=0.25)
+                    continue
+                run_id = self.ensure_run()
+                plans = list(_plan(batch))
+                for i, (request, end) in enumerate(plans):
+                    if self.concurrency > 1 and _metrics_only(request):
+                        last = i == len(plans) - 1
+                        if in_flight and last and len(request["metrics"]) < MAX_METRICS_PER_BATCH:
+                            break  # a partial request: let it fill while the window is busy
+                        while len(in_flight) >= self.concurrency:
+                            self._settle(in_flight, ack, generation)
+                        in_flight.append((self._submit(run_id, request), end))
+                    else:
+                        self._settle(in_flight, ack, generation, wait_all=True)
+                        self._send(run_id, request)
+                        if ack:
+                            self.spool.ack(end, generation)
+                    offset = end
+                else:
+                    continue
+                self._settle(in_flight, ack, generation, timeout=0.25)
+        finally:
+            for future, _ in in_flight:  # after a failure: let the others finish, ack nothing more
+                with contextlib.suppress(BaseException):
+                    future.result()
 
     def _submit(self, run_id: str, request: dict[str, Any]) -> Any:
         if self._pool is None:
@@ -488,22 +515,28 @@ class Deliverer:
 
         return self._pool.submit(send)
 
-    def _settle(self, in_flight: list[tuple[Any, int]], offset: int, ack: bool, generation: int) -> int:
-        """Wait for every request in flight; ack the stored prefix; re-raise the first failure."""
-        error: BaseException | None = None
-        for future, end in in_flight:
-            try:
-                future.result()
-            except BaseException as err:  # noqa: BLE001 - re-raised below, after the others finished
-                error = error or err
-            if error is None:
-                offset = end
-                if ack:
-                    self.spool.ack(end, generation)
-        in_flight.clear()
-        if error is not None:
-            raise error
-        return offset
+    def _settle(
+        self,
+        in_flight: collections.deque[tuple[Any, int]],
+        ack: bool,
+        generation: int,
+        timeout: float | None = None,
+        wait_all: bool = False,
+    ) -> None:
+        """Wait for the oldest request in flight (all of them with ``wait_all``; at most ``timeout`` seconds
+        with a timeout) and ack it. A failure propagates; the caller's ``finally`` waits for the rest."""
+        from concurrent.futures import wait
+
+        while in_flight:
+            future, end = in_flight[0]
+            if timeout is not None and not wait([future], timeout=timeout).done:
+                return
+            in_flight.popleft()
+            future.result()
+            if ack:
+                self.spool.ack(end, generation)
+            if not wait_all:
+                return
 
     def _send(self, run_id: str, request: dict[str, Any]) -> None:
         kind = request["kind"]
