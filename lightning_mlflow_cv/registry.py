@@ -358,7 +358,8 @@ def promote(
         The :class:`Decision`.
 
     Raises:
-        ValueError: unparseable gates, a bad ``compare_mode`` or ``min_improvement``, or an unknown candidate.
+        ValueError: unparseable gates, a bad ``compare_mode`` or ``min_improvement``, an unknown candidate, or a
+            store without a Model Registry.
 
     Example::
 

@@ -197,7 +197,8 @@ class ModelRegistryCallback(Callback):
 
     Raises:
         ValueError: on an invalid argument (at construction) or, at fit start, when no ``mean``/``std`` is
-            given and the datamodule has none.
+            given and the datamodule has none, or when the tracking store has no Model Registry (a store that
+            is down is not an error: the model is kept on disk at fit end).
         RuntimeError: at fit start, when the Trainer has no ``MLflowCVLogger``.
 
     Example::
