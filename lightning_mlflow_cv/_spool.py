@@ -48,7 +48,11 @@ COMPACT_BYTES = 32 * 1024 * 1024
 #: Metric-only requests in flight at once to an HTTP tracking server. Metric points are independent (MLflow
 #: orders a history by step and timestamp, not arrival), so a slow or distant server is paid one round trip
 #: per this many requests rather than per request. SQL and file stores get 1: their cost is the client's CPU.
-HTTP_CONCURRENCY = 4
+HTTP_CONCURRENCY = 8
+
+#: A metric request that took this long opens the window to :data:`HTTP_CONCURRENCY`; a faster one closes it to 1
+#: (a nearby server gains nothing from parallel requests, and a burst of them only competes with training for CPU).
+SLOW_REQUEST_S = 0.5
 
 
 #: Failed attempts in a row after which a flush (and so ``finalize``) stops waiting for a store that was
@@ -422,9 +426,10 @@ def safe_uri(uri: str) -> str:
 class Deliverer:
     """Sends spool records to MLflow in batches within MLflow's limits, acking as it goes.
 
-    With ``concurrency`` > 1, runs of consecutive metric-only requests are sent that many at a time (each on a
-    helper thread with the caller's fail-fast setting); anything else (params, tags, artifacts, status) waits
-    for them and goes alone, so a status is never stored before the points logged ahead of it. Offsets are
+    With ``concurrency`` > 1, metric-only requests are sent from helper threads (with the caller's fail-fast
+    setting), up to that many at a time while the store is slow (the last one took :data:`SLOW_REQUEST_S` or
+    more), one at a time otherwise; anything else (params, tags, artifacts, status) waits for them and goes
+    alone, so a status is never stored before the points logged ahead of it. Offsets are
     acked only up to the first request not yet stored; a point re-sent after a partial failure is stored once
     (MLflow's SQL stores ignore an identical point).
     """
@@ -435,7 +440,12 @@ class Deliverer:
         self.run_id = run_id
         self.rejected = 0
         self.concurrency = max(int(concurrency), 1)
+        self.last_request_s = 0.0  # duration of the last metric request sent through the window
         self._pool: Any = None
+
+    def window(self) -> int:
+        """Metric requests allowed in flight now: ``concurrency`` while the store is slow, else 1."""
+        return self.concurrency if self.last_request_s >= SLOW_REQUEST_S else 1
 
     def close(self) -> None:
         if self._pool is not None:
@@ -456,7 +466,7 @@ class Deliverer:
     def deliver(self, offset: int, ack: bool = True, max_records: int = 5000) -> int:
         """Deliver records after ``offset``; returns the new offset. Raises on a retryable failure.
 
-        Metric-only requests go out through a sliding window of ``concurrency`` requests: while some are in
+        Metric-only requests go out through a sliding window of :meth:`window` requests: while some are in
         flight, newly logged points are read and sent as soon as they fill a request (a partial request waits
         for a free window unless something follows it, e.g. the final status). Everything else waits for the
         window to empty and goes alone.
@@ -483,9 +493,10 @@ class Deliverer:
                 for i, (request, end) in enumerate(plans):
                     if self.concurrency > 1 and _metrics_only(request):
                         last = i == len(plans) - 1
-                        if in_flight and last and len(request["metrics"]) < MAX_METRICS_PER_BATCH:
-                            break  # a partial request: let it fill while the window is busy
-                        while len(in_flight) >= self.concurrency:
+                        partial = len(request["metrics"]) < MAX_METRICS_PER_BATCH and not request.get("split")
+                        if in_flight and last and partial:
+                            break  # let it fill while the window is busy (it starts at a record boundary)
+                        while len(in_flight) >= self.window():
                             self._settle(in_flight, ack, generation)
                         in_flight.append((self._submit(run_id, request), end))
                     else:
@@ -510,8 +521,10 @@ class Deliverer:
         timeout = _http.current_timeout()
 
         def send() -> None:
+            start = time.monotonic()
             with _http.fail_fast(timeout):
                 self._send(run_id, request)
+            self.last_request_s = time.monotonic() - start
 
         return self._pool.submit(send)
 
@@ -567,13 +580,14 @@ class Deliverer:
             self._reject(run_id, request, err)
 
     def _reject(self, run_id: str, request: dict[str, Any], err: BaseException) -> None:
-        """MLflow refused the request as invalid: retry items one by one, keep and report the rest."""
-        if request["kind"] == "batch" and (len(request["params"]) + len(request["tags"]) + len(request["metrics"])) > 1:
-            for field in ("metrics", "params", "tags"):
-                for item in request[field]:
-                    single = {"kind": "batch", "metrics": [], "params": [], "tags": []}
-                    single[field] = [item]
-                    self._send(run_id, single)
+        """MLflow refused the request as invalid: retry the halves (down to single items), keep and report the rest."""
+        items = [(f, x) for f in ("metrics", "params", "tags") for x in request[f]] if request["kind"] == "batch" else []
+        if len(items) > 1:  # bisect: one bad item among 1,000 costs ~20 requests, not 1,000
+            for half in (items[: len(items) // 2], items[len(items) // 2 :]):
+                part: dict[str, Any] = {"kind": "batch", "metrics": [], "params": [], "tags": []}
+                for field, item in half:
+                    part[field].append(item)
+                self._send(run_id, part)
             return
         self.rejected += 1
         what = _describe(request)
@@ -643,7 +657,12 @@ def create_run(client: Any, header: dict[str, Any]) -> str:
 
 
 def _plan(batch: list[tuple[dict[str, Any], int]]) -> Iterator[tuple[dict[str, Any], int]]:
-    """Coalesce records into requests (within MLflow's per-request limits), each with its ack offset."""
+    """Coalesce records into requests (within MLflow's per-request limits), each with its ack offset.
+
+    A metric record goes whole into one request unless it alone exceeds a request (then the continuation
+    requests are marked ``split``): the ack offset of a request is then exactly what it carries, so reading
+    again from it never re-sends a point.
+    """
     from mlflow.entities import Metric, Param, RunTag
 
     cur: dict[str, Any] = {"kind": "batch", "metrics": [], "params": [], "tags": []}
@@ -664,10 +683,13 @@ def _plan(batch: list[tuple[dict[str, Any], int]]) -> Iterator[tuple[dict[str, A
         t = rec.get("t")
         if t == "m":
             items = [Metric(k, v, rec["ts"], rec["s"]) for k, v in rec["d"].items()]
+            if nonempty() and full(len(items), 0):
+                yield cur, cur_end  # keep a record whole: a request then ends exactly at its ack offset
+                cur = {"kind": "batch", "metrics": [], "params": [], "tags": []}
             while items:
-                if full(1, 0):
+                if full(1, 0):  # only a record larger than a whole request is split
                     yield cur, cur_end
-                    cur = {"kind": "batch", "metrics": [], "params": [], "tags": []}
+                    cur = {"kind": "batch", "metrics": [], "params": [], "tags": [], "split": True}
                 room = MAX_METRICS_PER_BATCH - len(cur["metrics"]) - len(cur["params"]) - len(cur["tags"])
                 cur["metrics"].extend(items[:room])
                 items = items[room:]

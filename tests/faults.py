@@ -28,6 +28,7 @@ class FaultProxy:
         self.delay_s = 2.0
         self.hits: Counter[str] = Counter()
         self.log: list[tuple[str, str, float, float]] = []
+        self.bodies: list[tuple[str, bytes]] = []  # (path, body) of every request that carried one
         self.in_flight = 0
         self.max_in_flight = 0
         self.error_if: Callable[[str, str], bool | int] | None = None
@@ -55,6 +56,9 @@ class FaultProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if body:
+                    with proxy._lock:
+                        proxy.bodies.append((self.path, body))
                 mode = proxy.mode
                 status = 500
                 if proxy.error_if is not None:

@@ -305,3 +305,33 @@ def test_find_logger_error_names_the_fix():
     tr = trainer(False, max_epochs=1)
     with pytest.raises(RuntimeError, match=r"MyCallback needs an MLflowCVLogger.*found: none.*Trainer\(logger=MLflowCVLogger"):
         find_mlflow_logger(tr, "MyCallback")
+
+
+def test_a_rejected_item_is_found_by_bisection_and_the_rest_is_stored(tracking_uri, tmp_path):
+    """Points MLflow refuses (here the 8 of one step carry text values, which the logger itself would have
+    dropped) among 400: the other 392 are stored, the bad ones are reported and kept, and finding them costs a
+    few dozen requests, not 400."""
+    spool = _spool.Spool(tmp_path / "sp", "bisect")
+    spool.append({"t": "run", "tracking_uri": tracking_uri, "experiment_name": "bisect", "tags": {}})
+    for step in range(50):
+        record = {"t": "m", "s": step, "ts": 1_700_000_000_000 + step, "d": {f"k{i}": float(step) for i in range(8)}}
+        if step == 37:
+            record["d"] = {f"k{i}": "n/a" for i in range(8)}  # MLflow rejects these (INVALID_PARAMETER_VALUE)
+        spool.append(record)
+    client = MlflowClient(tracking_uri)
+    calls = []
+    real_log_batch = client.log_batch
+
+    def counting_log_batch(*args, **kwargs):
+        calls.append(len(kwargs.get("metrics") or []))
+        return real_log_batch(*args, **kwargs)
+
+    client.log_batch = counting_log_batch  # counts requests; the real store does the work
+    deliverer = _spool.Deliverer(client, spool, None)
+    with pytest.warns(RuntimeWarning, match=r"MLflow rejected metric k\d=n/a .* kept in .*bisect\.rejected\.jsonl"):
+        deliverer.deliver(0)
+    assert deliverer.rejected == 8
+    counts = {k: len(client.get_metric_history(deliverer.run_id, f"k{k}")) for k in range(8)}
+    assert counts == {k: 49 for k in range(8)}
+    assert len(calls) <= 40, f"{len(calls)} requests to isolate 8 bad points"
+    assert len((tmp_path / "sp" / "bisect.rejected.jsonl").read_text().splitlines()) == 8

@@ -99,7 +99,7 @@ def _log_points(logger: MLflowCVLogger, steps: int, keys: int) -> None:
 def test_slow_server_gets_metric_requests_in_parallel_and_the_status_last(mlflow_server):
     """A slow server (0.5 s per request here) costs one round trip per 4 metric requests, not one per request,
     and the run is only marked FINISHED after every point it logged was stored."""
-    steps, keys = 600, 8  # 4,800 points: at least 5 requests of <= 1,000
+    steps, keys = 540, 9  # 4,860 points: at least 5 requests of <= 1,000, and 9 does not divide 1,000
     with FaultProxy(mlflow_server.uri) as proxy:
         logger = MLflowCVLogger(tracking_uri=proxy.uri, experiment_name="eslow", flush_interval_s=60)
         _ = logger.experiment  # create the run at full speed
@@ -112,6 +112,8 @@ def test_slow_server_gets_metric_requests_in_parallel_and_the_status_last(mlflow
     overlapping = max(sum(1 for s2, e2 in batches if s2 < e and e2 > s) for s, e in batches)
     assert overlapping >= 2, f"metric requests were sent one at a time: {batches}"
     assert updates and min(s for s, _ in updates) >= max(e for _, e in batches), "status stored before the points"
+    sent = sum(len(json.loads(body).get("metrics", [])) for path, body in proxy.bodies if path.endswith("/runs/log-batch"))
+    assert sent == steps * keys, f"{sent} metric points sent for {steps * keys} logged: some were sent twice"
     client = MlflowClient(mlflow_server.uri)
     assert all(len(client.get_metric_history(logger.run_id, f"slow/m{k}")) == steps for k in range(keys))
     assert client.get_run(logger.run_id).info.status == "FINISHED"
