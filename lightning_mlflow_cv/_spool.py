@@ -54,7 +54,6 @@ HTTP_CONCURRENCY = 8
 #: (a nearby server gains nothing from parallel requests, and a burst of them only competes with training for CPU).
 SLOW_REQUEST_S = 0.5
 
-
 #: Failed attempts in a row after which a flush (and so ``finalize``) stops waiting for a store that was
 #: reachable when the flush began; the backoff between them is 0.5 s, then 1 s.
 FLUSH_TRIES = 3
@@ -429,9 +428,10 @@ class Deliverer:
     With ``concurrency`` > 1, metric-only requests are sent from helper threads (with the caller's fail-fast
     setting), up to that many at a time while the store is slow (the last one took :data:`SLOW_REQUEST_S` or
     more), one at a time otherwise; anything else (params, tags, artifacts, status) waits for them and goes
-    alone, so a status is never stored before the points logged ahead of it. Offsets are
-    acked only up to the first request not yet stored; a point re-sent after a partial failure is stored once
-    (MLflow's SQL stores ignore an identical point).
+    alone, so a status is never stored before the points logged ahead of it. Offsets are acked only up to the
+    first request not yet stored; after a failure the rest are re-sent once every request in flight has
+    finished, and a point stored before is then stored once (MLflow's SQL stores skip an identical point when
+    it is not being inserted concurrently).
     """
 
     def __init__(self, client: Any, spool: Spool, run_id: str | None, concurrency: int = 1) -> None:

@@ -23,6 +23,7 @@ from lightning_mlflow_cv.registry import Decision, parse_gates, promote, transit
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from mlflow import MlflowClient
 
 _NAME = "ModelRegistryCallback"
 _CARD_KEYS = ("intended_use", "limitations")
@@ -140,6 +141,19 @@ def _create_version(client: Any, uri: str, name: str, lm: Any, run_id: str, tags
         return client.create_model_version(
             name, source=f"models:/{lm.model_id}", run_id=run_id, tags=tags, model_id=lm.model_id
         )
+
+
+def _registry_client(logger: Any) -> MlflowClient:
+    """A client on the logger's store, used as the registry too."""
+    from mlflow import MlflowClient
+
+    uri = logger._tracking_uri
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _fail_fast(logger: Any) -> Any:
+    """MLflow calls without minutes of retries: a down store fails in seconds (the logger's timeout, >= 5 s)."""
+    return _http.fail_fast(max(float(getattr(logger, "_request_timeout_s", 10.0)), 5.0))
 
 
 class ModelRegistryCallback(Callback):
@@ -360,13 +374,10 @@ class ModelRegistryCallback(Callback):
 
     def _check_registry(self, logger: Any) -> None:
         """Fail before training when the store has no Model Registry (a store that is down is not checked)."""
-        from mlflow import MlflowClient
-
         from lightning_mlflow_cv.registry import require_registry
 
-        uri = logger._tracking_uri
-        with _http.fail_fast(max(float(getattr(logger, "_request_timeout_s", 10.0)), 5.0)):
-            require_registry(MlflowClient(uri, registry_uri=uri), _NAME)
+        with _fail_fast(logger):
+            require_registry(_registry_client(logger), _NAME)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -537,7 +548,6 @@ class ModelRegistryCallback(Callback):
 
     def _publish(self, trainer: pl.Trainer, logger: Any, run_id: str, source: str, work: Path, b: dict[str, Any]) -> None:
         import mlflow
-        from mlflow import MlflowClient
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
         from mlflow.exceptions import MlflowException
         from mlflow.models import Model
@@ -545,8 +555,8 @@ class ModelRegistryCallback(Callback):
         if run_id.startswith("offline-"):
             raise RuntimeError("the MLflow run was never created (the logger is offline)")
         uri = logger._tracking_uri
-        client = MlflowClient(uri, registry_uri=uri)
-        with _http.fail_fast(max(float(getattr(logger, "_request_timeout_s", 10.0)), 5.0)):
+        client = _registry_client(logger)
+        with _fail_fast(logger):
             run = client.get_run(run_id)  # a down store fails here in seconds, not after minutes of retries
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         metrics.update(run.data.metrics)
