@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench bench-quick wheel clean
+.PHONY: install demo test test-fast bench bench-quick gpu-check wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench: $(STAMP)  ## logging-overhead benchmark (~15-17 min on 2 quiet cores); wr
 
 bench-quick: $(STAMP)  ## smoke version, prints only
 	$(PY) benchmarks/logging_overhead.py --quick --no-readme $(BENCH_ARGS)
+
+gpu-check: $(STAMP)  ## the prepared GPU check (< 8 min on one GPU); a dry run that says what it skips without CUDA
+	$(PY) benchmarks/gpu_check.py $(GPU_ARGS)
 
 wheel: $(STAMP)
 	$(PIP) wheel --no-deps -w dist .
