@@ -158,7 +158,12 @@ class _RunIdInCheckpoint(Callback):
 class MLflowCVLogger(MLFlowLogger):
     """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger` made fit for CV training at scale.
 
-    Accepts everything ``MLFlowLogger`` accepts, and adds:
+    Accepts everything ``MLFlowLogger`` accepts and behaves the same (naming, ``run_id=``, ``prefix``, metric key
+    renaming, params, statuses, ``log_model`` files and metadata, ``artifact_location``, MLflow's context tags and
+    fluent tracking URI, pickling for ``ddp_spawn``), except for the differences listed in the README section
+    "Differences from Lightning's MLFlowLogger" (non-blocking writes, no data loss when the store is down, longer
+    params kept, secrets redacted, a real ``save_dir`` with SQLite/HTTP stores, KILLED on Ctrl+C, resume from a
+    checkpoint's run); ``tests/test_parity.py`` compares both loggers on real stores. It adds:
 
     - **Embedded default**: with no ``tracking_uri`` and no ``MLFLOW_TRACKING_URI`` (read when the logger
       is built), runs go to ``sqlite:///mlflow.db`` in the working directory, so ``mlflow ui`` shows them.
@@ -184,12 +189,19 @@ class MLflowCVLogger(MLFlowLogger):
         run_name: Display name of the run.
         tracking_uri: Store URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``.
         tags: Run tags, see above.
-        save_dir: As in ``MLFlowLogger`` (only used with ``file:`` URIs).
+        save_dir: Local directory for ``trainer.log_dir`` and ModelCheckpoint's default
+            ``<save_dir>/<experiment id>/<run id>/checkpoints``, with SQLite and HTTP stores; default: the Trainer's
+            ``default_root_dir`` (where Lightning puts checkpoints then). With a ``file:`` store, as in
+            ``MLFlowLogger``: the store's directory (this argument is ignored).
         log_model: As in ``MLFlowLogger``: log ModelCheckpoint files as artifacts.
         prefix: Prefix for metric keys.
         artifact_location: Artifact root for a newly created experiment.
         run_id: Continue this run instead of creating one.
-        synchronous: Accepted for compatibility and ignored: writes are always asynchronous here.
+        synchronous: ``True``: every ``log_metrics``/``log_hyperparams`` call returns only once the store holds its
+            data (a flush per call: one ``log_batch`` round trip plus a wake-up of the writer thread, i.e.
+            milliseconds on SQLite and a network round trip over HTTP per step; while the store is unreachable,
+            one failed attempt per call, at most ``request_timeout_s``, and the data stays in the spool).
+            ``None`` (default) and ``False``: non-blocking writes.
         parent_run_id: Create the run as a child of this run.
         nested: Nest under the active fluent MLflow run.
         flush_interval_s: Seconds between background writes.

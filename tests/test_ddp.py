@@ -39,10 +39,10 @@ def test_ddp_creates_exactly_one_run_with_the_same_id_on_both_ranks(tracking_uri
 SPAWN_SCRIPT = Path(__file__).parent / "scripts" / "ddp_spawn_logger.py"
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("when", ["before"])  # "after" (run created before fit) also passes; ~90 s each here
 def test_ddp_spawn_pickles_the_logger_and_gives_one_finished_run(tracking_uri, tmp_path, when):
-    """`ddp_spawn` pickles the Trainer and its logger to each worker; `after`: the logger already created its run
-    (and runs its writer) in the main process before it is pickled."""
+    """`ddp_spawn` pickles the Trainer and its logger to each worker; with `after`, the logger already created its
+    run (and runs its writer) in the main process before it is pickled."""
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.run(

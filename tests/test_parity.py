@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +66,22 @@ def _make(kind: str, uri: str, **kw: Any):
     return MLflowCVLogger(tracking_uri=uri, **kw)
 
 
-def _stores(tmp_path: Path) -> dict[str, tuple[str, Path]]:
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real, migrated, empty SQLite store; each test copies it (MLflow's migrations take seconds per store)."""
+    path = tmp_path_factory.mktemp("template") / "store.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def stores(tmp_path: Path, empty_store: Path) -> dict[str, tuple[str, Path]]:
+    """A fresh SQLite store and root directory for each logger: {"lightning" | "ours": (uri, root)}."""
     out = {}
     for kind in ("lightning", "ours"):
         root = tmp_path / kind
         root.mkdir()
+        shutil.copy(empty_store, root / "store.db")
         out[kind] = (f"sqlite:///{root / 'store.db'}", root)
     return out
 
@@ -88,11 +100,11 @@ def _histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, f
 
 @pytest.mark.slow
 @pytest.mark.parametrize("log_model", [False, True, "all"])
-def test_fit_and_test_store_the_same_run(tmp_path, log_model):
+def test_fit_and_test_store_the_same_run(tmp_path, stores, log_model):
     """Experiment and run naming, params (> 100), metric histories across fit and test, key renaming, context tags,
     artifact_location, checkpoint files and metadata (log_model), checkpoint location, statuses."""
     seen: dict[str, dict[str, Any]] = {}
-    for kind, (uri, root) in _stores(tmp_path).items():
+    for kind, (uri, root) in stores.items():
         logger = _make(
             kind, uri, experiment_name="parity", run_name="run-a", tags={"team": "vision"}, log_model=log_model,
             artifact_location=str(root / "artifacts"),
@@ -156,10 +168,10 @@ def test_fit_and_test_store_the_same_run(tmp_path, log_model):
         assert ours["files"] == []
 
 
-def test_run_id_run_name_prefix_and_statuses(tmp_path):
+def test_run_id_run_name_prefix_and_statuses(tmp_path, stores):
     """run_id= continues a given run; run_name names a new one; prefix joins with '-'; finalize statuses."""
     seen: dict[str, dict[str, Any]] = {}
-    for kind, (uri, _) in _stores(tmp_path).items():
+    for kind, (uri, _) in stores.items():
         client = MlflowClient(uri)
         exp_id = client.create_experiment("given")
         given = client.create_run(exp_id, run_name="given-run").info.run_id
@@ -187,9 +199,9 @@ def test_run_id_run_name_prefix_and_statuses(tmp_path):
     assert seen["ours"]["statuses"]["failed"] == ("FAILED", "r-failed")
 
 
-def test_fluent_uri_and_no_stray_store(tmp_path):
+def test_fluent_uri_and_no_stray_store(tmp_path, stores):
     """Both set MLflow's fluent tracking URI, so user code can reopen the run with `mlflow.start_run`."""
-    for kind, (uri, _) in _stores(tmp_path).items():
+    for kind, (uri, _) in stores.items():
         mlflow.set_tracking_uri(None)
         logger = _make(kind, uri)
         run_id = logger.run_id
@@ -201,10 +213,10 @@ def test_fluent_uri_and_no_stray_store(tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 
-def test_pickling_before_and_after_use(tmp_path):
+def test_pickling_before_and_after_use(tmp_path, stores):
     """A Trainer (and so its logger) is pickled by ddp_spawn, Ray and other launchers, before or after the run
     exists; a copy logs into the same run."""
-    for kind, (uri, _) in _stores(tmp_path).items():
+    for kind, (uri, _) in stores.items():
         fresh = pickle.loads(pickle.dumps(_make(kind, uri, experiment_name="pickled")))
         fresh.log_metrics({"m": 1.0}, step=0)
         fresh.finalize("success")
@@ -226,13 +238,14 @@ def test_pickling_before_and_after_use(tmp_path):
         assert len(client.get_metric_history(fresh.run_id, "m")) == 1
 
 
-def test_save_dir_and_log_dir(tmp_path, monkeypatch):
+def test_save_dir_and_log_dir(tmp_path, monkeypatch, empty_store):
     """file: stores keep Lightning's semantics; with SQLite, save_dir/trainer.log_dir are a real directory
     (Lightning: None) and checkpoints land under it."""
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     file_uri = f"file:{tmp_path / 'mlruns'}"
     assert MLflowCVLogger(tracking_uri=file_uri).save_dir == MLFlowLogger(tracking_uri=file_uri).save_dir
     assert MLflowCVLogger(tracking_uri=file_uri, save_dir="elsewhere").save_dir == str(tmp_path / "mlruns")
+    shutil.copy(empty_store, tmp_path / "store.db")
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     assert MLFlowLogger(tracking_uri=uri).save_dir is None, INTENDED_DIFFERENCES["save_dir with SQLite/HTTP"]
     assert MLflowCVLogger(tracking_uri=uri).save_dir == str(tmp_path)  # the cwd until a Trainer uses it
@@ -251,7 +264,8 @@ def test_save_dir_and_log_dir(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["lightning", "ours"])
-def test_synchronous_true_stores_before_log_metrics_returns(tmp_path, kind):
+def test_synchronous_true_stores_before_log_metrics_returns(tmp_path, kind, empty_store):
+    shutil.copy(empty_store, tmp_path / "store.db")
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     kw = {"flush_interval_s": 3600} if kind == "ours" else {}
     logger = _make(kind, uri, synchronous=True, **kw)
@@ -264,9 +278,8 @@ def test_synchronous_true_stores_before_log_metrics_returns(tmp_path, kind):
     logger.finalize("success")
 
 
-def test_intended_differences(tmp_path):
+def test_intended_differences(tmp_path, stores):
     """Each difference listed in INTENDED_DIFFERENCES that a store can show, asserted on both loggers."""
-    stores = _stores(tmp_path)
     long_value = "v" * 1000
     # non-blocking writes: nothing in the store until flush (Lightning: at once)
     uri, _ = stores["ours"]
