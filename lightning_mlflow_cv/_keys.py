@@ -18,7 +18,7 @@ _LIGHTNING_METRIC_REJECTED = re.compile(r"[^a-zA-Z0-9_/. -]+")
 
 def _path_not_unique_fallback(name: str) -> bool:  # MLflow releases without `path_not_unique`
     norm = posixpath.normpath(name)
-    return norm != str(name) or norm == "." or norm.startswith("..") or norm.startswith("/")
+    return norm != str(name) or norm == "." or norm.startswith(("..", "/"))
 
 
 #: MLflow's own checks (character set, which depends on the OS, and path form), with fallbacks for old releases.

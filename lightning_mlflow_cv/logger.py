@@ -644,7 +644,7 @@ class MLflowCVLogger(MLFlowLogger):
                     "is not logged. Log numbers (or 1-element tensors); put text in a tag or `log_text`.",
                 )
                 continue
-            out[self._key(k, 'metric')] = value
+            out[self._key(k, "metric")] = value
         if not out:
             return
         spool.append({"t": "m", "s": int(step or 0), "ts": int(time.time() * 1000), "d": out})
@@ -701,7 +701,7 @@ class MLflowCVLogger(MLFlowLogger):
         from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH
 
         spool = self._spool_ready()
-        clean = {self._key(k, 'tag'): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in redact(dict(tags)).items()}
+        clean = {self._key(k, "tag"): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in redact(dict(tags)).items()}
         if clean:
             spool.append({"t": "tag", "d": clean})
 

@@ -288,8 +288,8 @@ def test_intended_differences(tmp_path, stores):
     client = MlflowClient(uri)
     assert client.get_metric_history(ours.run_id, "m") == [], INTENDED_DIFFERENCES["writes"]
     ours.log_hyperparams({"long": long_value, "db_password": "hunter2", "@odd": 1})
+    ours.log_hyperparams({"lr": 0.1})
     with pytest.warns(UserWarning, match=r"param 'lr' was already logged"):
-        ours.log_hyperparams({"lr": 0.1})
         ours.log_hyperparams({"lr": 0.2})
     ours.finalize("success")
     params = client.get_run(ours.run_id).data.params
