@@ -213,6 +213,7 @@ def test_fluent_uri_and_no_stray_store(tmp_path, stores):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.slow
 def test_pickling_before_and_after_use(tmp_path, stores):
     """A Trainer (and so its logger) is pickled by ddp_spawn, Ray and other launchers, before or after the run
     exists; a copy logs into the same run."""
@@ -231,13 +232,17 @@ def test_pickling_before_and_after_use(tmp_path, stores):
         tr = trainer(used, max_epochs=1)
         train, val = loaders()
         tr.fit(TinyModel(), train, val)
-        pickle.loads(pickle.dumps(tr))
+        tr2 = pickle.loads(pickle.dumps(tr))
+        # the run id that goes into checkpoints is read from the unpickled Trainer's own logger, not from a copy
+        holders = [cb for cb in tr2.callbacks if cb.state_key == "MLflowCVLogger"]
+        assert all(cb._logger is tr2.logger for cb in holders) and len(holders) == (kind == "ours")
         client = MlflowClient(uri)
         assert [m.value for m in client.get_metric_history(used.run_id, "m")] == [1.0, 2.0], kind
         assert client.get_run(used.run_id).info.status == "FINISHED"
         assert len(client.get_metric_history(fresh.run_id, "m")) == 1
 
 
+@pytest.mark.slow
 def test_save_dir_and_log_dir(tmp_path, monkeypatch, empty_store):
     """file: stores keep Lightning's semantics; with SQLite, save_dir/trainer.log_dir are a real directory
     (Lightning: None) and checkpoints land under it."""
