@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 import warnings
 from collections.abc import Mapping
@@ -10,8 +11,19 @@ from typing import Any
 
 from mlflow.utils import validation as _v
 
-#: Characters MLflow accepts in metric/param/tag keys (see ``mlflow.utils.validation``).
-_ILLEGAL_KEY_CHARS = re.compile(r"[^\w\-./ :]")
+#: Lightning's ``MLFlowLogger`` rule for metric keys: every character outside this set is deleted
+#: (``lightning/pytorch/loggers/mlflow.py``: ``re.sub("[^a-zA-Z0-9_/. -]+", "", k)``).
+_LIGHTNING_METRIC_REJECTED = re.compile(r"[^a-zA-Z0-9_/. -]+")
+
+
+def _path_not_unique_fallback(name: str) -> bool:  # MLflow releases without `path_not_unique`
+    norm = posixpath.normpath(name)
+    return norm != str(name) or norm == "." or norm.startswith(("..", "/"))
+
+
+#: MLflow's own checks (character set, which depends on the OS, and path form), with fallbacks for old releases.
+_valid_chars = getattr(_v, "validate_param_and_metric_name", None) or (lambda name: re.match(r"^[/\w.\- :]*$", name))
+_path_not_unique = getattr(_v, "path_not_unique", None) or _path_not_unique_fallback
 
 MAX_PARAM_VAL_LENGTH: int = _v.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VAL_LENGTH: int = _v.MAX_TAG_VAL_LENGTH
@@ -33,18 +45,56 @@ CV_TASKS = (
 CV_TAG_KEYS = ("task", "backbone", "dataset", "env", "team", "git_commit", "hardware")
 
 
+def is_valid_key(key: str) -> bool:
+    """True when MLflow accepts ``key`` as a metric, param or tag key (MLflow's own checks and length limit)."""
+    return (
+        bool(_valid_chars(key))
+        and not _path_not_unique(key)
+        and len(key) <= MAX_KEY_LENGTH
+    )
+
+
+def _repair(key: str) -> str:
+    """Make a key whose characters MLflow accepts valid as a path too: drop empty segments (leading, trailing
+    and doubled ``/``), turn ``.`` / ``..`` segments into ``_`` / ``__``, cut to MLflow's length limit."""
+    segments = [{".": "_", "..": "__"}.get(s, s) for s in key.split("/") if s]
+    return ("/".join(segments) or "_")[:MAX_KEY_LENGTH].rstrip("/") or "_"
+
+
 def sanitize_key(key: str) -> str:
-    """Return ``key`` with every character MLflow rejects replaced by ``_``.
+    """A param or tag key as MLflow accepts it: characters MLflow rejects are deleted.
+
+    Keys MLflow accepts come out unchanged (Lightning's ``MLFlowLogger`` logs param keys as given, so these
+    are the same names as there). What is still not a valid MLflow key after the deletion (empty, over
+    MLflow's length limit, ``..`` or empty path segments) is repaired by :func:`_repair`.
 
     Example::
 
-        >>> sanitize_key("val/acc@top1")
-        'val/acc_top1'
+        >>> sanitize_key("optim@lr"), sanitize_key("val:acc")
+        ('optimlr', 'val:acc')
     """
-    new = _ILLEGAL_KEY_CHARS.sub("_", str(key))
-    # MLflow rejects '..' path segments and leading '/' in keys.
-    new = new.replace("..", "_.").lstrip("/") or "_"
-    return new[:MAX_KEY_LENGTH]
+    key = str(key)
+    if is_valid_key(key):
+        return key
+    # which characters MLflow rejects is MLflow's call (it also differs on Windows, where ':' is rejected)
+    kept = "".join(c for c in key if _valid_chars(c))
+    return kept if is_valid_key(kept) else _repair(kept)
+
+
+def metric_key(key: str) -> str:
+    """A metric key renamed exactly as Lightning's ``MLFlowLogger`` renames it: characters outside
+    ``a-z A-Z 0-9 _ / . - space`` are deleted (``[some_metric]`` -> ``some_metric``, ``val:acc`` -> ``valacc``).
+
+    A result MLflow would still reject (empty, over MLflow's length limit, ``..`` or empty path segments;
+    Lightning's logger fails on those) is repaired by :func:`_repair`.
+
+    Example::
+
+        >>> metric_key("val/acc@top1"), metric_key("[some_metric]"), metric_key("val:acc")
+        ('val/acctop1', 'some_metric', 'valacc')
+    """
+    new = _LIGHTNING_METRIC_REJECTED.sub("", str(key))
+    return new if is_valid_key(new) else _repair(new)
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:

@@ -20,6 +20,7 @@ from lightning_mlflow_cv._keys import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
+    metric_key,
     param_value,
     sanitize_key,
     validate_tags,
@@ -160,9 +161,9 @@ def _check_args(
         )
     if not isinstance(run_name, str) or not run_name.strip():
         raise ValueError(f"optuna_sweep: `run_name` must be a non-empty string, got {run_name!r}.")
-    if not isinstance(metric_name, str) or not metric_name or sanitize_key(metric_name) != metric_name:
+    if not isinstance(metric_name, str) or not metric_name or metric_key(metric_name) != metric_name:
         raise ValueError(
-            f"optuna_sweep: `metric_name` must be a valid MLflow metric key (letters, digits, _ - . / space :), "
+            f"optuna_sweep: `metric_name` must be a valid metric key as logged (letters, digits, _ - . / space), "
             f"got {metric_name!r}. Use e.g. 'objective' or 'val/loss'."
         )
     if storage is not None and not isinstance(storage, str) and not hasattr(storage, "create_new_study"):

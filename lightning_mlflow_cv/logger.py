@@ -29,8 +29,10 @@ from typing_extensions import override
 
 from lightning_mlflow_cv import _context, _http
 from lightning_mlflow_cv._keys import (
+    MAX_KEY_LENGTH,
     MAX_PARAM_VAL_LENGTH,
     flatten,
+    metric_key,
     metric_value,
     param_value,
     sanitize_key,
@@ -51,6 +53,16 @@ DEFAULT_TRACKING_DB = "mlflow.db"
 #: ``state_key`` under which the run id travels inside Lightning checkpoints.
 CHECKPOINT_KEY = "MLflowCVLogger"
 _IMAGE_KEY_ILLEGAL = re.compile(r"[^a-zA-Z0-9_\-./ ]")
+#: The ModelCheckpoint settings Lightning's MLFlowLogger records in each checkpoint's metadata.yaml.
+_CHECKPOINT_META = (
+    "monitor",
+    "mode",
+    "save_last",
+    "save_top_k",
+    "save_weights_only",
+    "_every_n_train_steps",
+    "_every_n_val_epochs",
+)
 _STATUS = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 _live_loggers: weakref.WeakSet[MLflowCVLogger] = weakref.WeakSet()
 
@@ -74,6 +86,20 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _context_tags() -> dict[str, str]:
+    """MLflow's context tags for a new run (``mlflow.user``, ``mlflow.source.name``/``type``, git), as Lightning's
+    ``MLFlowLogger`` applies them through ``resolve_tags``; credentials in values (a git remote URL) are redacted."""
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+    except ImportError:  # pragma: no cover - very old MLflow
+        return {}
+    try:
+        return {str(k): str(v) for k, v in redact(resolve_tags({})).items()}
+    except Exception as err:  # noqa: BLE001 - a context provider failing must not stop training
+        log.warning("MLflowCVLogger: MLflow's context tags could not be resolved (%s); the run is created without them", err)
+        return {}
 
 
 def _hardware(trainer: pl.Trainer | None) -> str:
@@ -114,7 +140,7 @@ class _RunIdInCheckpoint(Callback):
     """Internal: stores the run id in every checkpoint so a resumed fit continues the same run."""
 
     def __init__(self, logger: MLflowCVLogger) -> None:
-        self._logger = weakref.proxy(logger)
+        self._logger = logger  # a plain reference: a Trainer that holds this callback must stay picklable
 
     @property
     @override
@@ -132,7 +158,12 @@ class _RunIdInCheckpoint(Callback):
 class MLflowCVLogger(MLFlowLogger):
     """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger` made fit for CV training at scale.
 
-    Accepts everything ``MLFlowLogger`` accepts, and adds:
+    Accepts everything ``MLFlowLogger`` accepts and behaves the same (naming, ``run_id=``, ``prefix``, metric key
+    renaming, params, statuses, ``log_model`` files and metadata, ``artifact_location``, MLflow's context tags and
+    fluent tracking URI, pickling for ``ddp_spawn``), except for the differences listed in the README section
+    "Differences from Lightning's MLFlowLogger" (non-blocking writes, no data loss when the store is down, longer
+    params kept, secrets redacted, a real ``save_dir`` with SQLite/HTTP stores, KILLED on Ctrl+C, resume from a
+    checkpoint's run); ``tests/test_parity.py`` compares both loggers on real stores. It adds:
 
     - **Embedded default**: with no ``tracking_uri`` and no ``MLFLOW_TRACKING_URI`` (read when the logger
       is built), runs go to ``sqlite:///mlflow.db`` in the working directory, so ``mlflow ui`` shows them.
@@ -158,12 +189,19 @@ class MLflowCVLogger(MLFlowLogger):
         run_name: Display name of the run.
         tracking_uri: Store URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``.
         tags: Run tags, see above.
-        save_dir: As in ``MLFlowLogger`` (only used with ``file:`` URIs).
+        save_dir: Local directory for ``trainer.log_dir`` and ModelCheckpoint's default
+            ``<save_dir>/<experiment id>/<run id>/checkpoints``, with SQLite and HTTP stores; default: the Trainer's
+            ``default_root_dir`` (where Lightning puts checkpoints then). With a ``file:`` store, as in
+            ``MLFlowLogger``: the store's directory (this argument is ignored).
         log_model: As in ``MLFlowLogger``: log ModelCheckpoint files as artifacts.
         prefix: Prefix for metric keys.
         artifact_location: Artifact root for a newly created experiment.
         run_id: Continue this run instead of creating one.
-        synchronous: Accepted for compatibility and ignored: writes are always asynchronous here.
+        synchronous: ``True``: every ``log_metrics``/``log_hyperparams`` call returns only once the store holds its
+            data (a flush per call: one ``log_batch`` round trip plus a wake-up of the writer thread, i.e.
+            milliseconds on SQLite and a network round trip over HTTP per step; while the store is unreachable,
+            one failed attempt per call, at most ``request_timeout_s``, and the data stays in the spool).
+            ``None`` (default) and ``False``: non-blocking writes.
         parent_run_id: Create the run as a child of this run.
         nested: Nest under the active fluent MLflow run.
         flush_interval_s: Seconds between background writes.
@@ -197,7 +235,7 @@ class MLflowCVLogger(MLFlowLogger):
         run_name: str | None = None,
         tracking_uri: str | None = None,
         tags: dict[str, Any] | None = None,
-        save_dir: str | None = "./mlruns",
+        save_dir: str | None = None,
         log_model: Literal[True, False, "all"] = False,
         prefix: str = "",
         artifact_location: str | None = None,
@@ -256,6 +294,9 @@ class MLflowCVLogger(MLFlowLogger):
             sha = _git_commit()
             if sha:
                 user_tags["git_commit"] = sha
+        # MLflow's context tags (mlflow.user, mlflow.source.*, git), resolved here in the training process: the run
+        # may be created later by the background writer or by `sync`, which carry them in the spool header
+        context_tags = _context_tags()
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
@@ -268,6 +309,10 @@ class MLflowCVLogger(MLFlowLogger):
             run_id=run_id,
         )
         self._explicit_run_id = run_id is not None
+        self._context_tags = context_tags
+        self._save_dir_arg = None if save_dir is None else os.fspath(save_dir)
+        self._root_dir = os.getcwd()  # the Trainer's default_root_dir once attached (Lightning's checkpoint root)
+        self._synchronous = synchronous is True
         self._parent_run_id = parent_run_id
         self._parent_experiment_id = parent_experiment_id
         self._flush_interval_s = float(flush_interval_s)
@@ -292,6 +337,25 @@ class MLflowCVLogger(MLFlowLogger):
             self._warn_if_autolog()
 
     # ------------------------------------------------------------------------------------------
+    # pickling (ddp_spawn, Ray and other launchers ship the Trainer and its logger to workers)
+    # ------------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """The logger without its process-local parts (lock, writer, open spool); they are recreated lazily."""
+        state = self.__dict__.copy()
+        state.pop("_writer_lock", None)
+        state["_writer"] = None
+        state["_spool"] = None
+        if self._spool is not None or self._spool_key is not None:
+            # a copy made after use logs into the same run through a spool of its own: two processes never
+            # append to (or deliver and compact) one journal
+            state["_spool_key"] = f"{self._spool_key or self._run_id}.{uuid.uuid4().hex[:8]}"
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._writer_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------
     # run lifecycle
     # ------------------------------------------------------------------------------------------
     @property
@@ -311,6 +375,10 @@ class MLflowCVLogger(MLFlowLogger):
             self._attach(trainer)
         if not self._initialized:
             if rank_zero_only.rank == 0:
+                import mlflow
+
+                # as Lightning's logger does: `with mlflow.start_run(run_id=logger.run_id)` then finds the run
+                mlflow.set_tracking_uri(self._tracking_uri)
                 if not self._explicit_run_id and ctx.ckpt_path and self._run_id is None:
                     self._run_id = run_id_from_checkpoint(ctx.ckpt_path)
                 self._start_run(trainer)
@@ -330,12 +398,13 @@ class MLflowCVLogger(MLFlowLogger):
         # without a Trainer (e.g. `logger.run_id` read before `fit`), a later DDP setup still broadcasts
 
     def _attach(self, trainer: pl.Trainer) -> None:
+        self._root_dir = os.fspath(trainer.default_root_dir)
         if not any(isinstance(cb, _RunIdInCheckpoint) for cb in trainer.callbacks):
             trainer.callbacks.append(_RunIdInCheckpoint(self))
 
     def _start_run(self, trainer: pl.Trainer | None) -> None:
         self._warn_if_autolog()
-        tags = dict(self.tags or {})
+        tags = {**self._context_tags, **dict(self.tags or {})}
         tags.setdefault("hardware", _hardware(trainer))
         header: dict[str, Any] = {
             "t": "run",
@@ -448,6 +517,20 @@ class MLflowCVLogger(MLFlowLogger):
         self.offline = False
 
     @property
+    @override
+    def save_dir(self) -> str | None:
+        """The local directory of this logger: ``trainer.log_dir`` and the root of ModelCheckpoint's
+        ``<save_dir>/<experiment id>/<run id>/checkpoints``.
+
+        With a ``file:`` store, the store's directory (as in ``MLFlowLogger``). With any other store (SQLite,
+        HTTP), the ``save_dir`` argument when given, else the Trainer's ``default_root_dir`` (the working directory
+        until a Trainer uses the logger), which is where Lightning puts the checkpoints in that case.
+        """
+        if self._tracking_uri.startswith("file:"):
+            return super().save_dir
+        return self._save_dir_arg or self._root_dir
+
+    @property
     def spool_path(self) -> Path | None:
         """Path of this run's spool file (rank 0, once the run started)."""
         return self._spool.path if self._spool is not None else None
@@ -524,17 +607,25 @@ class MLflowCVLogger(MLFlowLogger):
             self._warned.add(key)
             warnings.warn(msg, category, stacklevel=4)
 
-    def _key(self, key: str) -> str:
-        cached = self._key_cache.get(key)
+    def _key(self, key: str, kind: Literal["metric", "param", "tag"] = "param") -> str:
+        cache_key = f"{kind}:{key}"
+        cached = self._key_cache.get(cache_key)
         if cached is None:
-            cached = sanitize_key(key)
+            cached = metric_key(key) if kind == "metric" else sanitize_key(key)
             if cached != key:
-                self._warn_once(
-                    f"key:{key}",
-                    f"MLflowCVLogger: key {key!r} has characters MLflow does not allow; it is logged as {cached!r}. "
-                    "Use letters, digits and _ - . / space : to keep the name as written.",
+                rule = (
+                    "metric keys are named as Lightning's MLFlowLogger names them: characters other than letters, "
+                    "digits and _ - . / space are deleted"
+                    if kind == "metric"
+                    else "characters MLflow rejects (other than letters, digits and _ - . / space :) are deleted"
                 )
-            self._key_cache[key] = cached
+                self._warn_once(
+                    f"key:{cache_key}",
+                    f"MLflowCVLogger: {kind} key {key!r} is logged as {cached!r} ({rule}; empty, '.' and '..' path "
+                    f"segments are dropped or replaced and keys cut to {MAX_KEY_LENGTH} characters, so MLflow accepts "
+                    "them). Rename the key to keep it as written.",
+                )
+            self._key_cache[cache_key] = cached
         return cached
 
     @override
@@ -553,12 +644,15 @@ class MLflowCVLogger(MLFlowLogger):
                     "is not logged. Log numbers (or 1-element tensors); put text in a tag or `log_text`.",
                 )
                 continue
-            out[self._key(k)] = value
+            out[self._key(k, "metric")] = value
         if not out:
             return
         spool.append({"t": "m", "s": int(step or 0), "ts": int(time.time() * 1000), "d": out})
         self._pending_points += len(out)
-        if self._pending_points >= 1000:
+        if self._synchronous:
+            self._pending_points = 0
+            self.flush(self._finalize_timeout_s)
+        elif self._pending_points >= 1000:
             self._pending_points = 0
             self._writer.wake()  # type: ignore[union-attr]
 
@@ -573,6 +667,8 @@ class MLflowCVLogger(MLFlowLogger):
         flat = flatten(redact(flat))
         values = {self._key(k): param_value(v) for k, v in flat.items()}
         self.log_params_dict(values)
+        if self._synchronous:
+            self.flush(self._finalize_timeout_s)
 
     def log_params_dict(self, values: Mapping[str, str]) -> None:
         """Log already-flat string params (used by callbacks). Same limits and collision policy."""
@@ -605,7 +701,7 @@ class MLflowCVLogger(MLFlowLogger):
         from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH
 
         spool = self._spool_ready()
-        clean = {self._key(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in redact(dict(tags)).items()}
+        clean = {self._key(k, "tag"): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in redact(dict(tags)).items()}
         if clean:
             spool.append({"t": "tag", "d": clean})
 
@@ -691,7 +787,11 @@ class MLflowCVLogger(MLFlowLogger):
         pil = to_pil_image(image)
         clean_key = _IMAGE_KEY_ILLEGAL.sub("_", key)
         if clean_key != key:
-            self._key(key)
+            self._warn_once(
+                f"image:{key}",
+                f"MLflowCVLogger: image key {key!r} has characters an artifact name cannot hold; it is logged as "
+                f"{clean_key!r}. Use letters, digits and _ - . / space to keep the name as written.",
+            )
         ts = int(time.time() * 1000)
         base = f"{clean_key.replace('/', '~')}+step+{int(step or 0)}+timestamp+{ts}+{uuid.uuid4()}"
         png = spool.new_file_path(f"{base}.png")
@@ -749,10 +849,13 @@ class MLflowCVLogger(MLFlowLogger):
             meta = {
                 "score": s.item() if hasattr(s, "item") else s,
                 "original_filename": Path(p).name,
-                "Checkpoint": {"monitor": checkpoint_callback.monitor, "mode": checkpoint_callback.mode},
+                "Checkpoint": {k: getattr(checkpoint_callback, k) for k in _CHECKPOINT_META if hasattr(checkpoint_callback, k)},
             }
             aliases = ["latest", "best"] if p == checkpoint_callback.best_model_path else ["latest"]
-            self._log_file(f"{artifact_path}/metadata.yaml", lambda path, m=meta: path.write_text(yaml.dump(m)))
+            self._log_file(
+                f"{artifact_path}/metadata.yaml",
+                lambda path, m=meta: path.write_text(yaml.dump(m, default_flow_style=False)),
+            )
             self.log_text(str(aliases), f"{artifact_path}/aliases.txt")
             self._logged_model_time[p] = t
 

@@ -24,7 +24,11 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("LIGHTNING_MLFLOW_CV_SPOOL_DIR", str(tmp_path / "spool"))
     monkeypatch.setenv("GIT_COMMIT_SHA", "0123456789abcdef0123456789abcdef01234567")
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # a logger sets MLflow's fluent URI (as Lightning's does): start each test clean
     yield
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

@@ -186,3 +186,31 @@ def test_console_script_fit_against_mlflow_server(tmp_path: Path, mlflow_server)
     # nothing written locally but checkpoints and the (drained) spool: no mlruns, no mlflow.db, no config.yaml
     assert not (work / "mlruns").exists() and not (work / "mlflow.db").exists()
     assert not list(work.rglob("config.yaml"))
+
+
+def test_plain_lightning_cli_with_mlflowcvlogger_in_yaml(tmp_path: Path, tracking_uri: str) -> None:
+    """Lightning's own LightningCLI (its SaveConfigCallback asserts `trainer.log_dir is not None`) with MLflowCVLogger
+    named in YAML: it trains, saves the config into save_dir, and the checkpoints land under save_dir."""
+    from lightning.pytorch.cli import LightningCLI
+
+    local = tmp_path / "local"
+    config = tmp_path / "plain.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {
+            "logger": {
+                "class_path": "lightning_mlflow_cv.MLflowCVLogger",
+                "init_args": {"tracking_uri": tracking_uri, "experiment_name": "plain-cli", "save_dir": str(local)},
+            },
+            "enable_progress_bar": False,
+        },
+        "model": "lightning_mlflow_cv.demo.DigitsClassifier",
+        "data": "lightning_mlflow_cv.demo.DigitsDataModule",
+    }))
+    cli = LightningCLI(args=["fit", "--config", str(config), *FAST])
+    logger = cli.trainer.logger
+    assert cli.trainer.log_dir == str(local)
+    saved = yaml.safe_load((local / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["class_path"] == "lightning_mlflow_cv.MLflowCVLogger"
+    assert list((local / logger.experiment_id / logger.run_id / "checkpoints").glob("*.ckpt"))
+    run = mlflow.MlflowClient(tracking_uri).get_run(logger.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics

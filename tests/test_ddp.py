@@ -1,4 +1,4 @@
-"""MLflowCVLogger under real 2-process CPU DDP (gloo): one run, same run id on every rank."""
+"""MLflowCVLogger under real 2-process CPU DDP and ddp_spawn (gloo): one run, same run id on every rank."""
 
 from __future__ import annotations
 
@@ -34,3 +34,33 @@ def test_ddp_creates_exactly_one_run_with_the_same_id_on_both_ranks(tracking_uri
     assert run.info.status == "FINISHED"
     # 64 samples, batch 4, split over 2 ranks -> 8 steps per epoch, 2 epochs; logged once, by rank 0
     assert len(client.get_metric_history(run.info.run_id, "train/m0")) == 16
+
+
+SPAWN_SCRIPT = Path(__file__).parent / "scripts" / "ddp_spawn_logger.py"
+
+
+@pytest.mark.parametrize("when", ["before"])  # "after" (run created before fit) also passes; ~90 s each here
+def test_ddp_spawn_pickles_the_logger_and_gives_one_finished_run(tracking_uri, tmp_path, when):
+    """`ddp_spawn` pickles the Trainer and its logger to each worker; with `after`, the logger already created its
+    run (and runs its writer) in the main process before it is pickled."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(SPAWN_SCRIPT), tracking_uri, str(out), when], capture_output=True, text=True,
+        timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["run_id"] == ranks[1]["run_id"] is not None
+    before = json.loads((out / "main.json").read_text())["run_id_before_fit"]
+    if when == "after":
+        assert before == ranks[0]["run_id"]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("ddp_spawn").experiment_id])
+    assert [r.info.run_id for r in runs] == [ranks[0]["run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    # every point rank 0 logged: 8 steps per epoch per rank, 2 epochs, 8 train metrics, 2 validation points
+    for k in range(8):
+        assert len(client.get_metric_history(ranks[0]["run_id"], f"train/m{k}")) == 16
+    assert len(client.get_metric_history(ranks[0]["run_id"], "val/loss")) == 2

@@ -170,7 +170,7 @@ def test_study_pointing_at_missing_parent_run_is_an_error(tmp_path, tracking_uri
         ({"n_trials": None}, ValueError, r"`n_trials=None` needs a `timeout`"),
         ({"timeout": -1}, ValueError, r"`timeout` must be a positive number of seconds or None, got -1"),
         ({"run_name": ""}, ValueError, r"`run_name` must be a non-empty string, got ''"),
-        ({"metric_name": "bad!key"}, ValueError, r"`metric_name` must be a valid MLflow metric key .* got 'bad!key'"),
+        ({"metric_name": "bad!key"}, ValueError, r"`metric_name` must be a valid metric key as logged .* got 'bad!key'"),
         ({"objective": "train.py"}, TypeError, r"`objective` must be a callable `objective\(trial\) -> float`"),
         ({"storage": 42}, TypeError, r"`storage` must be None, an RDB URL .* got int"),
     ],

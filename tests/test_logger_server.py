@@ -99,6 +99,11 @@ def test_unreachable_for_the_whole_fit_then_sync_gives_the_same_run(tmp_path, ca
             assert [s for s, _ in synced["metrics"][k]] == [s for s, _ in clean["metrics"][k]], k
             assert [v for _, v in synced["metrics"][k]] == pytest.approx([v for _, v in clean["metrics"][k]]), k
         assert synced["params"] == clean["params"] and synced["tags"] == clean["tags"]
+        # MLflow's context tags were resolved in the training process and carried in the spool header, not taken
+        # from the `sync` process (whose mlflow.source.name would be the console script)
+        synced_tags, clean_tags = client.get_run(synced_id).data.tags, client.get_run(online.run_id).data.tags
+        assert synced_tags["mlflow.source.name"] == clean_tags["mlflow.source.name"] == sys.argv[0]
+        assert synced_tags["mlflow.user"] and synced_tags["mlflow.source.type"] == "LOCAL"
         assert synced["status"] == clean["status"] == "FINISHED" and synced["run_name"] == "r"
 
         # replaying twice adds nothing (and creates no second run)
