@@ -106,7 +106,9 @@ _SCAN = """
 import json, sys, time
 from pathlib import Path
 from lightning_mlflow_cv import _autosync
-directory, uri, go = sys.argv[1:4]
+import mlflow.store.tracking.rest_store  # noqa: F401 - imported before the start line
+directory, uri, go, ready = sys.argv[1:5]
+Path(ready).touch()
 while not Path(go).exists():
     time.sleep(0.01)
 r = _autosync.scan(directory, uri)
@@ -134,12 +136,15 @@ def test_two_processes_deliver_each_spool_once_and_leave_live_spools_alone(mlflo
 
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
     procs = [
-        subprocess.Popen([sys.executable, "-c", _SCAN, str(spool_dir), uri, str(go)], stdout=subprocess.PIPE, text=True, env=env)
-        for _ in range(2)
+        subprocess.Popen([sys.executable, "-c", _SCAN, str(spool_dir), uri, str(go), str(r)], stdout=subprocess.PIPE, text=True, env=env)
+        for r in ready
     ]
-    time.sleep(8)  # both have imported MLflow and wait at the start line
-    go.touch()
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()  # both start scanning at once
     outs = [json.loads(p.communicate(timeout=240)[0].strip().splitlines()[-1]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     delivered = [Path(s).stem for o in outs for s in o["delivered"]]
