@@ -418,6 +418,11 @@ def is_retryable(err: BaseException) -> bool:
 
 def describe_failure(err: BaseException) -> str:
     """A short reason for a tracking failure, with the fix for credential problems (never the secret)."""
+    from lightning_mlflow_cv._artifact_errors import describe
+
+    s3 = describe(err)
+    if s3 is not None:
+        return s3
     code = getattr(err, "error_code", None)
     text = redact_text(str(err))
     if code == "UNAUTHENTICATED" or " 401 " in text:
