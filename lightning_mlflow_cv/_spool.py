@@ -97,8 +97,9 @@ class Spool:
     delivered while the process lives.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], key: str, compact: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike[str], key: str, compact: bool = True, hold: bool = True) -> None:
         self.directory = Path(directory)
+        self._hold: Any = None  # shared lock: this spool is open in a live process (see _autosync)
         self.compact = compact  # only the process that appends may compact
         self.key = key
         self.path = self.directory / f"{key}.jsonl"
@@ -115,6 +116,10 @@ class Spool:
         self.generation = 0
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            if hold:
+                from lightning_mlflow_cv import _autosync
+
+                self._hold = _autosync.hold(self.directory, key)
             if self.path.exists():
                 self._end = self.path.stat().st_size
                 self.acked = _read_int(self.ack_path)
@@ -310,6 +315,7 @@ class Spool:
                 except OSError:
                     pass
             shutil.rmtree(self.files_dir, ignore_errors=True)
+            self._release(unlink=True)
 
     def close(self) -> None:
         with self._lock:
@@ -317,6 +323,13 @@ class Spool:
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None
+            self._release()
+
+    def _release(self, unlink: bool = False) -> None:
+        from lightning_mlflow_cv import _autosync
+
+        _autosync.release(self._hold, _autosync.lock_path(self.directory, self.key) if unlink else None)
+        self._hold = None
 
     # -- internals -------------------------------------------------------------------------------
     def _iter_lines(self, offset: int, header_only: bool = False) -> Iterator[str]:
@@ -405,6 +418,11 @@ def is_retryable(err: BaseException) -> bool:
 
 def describe_failure(err: BaseException) -> str:
     """A short reason for a tracking failure, with the fix for credential problems (never the secret)."""
+    from lightning_mlflow_cv._artifact_errors import describe
+
+    s3 = describe(err)
+    if s3 is not None:
+        return s3
     code = getattr(err, "error_code", None)
     text = redact_text(str(err))
     if code == "UNAUTHENTICATED" or " 401 " in text:
@@ -644,7 +662,13 @@ def create_run(client: Any, header: dict[str, Any]) -> str:
         name = header.get("experiment_name") or "Default"
         exp = client.get_experiment_by_name(name)
         if exp is None or exp.lifecycle_stage == "deleted":
-            exp_id = client.create_experiment(name, artifact_location=header.get("artifact_location"))
+            try:
+                exp_id = client.create_experiment(name, artifact_location=header.get("artifact_location"))
+            except Exception as err:  # another process created it between the lookup and here
+                exp = client.get_experiment_by_name(name) if getattr(err, "error_code", None) == "RESOURCE_ALREADY_EXISTS" else None
+                if exp is None or exp.lifecycle_stage == "deleted":
+                    raise
+                exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
     tags = dict(header.get("tags") or {})

@@ -487,6 +487,10 @@ class MLflowCVLogger(MLFlowLogger):
             log.warning("MLflowCVLogger: replaying %d undelivered bytes from %s", spool.pending, spool.path)
         self._spool = spool
         self._ensure_writer()
+        if not self.offline:  # deliver spools older fits left behind for this store, in the background
+            from lightning_mlflow_cv import _autosync
+
+            _autosync.start(spool.directory, self._tracking_uri, skip=(key,), request_timeout_s=self._request_timeout_s)
 
     def _ensure_writer(self) -> Any:
         with self._writer_lock:

@@ -51,11 +51,21 @@ def free_port() -> int:
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts); stop/start keep the data."""
 
-    def __init__(self, root: Path, port: int | None = None, backend_uri: str | None = None, extra: list[str] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        backend_uri: str | None = None,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        artifacts: list[str] | None = None,
+    ):
         self.root = root
         self.port = port or free_port()
         self.backend_uri = backend_uri or f"sqlite:///{root / 'server.db'}"
         self.extra = extra or []
+        self.env = env or {}  # extra environment of the server process (e.g. S3 credentials)
+        self.artifacts = artifacts or ["--artifacts-destination", str(root / "artifacts")]
         self.proc: subprocess.Popen | None = None
         self.log = root / "server.log"
 
@@ -68,10 +78,10 @@ class MlflowServer:
         cmd = [
             str(exe), "server", "--host", "127.0.0.1", "--port", str(self.port),
             "--backend-store-uri", self.backend_uri,
-            "--artifacts-destination", str(self.root / "artifacts"),
+            *self.artifacts,
             "--workers", "1", *self.extra,
         ]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
         self.proc = subprocess.Popen(
             cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
@@ -109,6 +119,116 @@ def mlflow_server(tmp_path: Path):
     root = tmp_path / "server"
     root.mkdir()
     server = MlflowServer(root)
+    server.start()
+    yield server
+    server.stop()
+
+
+class S3Server:
+    """moto's standalone S3-compatible server on 127.0.0.1 (bucket ``mlflow``); stop/start keep the objects.
+
+    moto keeps its state in memory: the server records every request (``MOTO_ENABLE_RECORDING``) and a restart
+    replays the recording, so a stopped and restarted store holds what it held. With ``auth=True`` it checks
+    signatures against IAM users (:meth:`credentials` creates one); that mode does not survive a restart.
+    """
+
+    BUCKET = "mlflow"
+
+    def __init__(self, root: Path, auth: bool = False) -> None:
+        self.root = root
+        self.port = free_port()
+        self.auth = auth
+        self.recording = root / "moto-recording.jsonl"
+        self.log = root / "moto.log"
+        self.proc: subprocess.Popen | None = None
+        self.key_id, self.secret = "moto-test-key", "moto-test-secret"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, secret: str | None = None) -> dict[str, str]:
+        """What a process writing to the store needs: credentials, region and MLflow's S3 endpoint."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.key_id,
+            "AWS_SECRET_ACCESS_KEY": secret or self.secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+        }
+
+    def start(self, timeout: float = 60.0) -> None:
+        restart = self.recording.exists() and self.recording.stat().st_size > 0
+        env = {**os.environ, "MOTO_ENABLE_RECORDING": "True", "MOTO_RECORDER_FILEPATH": str(self.recording)}
+        if self.auth:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"  # create_user, create_access_key, put_user_policy
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto server exited: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not start in {timeout}s: {self.log.read_text()[-3000:]}") from None
+                time.sleep(0.2)
+        if restart:
+            req = urllib.request.Request(f"{self.endpoint}/moto-api/recorder/replay-recording", method="POST")
+            urllib.request.urlopen(req, timeout=120).close()
+        elif not self.auth:
+            self.client().create_bucket(Bucket=self.BUCKET)
+
+    def credentials(self) -> tuple[str, str]:
+        """With ``auth=True``: create an IAM user allowed everything, its key, and the bucket; returns the key."""
+        import json
+
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+        iam.create_user(UserName="mlflow")
+        key = iam.create_access_key(UserName="mlflow")["AccessKey"]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="mlflow", PolicyName="all", PolicyDocument=json.dumps(policy))
+        self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
+        self.client().create_bucket(Bucket=self.BUCKET)
+        return self.key_id, self.secret
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=self.key_id, aws_secret_access_key=self.secret,
+        )
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.BUCKET, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+        self.proc = None
+
+
+@pytest.fixture
+def s3_server(tmp_path: Path):
+    """A started moto S3 server with the bucket ``mlflow``; always stopped at the end."""
+    root = tmp_path / "s3"
+    root.mkdir()
+    server = S3Server(root)
     server.start()
     yield server
     server.stop()

@@ -1,0 +1,351 @@
+"""Spools left behind deliver themselves.
+
+A fit that ends while its tracking store is down leaves its data in a spool file (``<key>.jsonl``) for
+``lightning-mlflow-cv sync``. When the next :class:`~lightning_mlflow_cv.MLflowCVLogger` starts against the same
+store with the same spool directory (any process), :func:`start` delivers those older spools in a background
+thread at low CPU priority, with the same code as ``sync`` (:class:`~lightning_mlflow_cv._spool.Deliverer`, from
+the spool's acknowledged offset, so replaying is idempotent), removes each one that is fully delivered, and logs
+one line naming what it delivered.
+
+Ownership is coordinated with ``flock`` on ``<key>.lock`` beside the spool:
+
+- every process that has a spool open (the logger, its writer process, ``sync``) holds a *shared* lock on it for
+  as long as it is open (:func:`hold`); the kernel drops it when the process dies, even by SIGKILL;
+- auto-delivery takes an *exclusive* lock without waiting (:func:`claim`), so a spool still open in a live
+  process, or being delivered by another process, is left alone.
+
+Left alone as well: spools of another store (silently: they deliver when a logger of that store starts), and
+spools whose run was deleted (with one warning naming the spool and the fix). ``LIGHTNING_MLFLOW_CV_AUTOSYNC=0``
+turns auto-delivery off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import re
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+#: Environment variable: ``0`` / ``false`` / ``no`` / ``off`` disables auto-delivery.
+ENV = "LIGHTNING_MLFLOW_CV_AUTOSYNC"
+#: How long a process opening a spool waits for another process that is delivering it.
+HOLD_WAIT_S = 30.0
+
+_threads: dict[tuple[str, str], threading.Thread] = {}
+_threads_lock = threading.Lock()
+_reports: list[Report] = []
+_warned: set[str] = set()
+
+
+def enabled() -> bool:
+    """False when ``$LIGHTNING_MLFLOW_CV_AUTOSYNC`` is ``0``, ``false``, ``no`` or ``off``."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# ------------------------------------------------------------------------------------------------
+# ownership locks
+# ------------------------------------------------------------------------------------------------
+def lock_path(directory: str | os.PathLike[str], key: str) -> Path:
+    return Path(directory) / f"{key}.lock"
+
+
+def _try_lock(path: Path, mode: int) -> IO[bytes] | None:
+    """Open ``path`` and ``flock`` it without waiting; None when another process holds a conflicting lock.
+
+    Rechecks that the locked file is still the one at ``path`` (it may have been unlinked by a process that
+    removed a delivered spool meanwhile), so two processes never both believe they own the spool.
+    """
+    for _ in range(5):
+        try:
+            fh = open(path, "ab")  # noqa: SIM115 - held for the lock's lifetime
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fh.fileno(), mode | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return None
+        try:
+            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+        except OSError:
+            same = False
+        if same:
+            return fh
+        fh.close()
+    return None
+
+
+def hold(directory: str | os.PathLike[str], key: str, wait_s: float = HOLD_WAIT_S) -> IO[bytes] | None:
+    """Shared lock that marks a spool as open in a live process (released by :func:`release` or process exit).
+
+    Waits up to ``wait_s`` while another process is auto-delivering the spool (it then sees the delivered
+    state); past that it goes on without the lock, which is only a risk of sending a point twice.
+    """
+    path = lock_path(directory, key)
+    deadline = time.monotonic() + wait_s
+    noted = False
+    while True:
+        fh = _try_lock(path, fcntl.LOCK_SH)
+        if fh is not None or time.monotonic() >= deadline or not Path(directory).is_dir():
+            return fh
+        if not noted:
+            noted = True
+            log.warning("MLflowCVLogger: waiting for another process that is delivering the spool %s", path.with_suffix(".jsonl"))
+        time.sleep(0.2)
+
+
+def release(fh: IO[bytes] | None, unlink: str | os.PathLike[str] | None = None) -> None:
+    """Drop a lock from :func:`hold` or :func:`claim`; ``unlink`` removes the lock file first (spool removed)."""
+    if fh is None:
+        return
+    if unlink is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(unlink)
+    with contextlib.suppress(OSError):
+        fh.close()
+
+
+@contextlib.contextmanager
+def claim(directory: str | os.PathLike[str], key: str) -> Iterator[IO[bytes] | None]:
+    """Exclusive lock for delivering a spool nobody has open; yields None (and holds nothing) when busy."""
+    fh = _try_lock(lock_path(directory, key), fcntl.LOCK_EX)
+    try:
+        yield fh
+    finally:
+        release(fh)
+
+
+# ------------------------------------------------------------------------------------------------
+# delivery
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Delivered:
+    spool: str
+    run_id: str
+    size: int  # bytes of the spool delivered
+    status: str | None
+
+
+@dataclasses.dataclass
+class Report:
+    """What one scan did: delivered spools, and the keys it left alone and why."""
+
+    delivered: list[Delivered] = dataclasses.field(default_factory=list)
+    busy: list[str] = dataclasses.field(default_factory=list)
+    other_store: list[str] = dataclasses.field(default_factory=list)
+    deleted_run: list[str] = dataclasses.field(default_factory=list)
+    failed: list[str] = dataclasses.field(default_factory=list)
+
+
+def same_store(spooled_uri: str | None, uri: str) -> bool:
+    """Whether a spool header's (credential-free) URI names the store ``uri``.
+
+    A relative local path (``sqlite:///mlflow.db``, ``file:./mlruns``) names a different store in each working
+    directory, so it never matches.
+    """
+    from lightning_mlflow_cv._spool import safe_uri
+
+    if not spooled_uri:
+        return False
+    # credentials (given in the URI or in the environment) do not change which store it is
+    norm = [re.sub(r"^([a-zA-Z][\w+.\-]*://)[^/@]*@", r"\1", safe_uri(u)).rstrip("/") for u in (spooled_uri, uri)]
+    if norm[0] != norm[1]:
+        return False
+    if ":" not in norm[1]:
+        return os.path.isabs(norm[1])
+    scheme, _, rest = norm[1].partition(":")
+    scheme = scheme.split("+")[0].lower()
+    if scheme == "sqlite":
+        return rest.startswith("////")  # sqlite:////abs/path.db; sqlite:///rel.db is relative
+    if scheme == "file":
+        return (rest[2:] if rest.startswith("//") else rest).startswith("/")
+    return True
+
+
+def candidates(directory: Path, skip: Iterable[str] = ()) -> list[Path]:
+    """Spool files in ``directory`` (oldest first), without ``skip`` keys and ``*.rejected.jsonl`` reports."""
+    skipped = set(skip)
+    try:
+        paths = [p for p in directory.glob("*.jsonl") if p.stem not in skipped and not p.name.endswith(".rejected.jsonl")]
+    except OSError:
+        return []
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    return sorted(paths, key=mtime)
+
+
+def scan(
+    directory: str | os.PathLike[str],
+    tracking_uri: str,
+    skip: Iterable[str] = (),
+    request_timeout_s: float = 10.0,
+) -> Report:
+    """Deliver every spool in ``directory`` that was left behind for ``tracking_uri`` and is not open elsewhere.
+
+    Stops at the first failure to reach the store (the rest waits for the next logger or ``sync``). Logs one line
+    naming the runs it delivered. Returns a :class:`Report`.
+    """
+    from lightning_mlflow_cv._spool import is_retryable
+
+    report = Report()
+    client = None
+    for path in candidates(Path(directory), skip):
+        key = path.stem
+        with claim(path.parent, key) as lock:
+            if lock is None:
+                report.busy.append(key)
+                continue
+            if not path.is_file():
+                continue  # delivered and removed by another process since the listing
+            try:
+                if client is None:
+                    from mlflow import MlflowClient
+
+                    client = MlflowClient(tracking_uri)
+                outcome = _deliver_one(client, path, tracking_uri, request_timeout_s)
+            except Exception as err:  # noqa: BLE001 - never disturb training
+                if is_retryable(err):
+                    log.info("MLflowCVLogger: auto-delivery of %s stopped, store unreachable (%s)", path, err)
+                    report.failed.append(key)
+                    break
+                _warn(
+                    str(path),
+                    f"MLflowCVLogger: could not deliver the spool {path} left behind by an earlier fit "
+                    f"({type(err).__name__}: {str(err)[:300]}). It is left in place; inspect it and deliver it with "
+                    f"`lightning-mlflow-cv sync {path}`, or delete {path.with_suffix('')}.* if it is not needed.",
+                )
+                report.failed.append(key)
+                continue
+            if isinstance(outcome, Delivered):
+                report.delivered.append(outcome)
+                release(lock, unlink=lock_path(path.parent, key))
+            elif outcome == "other":
+                report.other_store.append(key)
+            elif outcome == "deleted":
+                report.deleted_run.append(key)
+    if report.delivered:
+        from lightning_mlflow_cv._spool import safe_uri
+
+        runs = ", ".join(f"run {d.run_id} ({d.size} bytes{', ' + d.status if d.status else ''})" for d in report.delivered)
+        log.warning(
+            "MLflowCVLogger: delivered %d spool(s) left behind by earlier fits to %s: %s",
+            len(report.delivered),
+            safe_uri(tracking_uri),
+            runs,
+        )
+    return report
+
+
+def _deliver_one(client: Any, path: Path, tracking_uri: str, request_timeout_s: float) -> Delivered | str:
+    from lightning_mlflow_cv import _http
+    from lightning_mlflow_cv._spool import Deliverer, Spool, concurrency_for, is_retryable
+
+    spool = Spool(path.parent, path.stem, compact=False, hold=False)
+    try:
+        header = spool.header()
+        if not same_store(header.get("tracking_uri"), tracking_uri):
+            return "other"
+        run_id = header.get("run_id")
+        with _http.fail_fast(request_timeout_s):
+            if run_id:
+                try:
+                    run = client.get_run(run_id)
+                    deleted = run.info.lifecycle_stage == "deleted"
+                except Exception as err:  # noqa: BLE001
+                    if is_retryable(err):
+                        raise
+                    deleted = True  # RESOURCE_DOES_NOT_EXIST: deleted and purged
+                if deleted:
+                    _warn(
+                        str(path),
+                        f"MLflowCVLogger: the spool {path} left behind by an earlier fit belongs to run {run_id}, "
+                        "which was deleted from the store; it is not delivered. Fix: restore the run "
+                        f"(`mlflow runs restore --run-id {run_id}`) to have it delivered, or delete "
+                        f"{path.with_suffix('')}.* if the data is not needed.",
+                    )
+                    return "deleted"
+            start = spool.acked
+            status = None
+            for rec in spool.records():
+                if rec.get("t") == "status":
+                    status = rec["status"]
+            deliverer = Deliverer(client, spool, run_id, concurrency_for(tracking_uri))
+            try:
+                end = deliverer.deliver(start, ack=True)
+            finally:
+                deliverer.close()
+        spool.ack(end)
+        delivered = Delivered(str(path), str(deliverer.run_id), end - start, status)
+        spool.remove()
+        return delivered
+    finally:
+        spool.close()
+
+
+def _warn(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def start(
+    directory: str | os.PathLike[str], tracking_uri: str, skip: Iterable[str] = (), request_timeout_s: float = 10.0
+) -> threading.Thread | None:
+    """Start (at most one per spool directory and store in this process) a background :func:`scan`."""
+    if not enabled():
+        return None
+    from lightning_mlflow_cv._spool import safe_uri
+
+    directory = Path(directory)
+    if not any(True for _ in candidates(directory, skip)):
+        return None
+    key = (str(directory.resolve()), safe_uri(tracking_uri))
+    skip = tuple(skip)
+
+    def run() -> None:
+        from lightning_mlflow_cv._spool import lower_priority
+
+        lower_priority()
+        try:
+            report = scan(directory, tracking_uri, skip, request_timeout_s)
+            with _threads_lock:
+                _reports.append(report)
+        except Exception as err:  # noqa: BLE001 - a background helper never disturbs training
+            log.info("MLflowCVLogger: auto-delivery of left-behind spools failed: %s", err)
+
+    with _threads_lock:
+        running = _threads.get(key)
+        if running is not None and running.is_alive():
+            return None
+        thread = threading.Thread(target=run, name="MLflowCVLogger-autosync", daemon=True)
+        _threads[key] = thread
+        thread.start()
+    return thread
+
+
+def join(timeout: float = 60.0) -> list[Report]:
+    """Wait for this process's auto-delivery threads (for tests and scripts); returns (and forgets) their reports."""
+    deadline = time.monotonic() + timeout
+    with _threads_lock:
+        threads = list(_threads.values())
+    for t in threads:
+        t.join(max(deadline - time.monotonic(), 0))
+    with _threads_lock:
+        out = list(_reports)
+        del _reports[: len(out)]
+    return out
