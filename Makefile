@@ -32,7 +32,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not server and not ddp" $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## logging overhead + realistic CV fit (~25 min on 2 quiet cores); writes benchmarks/README.md
+bench: $(STAMP)  ## logging overhead + realistic CV fit (~27 min on 2 quiet cores, estimate); writes benchmarks/README.md
 	$(PY) benchmarks/logging_overhead.py $(BENCH_ARGS)
 	$(PY) benchmarks/cv_fit_overhead.py $(CV_BENCH_ARGS)
 
