@@ -32,11 +32,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not server and not ddp" $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## logging-overhead benchmark (~15-17 min on 2 quiet cores); writes benchmarks/README.md
+bench: $(STAMP)  ## logging overhead + realistic CV fit (~27 min on 2 quiet cores, estimate); writes benchmarks/README.md
 	$(PY) benchmarks/logging_overhead.py $(BENCH_ARGS)
+	$(PY) benchmarks/cv_fit_overhead.py $(CV_BENCH_ARGS)
 
 bench-quick: $(STAMP)  ## smoke version, prints only
 	$(PY) benchmarks/logging_overhead.py --quick --no-readme $(BENCH_ARGS)
+	$(PY) benchmarks/cv_fit_overhead.py --quick --no-readme $(CV_BENCH_ARGS)
 
 gpu-check: $(STAMP)  ## the prepared GPU check (< 8 min on one GPU); a dry run that says what it skips without CUDA
 	$(PY) benchmarks/gpu_check.py $(GPU_ARGS)

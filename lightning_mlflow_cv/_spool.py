@@ -54,6 +54,16 @@ HTTP_CONCURRENCY = 8
 #: (a nearby server gains nothing from parallel requests, and a burst of them only competes with training for CPU).
 SLOW_REQUEST_S = 0.5
 
+#: While the store is fast, a partial metric request is held until its oldest point has waited ``flush_interval_s``
+#: or this many times the time a metric request takes, whichever is longer (MLflow's autolog keeps the same
+#: 10:1 ratio of training time to logging time): full 1,000-point requests go out as soon as they are ready, so a
+#: fit logging faster than 1,000 points per interval sends ``ceil(points / 1000)`` metric requests plus the final
+#: drain. :meth:`Writer.flush`, ``finalize`` and ``sync`` send everything at once.
+FLUSH_COST_RATIO = 10.0
+
+#: The longest a partial request is held however slow the store is (unless ``flush_interval_s`` is longer).
+MAX_HOLD_S = 10.0
+
 #: Failed attempts in a row after which a flush (and so ``finalize``) stops waiting for a store that was
 #: reachable when the flush began; the backoff between them is 0.5 s, then 1 s.
 FLUSH_TRIES = 3
@@ -459,11 +469,45 @@ class Deliverer:
         self.rejected = 0
         self.concurrency = max(int(concurrency), 1)
         self.last_request_s = 0.0  # duration of the last metric request sent through the window
+        self.request_s = 0.0  # moving average of how long a metric request takes (sets how long a partial one waits)
+        #: Set by a :meth:`deliver` that held back a partial request: when (``time.monotonic()``) it becomes due.
+        self.held_due: float | None = None
+        #: Requests sent (each ``log_batch``, artifact, input and status call), for tests and the benchmark.
+        self.requests = 0
         self._pool: Any = None
 
     def window(self) -> int:
         """Metric requests allowed in flight now: ``concurrency`` while the store is slow, else 1."""
         return self.concurrency if self.last_request_s >= SLOW_REQUEST_S else 1
+
+    def hold_budget(self, hold_s: float) -> float:
+        """Seconds the oldest point of a partial request may wait: ``hold_s``, stretched to
+        :data:`FLUSH_COST_RATIO` times a metric request's duration while requests are slow (at most
+        :data:`MAX_HOLD_S`, or ``hold_s`` when that is longer)."""
+        return max(hold_s, min(FLUSH_COST_RATIO * self.request_s, MAX_HOLD_S))
+
+    def _hold(self, request: dict[str, Any], hold_s: float) -> bool:
+        """Whether to keep a trailing partial metric request back for more points (sets :attr:`held_due`)."""
+        metrics = request["metrics"] if _metrics_only(request) else None
+        if not metrics or request.get("split") or len(metrics) >= MAX_METRICS_PER_BATCH:
+            return False
+        if self.spool.acked > COMPACT_BYTES:
+            return False  # a delivered journal this large is compacted once nothing is pending: send it
+        budget = self.hold_budget(hold_s)
+        age = min(max(time.time() - min(m.timestamp for m in metrics) / 1000.0, 0.0), budget)
+        if age >= budget:
+            return False
+        self.held_due = time.monotonic() + budget - age
+        return True
+
+    def _timed(self, run_id: str, request: dict[str, Any]) -> None:
+        """Send one request; a metric request's duration feeds :attr:`last_request_s` and :attr:`request_s`."""
+        start = time.monotonic()
+        self._send(run_id, request)
+        if _metrics_only(request) and request["metrics"]:
+            took = time.monotonic() - start
+            self.last_request_s = took
+            self.request_s = took if self.request_s == 0.0 else 0.7 * self.request_s + 0.3 * took
 
     def close(self) -> None:
         if self._pool is not None:
@@ -481,8 +525,13 @@ class Deliverer:
         self.spool.append({"t": "bind", "run_id": self.run_id})
         return self.run_id
 
-    def deliver(self, offset: int, ack: bool = True, max_records: int = 5000) -> int:
+    def deliver(self, offset: int, ack: bool = True, max_records: int = 5000, drain: bool = True, hold_s: float = 0.0) -> int:
         """Deliver records after ``offset``; returns the new offset. Raises on a retryable failure.
+
+        With ``drain`` (``flush``, ``finalize``, ``sync``) everything is sent. Without it (the writer's
+        background attempts) a trailing metric-only request that is not full is held back for more points until
+        its oldest point has waited :meth:`hold_budget` (``hold_s`` while the store is fast); :attr:`held_due`
+        then says when, and the offset returned is where the held request starts.
 
         Metric-only requests go out through a sliding window of :meth:`window` requests: while some are in
         flight, newly logged points are read and sent as soon as they fill a request (a partial request waits
@@ -491,6 +540,7 @@ class Deliverer:
         """
         in_flight: collections.deque[tuple[Any, int]] = collections.deque()
         generation = self.spool.generation
+        self.held_due = None
         try:
             while True:
                 if not in_flight:
@@ -508,9 +558,14 @@ class Deliverer:
                     continue
                 run_id = self.ensure_run()
                 plans = list(_plan(batch))
+                held = False
+                self.held_due = None
                 for i, (request, end) in enumerate(plans):
+                    last = i == len(plans) - 1
+                    if last and not drain and self._hold(request, hold_s):
+                        held = True  # wait for more points: a full request later instead of a small one now
+                        break
                     if self.concurrency > 1 and _metrics_only(request):
-                        last = i == len(plans) - 1
                         partial = len(request["metrics"]) < MAX_METRICS_PER_BATCH and not request.get("split")
                         if in_flight and last and partial:
                             break  # let it fill while the window is busy (it starts at a record boundary)
@@ -519,12 +574,17 @@ class Deliverer:
                         in_flight.append((self._submit(run_id, request), end))
                     else:
                         self._settle(in_flight, ack, generation, wait_all=True)
-                        self._send(run_id, request)
+                        self._timed(run_id, request)
                         if ack:
                             self.spool.ack(end, generation)
                     offset = end
                 else:
                     continue
+                if held:
+                    if not in_flight:
+                        return offset
+                    self._settle(in_flight, ack, generation, wait_all=True)
+                    continue  # points logged meanwhile may have filled the held request
                 self._settle(in_flight, ack, generation, timeout=0.25)
         finally:
             for future, _ in in_flight:  # after a failure: let the others finish, ack nothing more
@@ -539,10 +599,8 @@ class Deliverer:
         timeout = _http.current_timeout()
 
         def send() -> None:
-            start = time.monotonic()
             with _http.fail_fast(timeout):
-                self._send(run_id, request)
-            self.last_request_s = time.monotonic() - start
+                self._timed(run_id, request)
 
         return self._pool.submit(send)
 
@@ -571,6 +629,8 @@ class Deliverer:
 
     def _send(self, run_id: str, request: dict[str, Any]) -> None:
         kind = request["kind"]
+        if kind != "noop":
+            self.requests += 1
         try:
             if kind == "batch":
                 self.client.log_batch(run_id, metrics=request["metrics"], params=request["params"], tags=request["tags"])
@@ -750,7 +810,12 @@ def _plan(batch: list[tuple[dict[str, Any], int]]) -> Iterator[tuple[dict[str, A
 
 
 class Writer(threading.Thread):
-    """Background thread: every ``flush_interval_s`` (or when woken) deliver what the spool holds.
+    """Background thread: deliver what the spool holds in full requests, and a partial one only when it is due.
+
+    It wakes when the logger has a full request's worth of new points (``wake``), when a partial request held
+    back for more points becomes due (its oldest point waited ``flush_interval_s``, longer while the store is
+    slow: :meth:`Deliverer.hold_budget`), at least every ``flush_interval_s``, and on :meth:`flush` / :meth:`stop`,
+    which send everything.
 
     On a retryable failure it warns once, naming the spool path and the ``sync`` command, and retries
     with exponential backoff (capped at ``max_backoff_s``); the data stays in the spool meanwhile.
@@ -785,6 +850,7 @@ class Writer(threading.Thread):
         self._stop_event = threading.Event()
         self._idle = threading.Condition()
         self._attempts = 0  # completed delivery attempts
+        self._draining = 0  # flushes waiting: attempts send everything, partial requests included
         self._failures = 0
         self._next_try = 0.0
         self.last_error: BaseException | None = None
@@ -804,16 +870,20 @@ class Writer(threading.Thread):
         """
         deadline = time.monotonic() + timeout
         with self._idle:
-            start = self._attempts
-            tries = 1 if self.degraded else FLUSH_TRIES
-            self._next_try = 0.0
-            self._wake.set()
-            while time.monotonic() < deadline and self.is_alive():
-                if self.spool.pending <= 0 and self._attempts > start:
-                    return True
-                if self._attempts > start and self.degraded and self._failures >= tries:
-                    return False
-                self._idle.wait(min(0.05, max(deadline - time.monotonic(), 0)))
+            self._draining += 1
+            try:
+                start = self._attempts
+                tries = 1 if self.degraded else FLUSH_TRIES
+                self._next_try = 0.0
+                self._wake.set()
+                while time.monotonic() < deadline and self.is_alive():
+                    if self.spool.pending <= 0 and self._attempts > start:
+                        return True
+                    if self._attempts > start and self.degraded and self._failures >= tries:
+                        return False
+                    self._idle.wait(min(0.05, max(deadline - time.monotonic(), 0)))
+            finally:
+                self._draining -= 1
         return self.spool.pending <= 0
 
     def stop(self, timeout: float) -> bool:
@@ -833,6 +903,9 @@ class Writer(threading.Thread):
         lower_priority()
         while not self._stop_event.is_set():
             wait = self.flush_interval_s
+            due = self._deliverer.held_due if self._deliverer is not None else None
+            if due is not None:  # a partial request waits for more points until then
+                wait = max(due - time.monotonic(), 0.0)
             if self.degraded:
                 wait = max(min(self._next_try - time.monotonic(), self.flush_interval_s), 0.0)
             self._wake.wait(wait)
@@ -851,8 +924,9 @@ class Writer(threading.Thread):
                 self._deliverer = Deliverer(
                     self._client_factory(), self.spool, self._run_id, concurrency_for(self.tracking_uri)
                 )
+            drain = self._draining > 0 or self._stop_event.is_set()
             with _http.fail_fast(self.request_timeout_s):
-                self._deliverer.deliver(self.spool.acked)
+                self._deliverer.deliver(self.spool.acked, drain=drain, hold_s=self.flush_interval_s)
             if self._deliverer.run_id != self._run_id:
                 self._run_id = self._deliverer.run_id
                 if self._on_bound is not None and self._run_id:

@@ -209,10 +209,15 @@ class MLflowCVLogger(MLFlowLogger):
             ``~/.cache/lightning_mlflow_cv/spool``.
         request_timeout_s: Per-request timeout of the background writer (no retries inside one attempt).
         finalize_timeout_s: How long :meth:`finalize` waits for a reachable store to take the backlog.
-        writer: ``"thread"`` (default; env ``LIGHTNING_MLFLOW_CV_WRITER``): a background thread.
-            ``"process"``: a child process tails the spool, so MLflow's per-point Python work never holds the
-            training process's GIL and a crashed trainer's spool is still delivered; it pays off with spare
-            cores (on 2 saturated cores it measured slower, see benchmarks/README.md).
+        writer: Where MLflow's per-point work runs (env ``LIGHTNING_MLFLOW_CV_WRITER`` when not given).
+            ``None`` / ``"auto"`` (default): chosen for the machine when the writer starts (at fit start): a child
+            process when the cores this process may use (``os.sched_getaffinity``) exceed what training keeps
+            busy (one core per process on a GPU or other accelerator, ``torch.get_num_threads()`` per process on
+            the CPU), a thread otherwise. ``"process"``: a child process tails the spool, so MLflow's per-point
+            Python work never holds the training process's GIL and a crashed trainer's spool is still
+            delivered; best with a core to spare (e.g. GPU training). ``"thread"``: a low-priority background
+            thread; best when training keeps every core busy. :attr:`writer_choice` says what was chosen and
+            why; see benchmarks/README.md for the measurements behind the rule.
 
     Raises:
         ValueError: ``nested=True`` with no active MLflow run, both ``nested`` and ``parent_run_id``,
@@ -248,19 +253,20 @@ class MLflowCVLogger(MLFlowLogger):
         spool_dir: str | None = None,
         request_timeout_s: float = 10.0,
         finalize_timeout_s: float = 60.0,
-        writer: Literal["process", "thread"] | None = None,
+        writer: Literal["auto", "process", "thread"] | None = None,
     ) -> None:
         if flush_interval_s <= 0:
             raise ValueError(
                 f"MLflowCVLogger: `flush_interval_s` must be > 0 seconds, got {flush_interval_s!r}. "
                 "Use a small value such as 0.5 for near-real-time charts."
             )
-        writer = writer or os.environ.get("LIGHTNING_MLFLOW_CV_WRITER") or "thread"  # type: ignore[assignment]
-        if writer not in ("process", "thread"):
+        writer = writer or os.environ.get("LIGHTNING_MLFLOW_CV_WRITER") or "auto"  # type: ignore[assignment]
+        if writer not in ("auto", "process", "thread"):
             raise ValueError(
-                f"MLflowCVLogger: `writer` must be one of ('process', 'thread'), got {writer!r}. "
-                "'process' (default) keeps MLflow's per-point work off the training process; 'thread' avoids a "
-                "child process (e.g. where spawning is not allowed)."
+                f"MLflowCVLogger: `writer` must be one of ('auto', 'process', 'thread') or None, got {writer!r}. "
+                "'auto' (default) picks a child process when a core is to spare, else a thread; 'process' keeps "
+                "MLflow's per-point work off the training process; 'thread' avoids a child process (e.g. where "
+                "spawning is not allowed)."
             )
         if nested and parent_run_id:
             raise ValueError(
@@ -317,6 +323,8 @@ class MLflowCVLogger(MLFlowLogger):
         self._parent_experiment_id = parent_experiment_id
         self._flush_interval_s = float(flush_interval_s)
         self._writer_mode = writer
+        #: The writer in use and why (``"process: ..."`` / ``"thread: ..."``), set when it starts.
+        self.writer_choice: str | None = None
         self._spool_dir = spool_dir
         self._request_timeout_s = float(request_timeout_s)
         self._finalize_timeout_s = float(finalize_timeout_s)
@@ -505,7 +513,7 @@ class MLflowCVLogger(MLFlowLogger):
                     "on_bound": self._on_bound,
                     "already_warned": self.offline,
                 }
-                if self._writer_mode == "process" and self._spool.on_disk:  # type: ignore[union-attr]
+                if self._choose_writer() == "process" and self._spool.on_disk:  # type: ignore[union-attr]
                     from lightning_mlflow_cv._writer_proc import ProcessWriter
 
                     self._writer = ProcessWriter(self._spool, bound, uri, **common)  # type: ignore[arg-type]
@@ -514,6 +522,17 @@ class MLflowCVLogger(MLFlowLogger):
                 self._writer.start()
                 _live_loggers.add(self)
             return self._writer
+
+    def _choose_writer(self) -> str:
+        if self._writer_mode in ("process", "thread"):
+            self.writer_choice = f"{self._writer_mode}: writer={self._writer_mode!r}"
+            return self._writer_mode
+        from lightning_mlflow_cv._writer_choice import choose_writer, machine_from
+
+        kind, why = choose_writer(machine_from(_context.trainer_context().trainer))
+        self.writer_choice = f"{kind}: {why}"
+        log.debug("MLflowCVLogger: writer %s", self.writer_choice)
+        return kind
 
     def _on_bound(self, run_id: str) -> None:
         log.warning("MLflowCVLogger: created run %s for the offline spool %s", run_id, self._spool.path)  # type: ignore[union-attr]

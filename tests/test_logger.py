@@ -199,7 +199,7 @@ def test_process_writer_delivers_and_compacts(tracking_uri, monkeypatch):
 
 
 def test_invalid_arguments_raise():
-    with pytest.raises(ValueError, match=r"`writer` must be one of \('process', 'thread'\), got 'fork'"):
+    with pytest.raises(ValueError, match=r"`writer` must be one of \('auto', 'process', 'thread'\) or None, got 'fork'"):
         MLflowCVLogger(writer="fork")
     with pytest.raises(ValueError, match=r"`flush_interval_s` must be > 0 seconds, got 0"):
         MLflowCVLogger(flush_interval_s=0)
