@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import math
 import os
 import time
@@ -376,12 +377,10 @@ def _error_text(trial: Any) -> str:
 
 def _sweep_figure(points: list[tuple[int, float | None, str]], metric_name: str, mode: str) -> Any:
     """Objective per trial in trial order, coloured by state, with the running best of completed trials."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     colours = {"COMPLETE": "tab:blue", "STOPPED": "tab:orange", "FAIL": "tab:red"}
     for state, colour in colours.items():
         xs = [n for n, v, s in points if s == state and v is not None]
@@ -581,7 +580,7 @@ def ray_sweep(
     if resources_per_trial:
         fn = tune.with_resources(fn, dict(resources_per_trial))
     states = _run_states_callback(client, parent_id, exp_id, metric, metric_name, clean_tags)
-    rc = run_config or tune.RunConfig()
+    rc = copy.copy(run_config) if run_config is not None else tune.RunConfig()  # the caller's object stays as is
     rc.callbacks = [*(rc.callbacks or []), states]
     if storage_path is not None:
         rc.storage_path = storage_path

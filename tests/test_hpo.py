@@ -206,6 +206,7 @@ def test_two_workers_share_one_storage_and_one_parent_run(tmp_path, tracking_uri
 
 @pytest.mark.slow
 @pytest.mark.server
+@pytest.mark.timeout(600)
 def test_two_workers_share_a_postgresql_study_and_one_parent_run(tmp_path, tracking_uri, postgres):
     """The README's multi-machine setup: the study on a real PostgreSQL (the team-server tests' cluster)."""
     postgres._as_nobody(

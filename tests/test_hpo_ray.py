@@ -102,6 +102,7 @@ def _children(client, sweep) -> dict[str, object]:
 
 @pytest.mark.slow
 @pytest.mark.server
+@pytest.mark.timeout(900)  # the module's one sweep runs in this test's setup: 6 worker processes start
 def test_asha_sweep_tree_states_and_parent_summary(sweep):
     sw, client = sweep
     kids = _children(client, sw)
@@ -149,6 +150,7 @@ def test_asha_sweep_tree_states_and_parent_summary(sweep):
 
 @pytest.mark.slow
 @pytest.mark.server
+@pytest.mark.timeout(900)
 def test_worker_process_that_dies_fails_its_run_and_the_sweep_completes(sweep):
     sw, client = sweep
     died = _children(client, sw)["trial-2"]
