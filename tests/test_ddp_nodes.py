@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from conftest import free_port
 
-pytestmark = [pytest.mark.ddp, pytest.mark.slow, pytest.mark.server]
+pytestmark = [pytest.mark.ddp, pytest.mark.slow, pytest.mark.server, pytest.mark.timeout(600)]
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_nodes.py"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,9 +113,11 @@ def test_two_nodes_give_one_run_one_copy_of_each_artifact_and_metrics_over_both(
     x, y = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         correct = model(x).argmax(1) == y
-    full = correct.float().mean().item()
-    shard0 = correct[0::2].float().mean().item()  # what rank 0 alone saw (DistributedSampler, no shuffle)
+    # Lightning's DistributedSampler (no shuffle) pads the odd split by repeating its first samples, then deals
+    # them out: rank r gets padded[r::2]. val/acc = mean over ranks of each rank's sample mean.
+    padded = torch.cat([correct, correct[: (-len(correct)) % 2]]).float()
+    both = padded.mean().item()
+    rank0_only = padded[0::2].mean().item()  # what rank 0 alone saw
     logged = client.get_metric_history(run.info.run_id, "val/acc")
     assert len(logged) == 2  # once per epoch, by rank 0 only
-    n = len(y)  # the sampler pads the odd split with one repeated sample
-    assert abs(logged[-1].value - full) <= 1.0 / n + 1e-6, (logged[-1].value, full, shard0)
+    assert logged[-1].value == pytest.approx(both, abs=1e-4), (logged[-1].value, both, rank0_only)
