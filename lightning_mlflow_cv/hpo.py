@@ -1,13 +1,12 @@
-"""``optuna_sweep``: one parent MLflow run per Optuna study, one nested child run per trial.
+"""Sweeps: one parent MLflow run per sweep, one nested child run per trial.
 
-Optuna is an optional dependency (``pip install "lightning-mlflow-cv[optuna]"``); it is imported lazily.
+``optuna_sweep`` (here) for Optuna, ``ray_sweep`` (implemented in ``_ray_sweep``) for Ray Tune. Both are
+optional dependencies (``pip install "lightning-mlflow-cv[optuna]"`` / ``[ray]``), imported lazily.
 """
 
 from __future__ import annotations
 
 import contextvars
-import json
-import math
 import threading
 import time
 import warnings
@@ -15,17 +14,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from lightning_mlflow_cv._spool import set_run_status
-from lightning_mlflow_cv._keys import (
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-    MAX_TAG_VAL_LENGTH,
-    metric_key,
-    param_value,
-    sanitize_key,
-    validate_tags,
-)
+from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH, metric_key, validate_tags
+from lightning_mlflow_cv._ray_sweep import RaySweep, ray_sweep  # noqa: F401 - public names of this module
 from lightning_mlflow_cv._redact import redact_text
+from lightning_mlflow_cv._spool import set_run_status
+from lightning_mlflow_cv._sweep import TRIAL_STATE_TAG, Best, new_params, write_summary
+from lightning_mlflow_cv._sweep import experiment_id as _experiment_id
+from lightning_mlflow_cv._sweep import log_batch as _log_batch
+from lightning_mlflow_cv._sweep import param as _param
+from lightning_mlflow_cv._sweep import warn_tracking
 
 if TYPE_CHECKING:
     import optuna
@@ -38,8 +35,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 #: Trial user attribute holding the trial's MLflow child run id (``study.best_trial.user_attrs[...]``).
 TRIAL_RUN_ATTR = "mlflow_run_id"
-#: Tag on each child run: ``RUNNING``, ``COMPLETE``, ``PRUNED`` or ``FAIL`` (Optuna's trial state names).
-TRIAL_STATE_TAG = "trial_state"
+# TRIAL_STATE_TAG (from _sweep): on each child run ``RUNNING``, ``COMPLETE``, ``PRUNED`` or ``FAIL`` (Optuna's names).
 #: MLflow run status per final Optuna trial state.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 #: How long a worker that did not create the study waits for the creator to publish the parent run id.
@@ -190,19 +186,6 @@ def _make_storage(optuna: Any, storage: Any) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _experiment_id(client: Any, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None and exp.lifecycle_stage != "deleted":
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # noqa: BLE001 - created by another worker meanwhile
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
-
 def _open_study(
     optuna: Any,
     *,
@@ -277,32 +260,8 @@ def _wait_for_parent(study: Any) -> str | None:
         time.sleep(0.2)
 
 
-def _log_batch(
-    client: Any, run_id: str, metrics: Iterable[Any] = (), params: Iterable[Any] = (), tags: Iterable[Any] = ()
-) -> None:
-    """``log_batch`` split within MLflow's per-request limits."""
-    metrics, params, tags = list(metrics), list(params), list(tags)
-    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
-    for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, params=params[i : i + MAX_PARAMS_TAGS_PER_BATCH])
-    for i in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=tags[i : i + MAX_PARAMS_TAGS_PER_BATCH])
-
-
-def _param(key: str, value: Any) -> Any:
-    from mlflow.entities import Param
-
-    return Param(key, param_value(value))
-
-
 def _warn_tracking(what: str, err: BaseException) -> None:
-    warnings.warn(
-        f"optuna_sweep: could not {what} ({type(err).__name__}: {redact_text(str(err))[:300]}). The sweep goes on; "
-        "the Optuna study still holds every trial.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    warn_tracking("optuna_sweep", what, err, "the Optuna study still holds every trial")
 
 
 class _Tracker:
@@ -381,14 +340,7 @@ class _Tracker:
         state = frozen.state.name
         now = int(time.time() * 1000)
         try:
-            existing = self.client.get_run(tr.run_id).data.params
-            params = []
-            for k, v in frozen.params.items():
-                key, val = sanitize_key(str(k)), param_value(v)
-                if key in existing and existing[key] != val:  # the model logged it differently (e.g. rounded)
-                    key = f"optuna/{key}"
-                if existing.get(key) != val:
-                    params.append(_param(key, val))
+            params = new_params(self.client.get_run(tr.run_id).data.params, frozen.params, "optuna")
             metrics = [
                 Metric("optuna/intermediate_value", float(v), now, int(s))
                 for s, v in sorted(frozen.intermediate_values.items())
@@ -437,56 +389,34 @@ class _Tracker:
 
 def _summarise(client: Any, study: Any, parent: str, metric_name: str) -> None:
     """Best value/params, trial counts and the optimisation-history plot on the parent run."""
-    from mlflow.entities import Metric, RunTag
-
     trials = study.get_trials(deepcopy=False)
     counts = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
-    finished = sum(counts.values())
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"n_trials/{k.lower()}", float(v), now, finished) for k, v in counts.items()]
-    tags = [RunTag("n_trials", str(len(trials)))]
-    summary: dict[str, Any] | None = None
+    best = None
     if counts["COMPLETE"]:
-        best = study.best_trial
-        summary = {
-            "best_value": best.value,
-            "best_params": best.params,
-            "best_trial_number": best.number,
-            "best_trial_run_id": best.user_attrs.get(TRIAL_RUN_ATTR),
-            "metric_name": metric_name,
-            "direction": study.direction.name.lower(),
-        }
-        metrics.append(Metric("best_value", float(best.value), now, finished))
-        tags += [
-            RunTag("best_trial_number", str(best.number)),
-            RunTag("best_trial_run_id", str(best.user_attrs.get(TRIAL_RUN_ATTR, ""))),
-        ]
-        for k, v in best.params.items():
-            key = f"best/{sanitize_key(str(k))}"
-            tags.append(RunTag(key, param_value(v)[:MAX_TAG_VAL_LENGTH]))
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-                metrics.append(Metric(key, float(v), now, finished))
+        bt = study.best_trial
+        best = Best(bt.value, bt.params, bt.number, bt.user_attrs.get(TRIAL_RUN_ATTR))
     try:
-        _log_batch(client, parent, metrics, tags=tags)
-        if summary is not None:
-            client.log_text(parent, json.dumps(summary, indent=2, default=str), "best_params.json")
-            _log_history_plot(client, study, parent)
+        write_summary(
+            client,
+            parent,
+            counts,
+            best,
+            metric_name=metric_name,
+            direction=study.direction.name.lower(),
+            total=len(trials),
+            plot=(lambda: _history_figure(study)) if best is not None else None,
+        )
     except Exception as err:  # noqa: BLE001
         _warn_tracking(f"write the sweep summary to the parent run {parent}", err)
 
 
-def _log_history_plot(client: Any, study: Any, parent: str) -> None:
-    import matplotlib.pyplot as plt
+def _history_figure(study: Any) -> Any:
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         ax = optuna.visualization.matplotlib.plot_optimization_history(study)
-    fig = ax.figure
-    try:
-        client.log_figure(parent, fig, "figures/optimization_history.png")
-    finally:
-        plt.close(fig)
+    return ax.figure
 
 
 def optuna_sweep(

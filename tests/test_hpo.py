@@ -201,7 +201,25 @@ def test_missing_optuna_names_the_extra(monkeypatch, tracking_uri):
 
 @pytest.mark.slow
 def test_two_workers_share_one_storage_and_one_parent_run(tmp_path, tracking_uri):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    _two_workers_one_parent(f"sqlite:///{tmp_path / 'optuna.db'}", tmp_path, tracking_uri)
+
+
+@pytest.mark.slow
+@pytest.mark.server
+@pytest.mark.timeout(600)
+def test_two_workers_share_a_postgresql_study_and_one_parent_run(tmp_path, tracking_uri, postgres):
+    """The README's multi-machine setup: the study on a real PostgreSQL (the team-server tests' cluster)."""
+    postgres._as_nobody(
+        "/usr/lib/postgresql/15/bin/createdb", "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres", "optuna"
+    )
+    storage = postgres.uri("optuna")
+    assert storage.startswith("postgresql+psycopg2://")
+    _two_workers_one_parent(storage, tmp_path, tracking_uri)
+    study = optuna.load_study(study_name="dist", storage=storage)
+    assert len(study.trials) == 4  # the trials live in PostgreSQL
+
+
+def _two_workers_one_parent(storage: str, tmp_path: Path, tracking_uri: str) -> None:
     barrier = tmp_path / "barrier"  # both import first, then race for the study creation
     barrier.mkdir()
     procs, outs = [], []
@@ -238,8 +256,11 @@ def test_two_workers_share_one_storage_and_one_parent_run(tmp_path, tracking_uri
                 p.kill()
     logs = "\n".join((tmp_path / f"worker{i}.log").read_text()[-3000:] for i in range(2))
     assert all(p.returncode == 0 for p in procs), logs
-    parents = {json.loads(o.read_text())["parent"] for o in outs}
+    reports = [json.loads(o.read_text()) for o in outs]
+    parents = {r["parent"] for r in reports}
     assert len(parents) == 1, logs
+    assert [len(r["trials"]) for r in reports] == [2, 2]  # both workers ran trials of the one study
+    assert sorted(reports[0]["trials"] + reports[1]["trials"]) == [0, 1, 2, 3]
     parent_id = parents.pop()
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_id)

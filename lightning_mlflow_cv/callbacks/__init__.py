@@ -8,6 +8,7 @@ from lightning_mlflow_cv.callbacks.inference_latency import InferenceLatencyCall
 from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback
 from lightning_mlflow_cv.callbacks.onnx_export import ONNXExportCallback
 from lightning_mlflow_cv.callbacks.prediction_grid import PredictionGridCallback
+from lightning_mlflow_cv.callbacks.ray_tune_report import RayTuneReportCallback
 from lightning_mlflow_cv.callbacks.reproducibility import ReproducibilityCallback
 from lightning_mlflow_cv.callbacks.save_config import MLflowSaveConfigCallback
 
@@ -21,5 +22,6 @@ __all__ = [
     "ModelRegistryCallback",
     "ONNXExportCallback",
     "PredictionGridCallback",
+    "RayTuneReportCallback",
     "ReproducibilityCallback",
 ]

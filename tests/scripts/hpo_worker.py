@@ -18,7 +18,11 @@ from lightning_mlflow_cv import MLflowCVLogger  # noqa: E402
 from lightning_mlflow_cv.hpo import optuna_sweep  # noqa: E402
 
 
+MINE: list[int] = []  # trial numbers this worker ran
+
+
 def objective(trial):
+    MINE.append(trial.number)
     train, val = loaders(n=16)
     model = TinyModel(lr=trial.suggest_float("lr", 1e-3, 0.5, log=True))
     tr = trainer(MLflowCVLogger(flush_interval_s=0.2), max_epochs=1)
@@ -41,7 +45,7 @@ def main() -> None:
         experiment="hpo-dist",
         run_name="dist-sweep",
     )
-    Path(out).write_text(json.dumps({"parent": study.user_attrs["mlflow_parent_run_id"]}))
+    Path(out).write_text(json.dumps({"parent": study.user_attrs["mlflow_parent_run_id"], "trials": MINE}))
 
 
 if __name__ == "__main__":
