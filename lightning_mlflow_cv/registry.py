@@ -309,12 +309,17 @@ def resolve_version(client: MlflowClient, model_name: str, candidate: str | int)
 
 
 def _alias_version(client: MlflowClient, model_name: str, alias: str) -> ModelVersion | None:
+    """The version behind ``alias``, or None when the model has no such alias. Any other failure (a store
+    error, a refused request) is raised: taking it for "no champion" would promote over the real champion."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        # what MLflow's SQL store (directly or behind `mlflow server`) says for an alias that is not set
+        if f"alias {alias} not found" in str(err) and err.error_code == "INVALID_PARAMETER_VALUE":
+            return None
+        raise
 
 
 def promote(

@@ -179,7 +179,12 @@ def test_arguments_are_checked(kwargs, error, match, tracking_uri):
     args = {"objective": lambda t: 0.0, "n_trials": 1, "tracking_uri": tracking_uri, **kwargs}
     with pytest.raises(error, match=match):
         optuna_sweep(**args)
-    assert MlflowClient(tracking_uri).search_runs(["0"]) == []  # raised before creating any run
+    # raised before creating any run or experiment: the sweep writes to its own experiment (run_name's by
+    # default), so look at every experiment of the store, not only the Default one
+    client = MlflowClient(tracking_uri)
+    experiments = client.search_experiments()
+    assert [e.name for e in experiments] == ["Default"]
+    assert client.search_runs([e.experiment_id for e in experiments]) == []
 
 
 def test_trial_logger_outside_a_sweep_and_reserved_kwargs(tracking_uri):

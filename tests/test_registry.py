@@ -115,10 +115,13 @@ def _version(client: MlflowClient, name: str, metrics: dict[str, float]) -> tupl
 
 
 def _champion(client: MlflowClient, name: str) -> str | None:
+    """The champion's version, None only when the alias is not set (a store error fails the test)."""
     try:
         return str(client.get_model_version_by_alias(name, "champion").version)
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as err:
+        if "alias champion not found" in str(err):
+            return None
+        raise
 
 
 def test_promote_champion_challenger(name, tracking_uri):
@@ -189,6 +192,37 @@ def test_promote_errors(name, tracking_uri):
         promote(name, v1, min_improvement=-1, tracking_uri=tracking_uri)
     with pytest.raises(ValueError, match="cannot parse 'high'"):
         promote(name, v1, gates={"val/acc": "high"}, tracking_uri=tracking_uri)
+
+
+def test_no_champion_means_the_alias_is_not_set(name, tracking_uri):
+    from lightning_mlflow_cv.registry import _alias_version
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    v1, _ = _version(client, name, {"val/acc": 0.9})
+    assert _alias_version(client, name, "champion") is None  # the model exists, the alias does not
+    d = promote(name, v1, compare_metric="val/acc", tracking_uri=tracking_uri)
+    assert d.promoted and d.previous_champion is None and d.comparison == "no champion yet"
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_store_error_reading_the_champion_is_raised_not_taken_for_no_champion(name, mlflow_server, monkeypatch):
+    """A failing alias lookup (here a real `mlflow server` behind a proxy answering 500 for it) must not read as
+    "no champion yet": that would move the alias to a worse candidate."""
+    from faults import FaultProxy
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the 500 is final; no minutes of retries
+    client = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
+    v1, _ = _version(client, name, {"val/acc": 0.95})
+    v2, _ = _version(client, name, {"val/acc": 0.80})
+    assert promote(name, v1, compare_metric="val/acc", tracking_uri=mlflow_server.uri).promoted
+    with FaultProxy(mlflow_server.uri) as proxy:
+        proxy.error_if = lambda method, path: "/registered-models/alias" in path and method == "GET"
+        with pytest.raises(mlflow.exceptions.MlflowException, match="500 error responses"):
+            promote(name, v2, compare_metric="val/acc", tracking_uri=proxy.uri)
+        assert proxy.hits["error"] >= 1
+    assert _champion(client, name) == v1  # the worse candidate did not take the alias
+    assert "decision" not in client.get_model_version(name, v2).tags
 
 
 def test_promote_with_legacy_stages(name, tracking_uri):
