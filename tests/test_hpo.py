@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import import_real
 from mlflow import MlflowClient
 from tiny import TinyModel, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger
 from lightning_mlflow_cv.hpo import optuna_sweep, trial_logger
 
-optuna = pytest.importorskip("optuna")
+optuna = import_real("optuna", "optuna")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,8 +52,9 @@ class PruneTrial(optuna.pruners.BasePruner):
         return trial.number == self.number
 
 
+@pytest.mark.slow
 def test_lightning_sweep_tree_with_pruned_and_failed_trials(tracking_uri):
-    PyTorchLightningPruningCallback = pytest.importorskip("optuna_integration").PyTorchLightningPruningCallback
+    PyTorchLightningPruningCallback = import_real("optuna_integration", "optuna").PyTorchLightningPruningCallback
 
     train, val = loaders(n=16)
 

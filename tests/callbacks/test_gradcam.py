@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from conftest import import_real
 from torch.utils.data import DataLoader
 
 from lightning_mlflow_cv.callbacks.gradcam import GradCAMCallback
 from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.logger import MLflowCVLogger
 
-pytest.importorskip("captum")
+import_real("captum", "captum")
 STEP = re.compile(r"\+step\+(\d+)\+")
 
 
@@ -57,6 +58,7 @@ def images(store, run_id, prefix, dst) -> dict[int, Image.Image]:
     return out
 
 
+@pytest.mark.slow
 def test_once_at_fit_end(store, loaders, tmp_path):
     grads = []
 
@@ -143,6 +145,7 @@ def independent_gradcam(model: nn.Module, x: torch.Tensor, target: torch.Tensor)
     return (grads.mean((2, 3), keepdim=True) * acts).sum(1).clamp_min(0).detach()
 
 
+@pytest.mark.slow
 def test_logged_heatmap_is_grad_cam_of_the_evidence_region(tracking_uri, tmp_path):
     import matplotlib
 
