@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import urllib.request
 
 import pytest
 from conftest import free_port, import_real, refused_port, require_real
@@ -44,3 +45,27 @@ def test_refused_port_refuses_and_free_port_binds():
     assert 1024 < port < 32768  # below the kernel's ephemeral range, where outgoing connections take ports
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_server_moves_to_another_port_when_its_chosen_one_was_taken(tmp_path, monkeypatch):
+    import conftest
+
+    with socket.socket() as taken:  # someone else took the port between free_port() and the server's bind
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        picks = iter([busy])
+        real_free_port = conftest.free_port
+        monkeypatch.setattr(conftest, "free_port", lambda: next(picks, None) or real_free_port())
+        server = conftest.MlflowServer(tmp_path)
+        assert server.port == busy
+        try:
+            server.start()
+            assert server.port != busy
+            with urllib.request.urlopen(f"{server.uri}/health", timeout=5) as r:
+                assert r.status == 200
+        finally:
+            server.stop()
