@@ -78,11 +78,14 @@ def concurrency_for(tracking_uri: str | None) -> int:
 def lower_priority() -> None:
     """Lower the calling thread's CPU priority (Linux threads are schedulable tasks): when training keeps every
     core busy, the kernel prefers the training threads, and MLflow's per-point work fills idle time instead.
-    Measured on 2 saturated cores in benchmarks/README.md; LIGHTNING_MLFLOW_CV_WRITER_NICE=0 disables it."""
+    Measured on 2 saturated cores in benchmarks/README.md; LIGHTNING_MLFLOW_CV_WRITER_NICE (default 10) is added
+    to the thread's current nice value (capped at 19), so a job already started under ``nice`` keeps its writer
+    below it; 0 disables it."""
     nice = int(os.environ.get("LIGHTNING_MLFLOW_CV_WRITER_NICE", "10") or 0)
     if nice > 0 and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            tid = threading.get_native_id()  # relative to the thread's current nice value, as `nice -n` is
+            os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
         except OSError:
             pass
 

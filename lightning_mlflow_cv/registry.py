@@ -309,12 +309,17 @@ def resolve_version(client: MlflowClient, model_name: str, candidate: str | int)
 
 
 def _alias_version(client: MlflowClient, model_name: str, alias: str) -> ModelVersion | None:
+    """The version behind ``alias``, or None when the model has no such alias. Any other failure (a store
+    error, a refused request) is raised: taking it for "no champion" would promote over the real champion."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        # what MLflow's SQL store (directly or behind `mlflow server`) says for an alias that is not set
+        if f"alias {alias} not found" in str(err) and err.error_code == "INVALID_PARAMETER_VALUE":
+            return None
+        raise
 
 
 def promote(
@@ -641,13 +646,18 @@ def _evaluate_classifier(
 
 
 def _segmentation_metrics(masks: Any, targets: Any) -> dict[str, float]:
+    """Mean IoU over the whole dataset (one confusion matrix, then the mean over the classes present in targets
+    or predictions, as CVMetricsCallback's ``val/mIoU``), not a mean of per-image scores; pixel accuracy."""
     import torch
-    from torchmetrics.functional.segmentation import mean_iou
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-    pred = torch.from_numpy(masks).long()
-    num_classes = int(max(pred.max(), targets.max())) + 1
-    miou = mean_iou(pred, targets.long(), num_classes=num_classes, input_format="index").mean()
-    return {"mean_iou": float(miou), "pixel_accuracy": float((pred == targets).float().mean())}
+    from lightning_mlflow_cv.callbacks.cv_metrics import confusion_stats
+
+    pred, target = torch.from_numpy(masks).long(), targets.long()
+    num_classes = int(max(pred.max(), target.max())) + 1
+    iou = confusion_stats(multiclass_confusion_matrix(pred.flatten(), target.flatten(), num_classes))["iou"]
+    miou = iou[~torch.isnan(iou)].mean()
+    return {"mean_iou": float(miou), "pixel_accuracy": float((pred == target).float().mean())}
 
 
 def _detection_metrics(preds: list[Mapping[str, Any]], targets: list[Mapping[str, Any]]) -> dict[str, float]:

@@ -1,6 +1,9 @@
 """A fault-injecting HTTP proxy in front of a real `mlflow server` (127.0.0.1 only).
 
-Modes: ``ok`` (forward), ``error`` (answer 500 without forwarding), ``slow`` (sleep ``delay_s``, then forward).
+Modes: ``ok`` (forward), ``error`` (answer 500 without forwarding), ``slow`` (sleep ``delay_s``, then forward),
+``hold`` (keep each request until :meth:`FaultProxy.release`, then forward; a safety timeout ``hold_max_s``
+releases everything and is counted in ``hold_timeouts``). When the upstream server is gone mid-request (killed),
+the client's connection is dropped without an answer, as a crashed server's is (counted as ``hits["dropped"]``).
 Counts requests per mode so tests can prove the fault was actually hit, and records every request
 (``log``: method, path, start and end time) and the most requests in flight at once (``max_in_flight``).
 ``error_if(method, path)`` returning True answers that one request with a 500 whatever the mode (an int: that
@@ -9,6 +12,7 @@ HTTP status, e.g. 404 for a server without the endpoint).
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -32,6 +36,9 @@ class FaultProxy:
         self.in_flight = 0
         self.max_in_flight = 0
         self.error_if: Callable[[str, str], bool | int] | None = None
+        self.hold_max_s = 60.0
+        self.hold_timeouts = 0
+        self.released = threading.Event()
         self._lock = threading.Lock()
         proxy = self
 
@@ -77,6 +84,10 @@ class FaultProxy:
                     return
                 if mode == "slow":
                     time.sleep(proxy.delay_s)
+                if mode == "hold" and not proxy.released.wait(proxy.hold_max_s):
+                    with proxy._lock:
+                        proxy.hold_timeouts += 1
+                    proxy.release()  # a test that never releases must not hang the suite
                 req = urllib.request.Request(proxy.upstream + self.path, data=body, method=self.command)
                 for k, v in self.headers.items():
                     if k.lower() not in _HOP:
@@ -86,6 +97,10 @@ class FaultProxy:
                         status, headers, payload = resp.status, resp.headers, resp.read()
                 except urllib.error.HTTPError as err:
                     status, headers, payload = err.code, err.headers, err.read()
+                except (OSError, http.client.HTTPException):  # upstream gone (killed mid-request)
+                    proxy.hits["dropped"] += 1
+                    self.close_connection = True
+                    return
                 self.send_response(status)
                 for k, v in headers.items():
                     if k.lower() not in _HOP:
@@ -103,6 +118,11 @@ class FaultProxy:
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def release(self) -> None:
+        """Let held requests (and all later ones) through."""
+        self.mode = "ok"
+        self.released.set()
 
     def __enter__(self) -> FaultProxy:
         self.thread.start()

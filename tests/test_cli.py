@@ -89,6 +89,7 @@ def secret_model_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return "secret_models.SecretDigits"
 
 
+@pytest.mark.slow
 def test_cli_logs_redacted_config_per_run_without_clash(
     tmp_path: Path, tracking_uri: str, secret_model_module: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,6 +134,7 @@ def test_cli_logs_redacted_config_per_run_without_clash(
             assert secret not in text, f"secret {secret} leaked into run {run_id}"
 
 
+@pytest.mark.slow
 def test_cli_without_mlflow_logger_warns_and_still_trains(tmp_path: Path) -> None:
     from lightning_mlflow_cv.cli_lightning import MLflowCVCLI
 

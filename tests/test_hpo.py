@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import import_real
 from mlflow import MlflowClient
 from tiny import TinyModel, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger
 from lightning_mlflow_cv.hpo import optuna_sweep, trial_logger
 
-optuna = pytest.importorskip("optuna")
+optuna = import_real("optuna", "optuna")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,8 +52,9 @@ class PruneTrial(optuna.pruners.BasePruner):
         return trial.number == self.number
 
 
+@pytest.mark.slow
 def test_lightning_sweep_tree_with_pruned_and_failed_trials(tracking_uri):
-    PyTorchLightningPruningCallback = pytest.importorskip("optuna_integration").PyTorchLightningPruningCallback
+    PyTorchLightningPruningCallback = import_real("optuna_integration", "optuna").PyTorchLightningPruningCallback
 
     train, val = loaders(n=16)
 
@@ -179,7 +181,12 @@ def test_arguments_are_checked(kwargs, error, match, tracking_uri):
     args = {"objective": lambda t: 0.0, "n_trials": 1, "tracking_uri": tracking_uri, **kwargs}
     with pytest.raises(error, match=match):
         optuna_sweep(**args)
-    assert MlflowClient(tracking_uri).search_runs(["0"]) == []  # raised before creating any run
+    # raised before creating any run or experiment: the sweep writes to its own experiment (run_name's by
+    # default), so look at every experiment of the store, not only the Default one
+    client = MlflowClient(tracking_uri)
+    experiments = client.search_experiments()
+    assert [e.name for e in experiments] == ["Default"]
+    assert client.search_runs([e.experiment_id for e in experiments]) == []
 
 
 def test_trial_logger_outside_a_sweep_and_reserved_kwargs(tracking_uri):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -71,14 +74,81 @@ def test_fit_delivers_every_point_params_tags_and_status(tracking_uri, spool_dir
 def test_log_metrics_only_enqueues_until_flush(tracking_uri):
     logger = MLflowCVLogger(tracking_uri=tracking_uri, flush_interval_s=3600)
     run_id = logger.run_id
-    for step in range(2500):
+    for step in range(240):  # 960 points: under the 1,000 that wake the writer early
         logger.log_metrics({f"m{k}": float(step * k) for k in range(4)}, step=step)
     client = MlflowClient(tracking_uri)
-    # the writer wakes once a batch worth of points waits; but it never holds the caller
+    time.sleep(0.5)  # give a wrongly woken writer time to deliver (it has nothing to do otherwise)
+    assert client.get_run(run_id).data.metrics == {}  # nothing delivered: log_metrics only appended
+    assert logger.spool_path.stat().st_size > 0
+    assert logger.flush() is True
+    assert all(len(client.get_metric_history(run_id, f"m{k}")) == 240 for k in range(4))
+    # a batch worth of points wakes the writer, but the caller is never held
+    for step in range(240, 2500):
+        logger.log_metrics({f"m{k}": float(step * k) for k in range(4)}, step=step)
     assert logger.flush() is True
     assert all(len(client.get_metric_history(run_id, f"m{k}")) == 2500 for k in range(4))
     logger.finalize("success")
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("process_nice", [None, 12])
+def test_writer_thread_runs_at_a_lower_cpu_priority(tracking_uri, process_nice):
+    """10 below the training thread's priority, also when the whole job already runs under `nice` (an absolute
+    nice value of 10 would be no lower, or even higher, than a `nice -n 12` job's)."""
+    if process_nice is not None:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        if before > process_nice:
+            pytest.skip(f"the test process already runs at nice {before}")
+        os.setpriority(os.PRIO_PROCESS, tid, process_nice)  # threads created from here on inherit it
+        try:
+            _check_writer_priority(tracking_uri)
+        finally:
+            with contextlib.suppress(OSError):  # lowering it back needs privileges; pytest runs on in this thread
+                os.setpriority(os.PRIO_PROCESS, tid, before)
+        return
+    _check_writer_priority(tracking_uri)
+
+
+def _check_writer_priority(tracking_uri):
+    logger = MLflowCVLogger(tracking_uri=tracking_uri, flush_interval_s=3600)
+    logger.log_metrics({"x": 1.0}, step=0)
+    writer = logger._writer
+    assert writer is not None and writer.is_alive()
+    deadline = time.monotonic() + 10
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    while os.getpriority(os.PRIO_PROCESS, writer.native_id) == main_nice and time.monotonic() < deadline:
+        time.sleep(0.05)  # the thread lowers its own priority as it starts
+    writer_nice = os.getpriority(os.PRIO_PROCESS, writer.native_id)  # a Linux thread's own nice value
+    assert writer_nice == min(main_nice + 10, 19) and (writer_nice > main_nice or main_nice == 19)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice  # training thread untouched
+    logger.finalize("success")
+
+
+def test_git_commit_falls_back_to_git_rev_parse(tracking_uri, tmp_path, monkeypatch):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git[:3], "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    sha = subprocess.run([*git[:3], "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    monkeypatch.delenv("GIT_COMMIT_SHA")
+    monkeypatch.chdir(repo)
+    logger = MLflowCVLogger(tracking_uri=tracking_uri)
+    logger.log_metrics({"x": 1.0}, step=0)
+    logger.finalize("success")
+    assert MlflowClient(tracking_uri).get_run(logger.run_id).data.tags["git_commit"] == sha
+    # outside a repository (and no GIT_COMMIT_SHA) no git_commit tag is invented
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    logger = MLflowCVLogger(tracking_uri=tracking_uri)
+    logger.log_metrics({"x": 1.0}, step=0)
+    logger.finalize("success")
+    assert "git_commit" not in MlflowClient(tracking_uri).get_run(logger.run_id).data.tags
 
 
 def test_spool_compacts_so_disk_and_memory_stay_bounded(tracking_uri, monkeypatch):
@@ -255,11 +325,26 @@ def test_resume_from_checkpoint_continues_the_same_run(tracking_uri, tmp_path):
     assert sorted(steps) == list(range(32))
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
-    # an explicit run_id wins over the checkpoint's
-    other = MLflowCVLogger(tracking_uri=tracking_uri, experiment_name="resume", run_id=None)
-    third = trainer(other, max_epochs=3)
-    assert other.run_id != run_id
-    third.fit(TinyModel(lr=0.05), train, val)
+
+
+def test_explicit_run_id_wins_over_the_checkpoint_run(tracking_uri, tmp_path):
+    """A checkpoint of run A, `MLflowCVLogger(run_id=B)`, `fit(ckpt_path=...)`: the resumed fit logs into B."""
+    train, val = loaders()
+    first = MLflowCVLogger(tracking_uri=tracking_uri, experiment_name="resume")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(first, max_epochs=1, callbacks=[ckpt], enable_checkpointing=True).fit(TinyModel(), train, val)
+    run_a = first.run_id
+    client = MlflowClient(tracking_uri)
+    run_b = client.create_run(client.get_run(run_a).info.experiment_id, run_name="B").info.run_id
+
+    explicit = MLflowCVLogger(tracking_uri=tracking_uri, run_id=run_b)
+    tr = trainer(explicit, max_epochs=2, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt2")], enable_checkpointing=True)
+    tr.fit(TinyModel(), train, val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert explicit.run_id == run_b
+    steps_b = sorted(m.step for m in client.get_metric_history(run_b, "train/m0"))
+    assert steps_b == list(range(16, 32))  # the resumed epoch, in B
+    assert sorted(m.step for m in client.get_metric_history(run_a, "train/m0")) == list(range(16))  # A untouched
+    assert client.get_run(run_b).info.status == "FINISHED"
 
 
 def test_status_failed_and_killed(tracking_uri):

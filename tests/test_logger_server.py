@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-from conftest import MlflowServer, free_port
+from conftest import MlflowServer, refused_port
+from faults import FaultProxy
 from mlflow import MlflowClient
 from tiny import N_METRICS, TinyModel, history_counts, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 
 class _Outage(pl.Callback):
@@ -30,6 +35,7 @@ class _Outage(pl.Callback):
             self.server.start()
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("writer", ["thread", "process"])
 def test_server_stopped_mid_fit_then_restarted_every_point_arrives(mlflow_server, recwarn, writer):
     logger = MLflowCVLogger(
@@ -50,6 +56,51 @@ def test_server_stopped_mid_fit_then_restarted_every_point_arrives(mlflow_server
     assert "lightning-mlflow-cv sync" in str(outage[0].message)
 
 
+class _Crash(pl.Callback):
+    """At one step the server dies mid-request, as in a crash or an OOM kill: it is frozen (SIGSTOP) until a
+    request from the logger is on its way to it through the proxy, then SIGKILLed (no graceful shutdown: the
+    request is never answered, the connection drops). It is started again at a later step."""
+
+    def __init__(self, server: MlflowServer, proxy: FaultProxy, kill_at: int, start_at: int) -> None:
+        self.server, self.proxy, self.kill_at, self.start_at = server, proxy, kill_at, start_at
+        self.in_flight_at_kill = 0
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.kill_at:
+            pgid = self.server.proc.pid
+            os.killpg(pgid, signal.SIGSTOP)
+            deadline = time.monotonic() + 30
+            while self.proxy.in_flight < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.in_flight_at_kill = self.proxy.in_flight
+            os.killpg(pgid, signal.SIGKILL)
+            self.server.proc.wait(timeout=30)
+            self.server.proc = None
+        elif trainer.global_step == self.start_at:
+            self.server.start()
+
+
+@pytest.mark.server
+def test_server_killed_mid_request_then_restarted_every_point_arrives(mlflow_server, recwarn):
+    with FaultProxy(mlflow_server.uri) as proxy:
+        logger = MLflowCVLogger(
+            tracking_uri=proxy.uri, experiment_name="crash", flush_interval_s=0.2, request_timeout_s=2
+        )
+        crash = _Crash(mlflow_server, proxy, kill_at=8, start_at=40)
+        train, val = loaders()
+        tr = trainer(logger, max_epochs=3, callbacks=[crash])
+        tr.fit(TinyModel(), train, val)
+        assert crash.in_flight_at_kill >= 1 and proxy.hits["dropped"] >= 1  # a request really died with it
+    assert tr.global_step == 48
+    client = MlflowClient(mlflow_server.uri)
+    for k in range(N_METRICS):
+        points = [(m.step, m.timestamp, m.value) for m in client.get_metric_history(logger.run_id, f"train/m{k}")]
+        assert sorted(s for s, _, _ in points) == list(range(48)), f"train/m{k}: lost or doubled points"
+    assert client.get_run(logger.run_id).info.status == "FINISHED"
+    outage = [w for w in recwarn if "cannot reach the MLflow tracking store" in str(w.message)]
+    assert len(outage) == 1 and "lightning-mlflow-cv sync" in str(outage[0].message)
+
+
 def _contents(client: MlflowClient, run_id: str) -> dict:
     run = client.get_run(run_id)
     return {
@@ -64,19 +115,19 @@ def _contents(client: MlflowClient, run_id: str) -> dict:
     }
 
 
+@pytest.mark.server
 def test_unreachable_for_the_whole_fit_then_sync_gives_the_same_run(tmp_path, capfd):
-    port = free_port()
-    server = MlflowServer(tmp_path, port=port)
-    uri = server.uri
-
     def fit(logger: MLflowCVLogger) -> None:
         pl.seed_everything(7)
         train, val = loaders()
         trainer(logger, max_epochs=2).fit(TinyModel(), train, val)
 
-    offline = MLflowCVLogger(tracking_uri=uri, experiment_name="offline", run_name="r", request_timeout_s=1)
-    with pytest.warns(RuntimeWarning, match=r"cannot create the MLflow run .*Training continues offline"):
-        fit(offline)
+    with refused_port() as port:  # held (refusing) for the whole offline fit; the server takes it afterwards
+        server = MlflowServer(tmp_path, port=port)
+        uri = server.uri
+        offline = MLflowCVLogger(tracking_uri=uri, experiment_name="offline", run_name="r", request_timeout_s=1)
+        with pytest.warns(RuntimeWarning, match=r"cannot create the MLflow run .*Training continues offline"):
+            fit(offline)
     assert offline.offline and offline.run_id.startswith("offline-")
     spool = offline.last_spool_path
     assert spool is not None and spool.exists()
@@ -88,8 +139,6 @@ def test_unreachable_for_the_whole_fit_then_sync_gives_the_same_run(tmp_path, ca
         fit(online)
         cmd = [str(Path(sys.executable).with_name("lightning-mlflow-cv")), "sync", str(spool)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
-        import json
-
         synced_id = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
         client = MlflowClient(uri)
         synced, clean = _contents(client, synced_id), _contents(client, online.run_id)

@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from conftest import import_real
 from torch.utils.data import DataLoader
 
 from lightning_mlflow_cv.callbacks.gradcam import GradCAMCallback
 from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.logger import MLflowCVLogger
 
-pytest.importorskip("captum")
+import_real("captum", "captum")
 STEP = re.compile(r"\+step\+(\d+)\+")
 
 
@@ -57,6 +58,7 @@ def images(store, run_id, prefix, dst) -> dict[int, Image.Image]:
     return out
 
 
+@pytest.mark.slow
 def test_once_at_fit_end(store, loaders, tmp_path):
     grads = []
 
@@ -89,25 +91,98 @@ def test_every_n_epochs_and_true_target(store, loaders, tmp_path):
     assert sorted(images(store, logger.run_id, "cam", tmp_path)) == [0, 1]
 
 
-def test_overlay_follows_captum(loaders):
-    """The callback's heat map peak is where captum's LayerGradCam (called directly) puts it."""
-    from captum.attr import LayerGradCam
+class Evidence(pl.LightningModule):
+    """A model whose evidence is known by construction: two 1x1-conv feature maps copy the red and the green
+    input channel, and class c's logit is the sum of feature map c. Grad-CAM on the feature maps is therefore
+    exactly the red channel for class 0 and the green channel for class 1 (the other map gets weight 0)."""
 
-    from lightning_mlflow_cv import _grid
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 2, 1, bias=False), nn.ReLU())
+        with torch.no_grad():
+            self.features[0].weight.zero_()
+            self.features[0].weight[0, 0] = 1.0
+            self.features[0].weight[1, 1] = 1.0
 
-    torch.manual_seed(0)
-    model = DigitsClassifier(width=4).eval()
-    x, y = next(iter(loaders[1]))
-    x, y = x[:1], y[:1]
-    cam = LayerGradCam(model, model.features[3]).attribute(x, target=int(model(x).argmax()), relu_attributions=True)
-    cam = cam[0].sum(0)
-    if cam.max() <= 0:
-        pytest.skip("degenerate map for this random init")
-    img = torch.zeros(3, 96, 96, dtype=torch.uint8)
-    overlay = _grid.heatmap_overlay(img, cam, alpha=1.0)
-    peak = np.unravel_index(int(cam.argmax()), tuple(cam.shape))
-    cy, cx = int(peak[0] * 96 / cam.shape[0] + 96 / cam.shape[0] / 2), int(peak[1] * 96 / cam.shape[1] + 96 / cam.shape[1] / 2)
-    assert overlay[0, cy, cx] > 100  # red end of the jet colormap at the captum peak
+    def forward(self, x):
+        return self.features(x).sum((2, 3))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # the weights stay as constructed
+
+
+def squares(n: int = 8, size: int = 16) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]]:
+    """Images with a red and a green square; the bigger one decides the class (0 red, 1 green).
+
+    Returns images (n, 3, size, size), labels and, per image, the top-left corners (red y, x, green y, x)."""
+    x = torch.zeros(n, 3, size, size)
+    y = torch.zeros(n, dtype=torch.long)
+    corners = []
+    for i in range(n):
+        big, small = 6, 3
+        ry, rx = (1 + i) % 4, 1 + (i % 3)  # red in the top-left area
+        gy, gx = 9 + (i % 3), 9 + (i * 2) % 4  # green in the bottom-right area
+        rs, gs = (big, small) if i % 2 == 0 else (small, big)
+        x[i, 0, ry : ry + rs, rx : rx + rs] = 1.0
+        x[i, 1, gy : gy + gs, gx : gx + gs] = 1.0
+        y[i] = 0 if rs > gs else 1
+        corners.append((ry, rx, gy, gx, rs, gs))
+    return x, y, corners
+
+
+def independent_gradcam(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM from its definition (Selvaraju et al.), with autograd only: ReLU(sum_k mean(dy_c/dA_k) A_k)."""
+    acts = model.features(x)
+    logits = acts.sum((2, 3))
+    grads = torch.autograd.grad(logits[torch.arange(len(x)), target].sum(), acts)[0]
+    return (grads.mean((2, 3), keepdim=True) * acts).sum(1).clamp_min(0).detach()
+
+
+@pytest.mark.slow
+def test_logged_heatmap_is_grad_cam_of_the_evidence_region(tracking_uri, tmp_path):
+    import matplotlib
+
+    x, y, corners = squares()
+    loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    cb = GradCAMCallback("features.1", num_samples=len(x), alpha=1.0)  # every image: both classes, any seed
+    logger = MLflowCVLogger(experiment_name="gradcam-evidence", tracking_uri=tracking_uri)
+    model = Evidence()
+    trainer = pl.Trainer(
+        max_epochs=1, logger=logger, callbacks=[cb], num_sanity_val_steps=0, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(model, loader, loader)
+    assert logger.flush()
+    (grid,) = images(tracking_uri, logger.run_id, "gradcam/features.1", tmp_path).values()
+    arr = np.asarray(grid.convert("RGB")).astype(int)
+    idx = cb.indices
+    assert sorted(idx) == list(range(len(x)))
+    with torch.no_grad():
+        assert model(x[idx]).argmax(1).tolist() == y[idx].tolist()  # right predictions: no red frame
+    cams = independent_gradcam(model, x[idx], y[idx])  # the predicted (= true) class
+    panel_w, panel_h, display = 2 * 96 + 2, 96 + 34, 96  # image | overlay (16 px enlarged 6x), two caption lines
+    assert arr.shape[:2] == (4 + 3 * (panel_h + 4), 4 + 3 * (panel_w + 4))  # 8 panels, 3 per row
+    for j, i in enumerate(idx):
+        top, left = 4 + (j // 3) * (panel_h + 4), 4 + (j % 3) * (panel_w + 4) + display + 2
+        overlay = arr[top : top + display, left : left + display]
+        # expected overlay: the independent map, scaled to [0, 1], enlarged bilinearly, through the jet colormap
+        cam = cams[j] / cams[j].max()
+        big = nn.functional.interpolate(cam[None, None], size=(display, display), mode="bilinear")[0, 0].clamp(0, 1)
+        expected = np.round(matplotlib.colormaps["jet"](big.numpy())[..., :3] * 255).astype(int)
+        assert np.abs(overlay - expected).max() <= 2, f"sample {i}: logged heat map differs from Grad-CAM"
+        # and by construction: hot on the evidence square, cold on the other one
+        ry, rx, gy, gx, rs, gs = corners[i]
+        (ey, ex, es), (oy, ox, os_) = ((ry, rx, rs), (gy, gx, gs)) if y[i] == 0 else ((gy, gx, gs), (ry, rx, rs))
+        hot = overlay[6 * ey + 6 * es // 2, 6 * ex + 6 * es // 2]
+        cold = overlay[6 * oy + 6 * os_ // 2, 6 * ox + 6 * os_ // 2]
+        assert tuple(hot) == (128, 0, 0) and tuple(cold) == (0, 0, 128), (i, hot, cold)
 
 
 def test_wrong_layer_fails_at_setup_with_close_matches(store, loaders):

@@ -16,6 +16,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from mlflow import MlflowClient
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import refused_port
+
 from lightning_mlflow_cv import MLflowCVLogger, _pyfunc
 from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback, model_card_markdown
 from lightning_mlflow_cv.demo import DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule, load_digits_tensors
@@ -68,6 +70,7 @@ def _fit(uri, registry, metrics=None, steps=2, epochs=1, checkpoint=False, logge
     return trainer, model, dm, logger
 
 
+@pytest.mark.slow
 def test_register_serve_champion_matches_module(uri):
     reg = ModelRegistryCallback(
         "digits-e2e",
@@ -188,12 +191,13 @@ def test_onnx_network_inside_the_pyfunc(uri):
 
 
 def test_tracking_failure_keeps_model_on_disk_and_fit_finishes(tmp_path):
-    logger = MLflowCVLogger(
-        experiment_name="down", tracking_uri="http://127.0.0.1:9", request_timeout_s=0.5, finalize_timeout_s=1
-    )
-    reg = ModelRegistryCallback("digits-down")
-    with pytest.warns(RuntimeWarning, match=r"registering 'digits-down' failed .* The saved model is kept in"):
-        trainer, *_ = _fit(None, reg, logger=logger)
+    with refused_port() as port:
+        logger = MLflowCVLogger(
+            experiment_name="down", tracking_uri=f"http://127.0.0.1:{port}", request_timeout_s=0.5, finalize_timeout_s=1
+        )
+        reg = ModelRegistryCallback("digits-down")
+        with pytest.warns(RuntimeWarning, match=r"registering 'digits-down' failed .* The saved model is kept in"):
+            trainer, *_ = _fit(None, reg, logger=logger)
     assert trainer.state.finished and reg.version is None
     assert reg.kept_model_dir is not None and Path(reg.kept_model_dir).is_relative_to(tmp_path)
     # what is kept is a complete MLflow model: it serves without any store

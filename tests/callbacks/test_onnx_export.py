@@ -43,6 +43,7 @@ def _fit(tracking_uri, callbacks, model=None, checkpoint=True, steps=8):
     return trainer, model, MlflowClient(tracking_uri).get_run(logger.run_id)
 
 
+@pytest.mark.slow
 def test_export_best_weights_parity_two_batch_sizes(tracking_uri):
     cb = ONNXExportCallback()
     trainer, model, run = _fit(tracking_uri, [cb])

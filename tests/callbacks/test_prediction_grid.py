@@ -191,6 +191,7 @@ PANEL = {
 # ------------------------------------------------------------------------------------------------
 # images per epoch, steps, sizes
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["classification", "object-detection", "semantic-segmentation"])
 def test_one_grid_per_epoch_with_expected_size(task, store, tmp_path):
     model, train, val = make_task(task)

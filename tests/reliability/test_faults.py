@@ -97,15 +97,17 @@ def _log_points(logger: MLflowCVLogger, steps: int, keys: int) -> None:
 
 
 def test_slow_server_gets_metric_requests_in_parallel_and_the_status_last(mlflow_server):
-    """A slow server (0.5 s per request here) costs one round trip per 4 metric requests, not one per request,
-    and the run is only marked FINISHED after every point it logged was stored."""
+    """A slow server (0.8 s per request here, clearly above the 0.5 s that opens the window) costs one round trip
+    per 4 metric requests, not one per request, and the run is only marked FINISHED after every point it logged
+    was stored."""
     steps, keys = 540, 9  # 4,860 points: at least 5 requests of <= 1,000, and 9 does not divide 1,000
     with FaultProxy(mlflow_server.uri) as proxy:
         logger = MLflowCVLogger(tracking_uri=proxy.uri, experiment_name="eslow", flush_interval_s=60)
         _ = logger.experiment  # create the run at full speed
-        proxy.mode, proxy.delay_s = "slow", 0.5
+        proxy.mode, proxy.delay_s = "slow", 0.8
         _log_points(logger, steps, keys)
         logger.finalize("success")
+    assert proxy.max_in_flight >= 2, "metric requests were sent one at a time"
     batches = [(s, e) for m, path, s, e in proxy.log if path.endswith("/runs/log-batch")]
     updates = [(s, e) for m, path, s, e in proxy.log if path.endswith("/runs/update")]
     assert len(batches) >= 5
@@ -136,13 +138,45 @@ def test_one_failed_request_among_parallel_ones_is_resent_and_nothing_is_lost(ml
     with FaultProxy(mlflow_server.uri) as proxy:
         logger = MLflowCVLogger(tracking_uri=proxy.uri, experiment_name="epartial", flush_interval_s=60)
         _ = logger.experiment
-        proxy.mode, proxy.delay_s = "slow", 0.3
+        proxy.mode, proxy.delay_s = "slow", 0.8  # clearly above the 0.5 s that opens the window to 8 requests
         _log_points(logger, steps, keys)
         proxy.error_if = second_batch_fails_once
         logger.finalize("success")
     assert failed, "the fault was not hit"
+    assert proxy.max_in_flight >= 2, "the failed request was never among parallel ones"
     client = MlflowClient(mlflow_server.uri)
     for k in range(keys):
         history = client.get_metric_history(logger.run_id, f"slow/m{k}")
         assert sorted(m.step for m in history) == list(range(steps)), f"slow/m{k}: lost or duplicated points"
     assert client.get_run(logger.run_id).info.status == "FINISHED"
+
+
+def test_held_server_responses_never_hold_training(mlflow_server):
+    """`log_metrics` only appends to the spool: with every server response held, a fit of 48 steps completes
+    while no point has reached the store; all of them arrive once the responses are released."""
+    direct = MlflowClient(mlflow_server.uri)
+    seen: dict[str, int] = {}
+
+    class _CheckThenRelease(pl.Callback):
+        def on_train_end(self, trainer, pl_module) -> None:  # after the last step, before the logger finalizes
+            seen["steps"] = trainer.global_step
+            seen["stored"] = len(direct.get_metric_history(logger.run_id, "train/m0"))
+            seen["held"] = proxy.hits["hold"]
+            proxy.release()
+
+    with FaultProxy(mlflow_server.uri) as proxy:
+        proxy.hold_max_s = 30
+        logger = MLflowCVLogger(
+            tracking_uri=proxy.uri, experiment_name="held", flush_interval_s=0.1, request_timeout_s=120
+        )
+        _ = logger.experiment  # the run exists before the hold
+        proxy.mode = "hold"
+        train, val = loaders()
+        tr = trainer(logger, max_epochs=3, callbacks=[_CheckThenRelease()])
+        tr.fit(TinyModel(), train, val)
+        assert proxy.hold_timeouts == 0, "the fit waited for a held response until the proxy gave up holding"
+    assert seen["steps"] == 48 and seen["held"] >= 1  # the writer tried, and was held, during the fit
+    assert seen["stored"] == 0, f"{seen['stored']} points reached the store while every response was held"
+    counts = history_counts(direct, logger.run_id)
+    assert all(counts[f"train/m{k}"] == 48 for k in range(N_METRICS)), counts
+    assert direct.get_run(logger.run_id).info.status == "FINISHED"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
+from conftest import refused_port
 from faults import FaultProxy
 from mlflow import MlflowClient
 
@@ -17,7 +18,6 @@ from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback
 from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.registry import promote, promote_main, registry_unsupported
 
-pytestmark = [pytest.mark.server]
 
 
 def _no_registry(method: str, path: str) -> int | bool:
@@ -31,6 +31,7 @@ def tracking_only(mlflow_server):
         yield proxy
 
 
+@pytest.mark.server
 def test_promote_on_a_tracking_only_server_names_the_store_and_the_fix(tracking_only, capsys):
     with pytest.raises(ValueError, match=r"promote: the store 'http://127\.0\.0\.1:\d+' does not support the MLflow Model "
                        r"Registry \(ENDPOINT_NOT_FOUND.*Fix: use a tracking URI whose store has a registry"):
@@ -56,6 +57,8 @@ def test_promote_on_a_tracking_plugin_without_registry_store(tmp_path):
         promote("digits-cnn", 1, tracking_uri=uri)
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_registry_callback_fails_before_training_and_keeps_what_was_logged(tracking_only, mlflow_server):
     logger = MLflowCVLogger(experiment_name="noreg", tracking_uri=tracking_only.uri, flush_interval_s=0.5)
     logger.log_hyperparams({"lr": 0.01})
@@ -76,10 +79,12 @@ def test_a_store_that_is_down_is_not_reported_as_unsupported():
     # an outage is a tracking failure (warning + spool at fit end), not a configuration mistake
     from lightning_mlflow_cv import _http
 
-    with _http.fail_fast(0.5):
-        assert registry_unsupported(MlflowClient("http://127.0.0.1:9", registry_uri="http://127.0.0.1:9")) is None
+    with refused_port() as port, _http.fail_fast(0.5):
+        down = f"http://127.0.0.1:{port}"
+        assert registry_unsupported(MlflowClient(down, registry_uri=down)) is None
 
 
+@pytest.mark.server
 def test_a_store_with_a_registry_is_supported(mlflow_server, tmp_path):
     assert registry_unsupported(MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)) is None
     sqlite = f"sqlite:///{tmp_path / 'r.db'}"

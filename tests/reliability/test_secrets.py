@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import refused_port
 from mlflow import MlflowClient
 from tiny import TinyModel, loaders, trainer
 
@@ -41,12 +41,14 @@ def test_credentials_in_uri_and_secret_hparams_never_stored(mlflow_server, tmp_p
         assert URI_PW not in text and HP_TOKEN not in text
 
 
+@pytest.mark.slow  # waits out the logger's finalize timeout
 def test_unreachable_uri_with_credentials_keeps_them_out_of_spool_and_warnings(tmp_path, capfd, recwarn):
-    uri = f"http://alice:{URI_PW}@127.0.0.1:{free_port()}"
-    logger = MLflowCVLogger(tracking_uri=uri, experiment_name="secrets", request_timeout_s=1)
-    logger.log_hyperparams({"token": HP_TOKEN, "lr": 0.1})
-    logger.log_metrics({"x": 1.0}, step=0)
-    logger.finalize("success")
+    with refused_port() as port:
+        uri = f"http://alice:{URI_PW}@127.0.0.1:{port}"
+        logger = MLflowCVLogger(tracking_uri=uri, experiment_name="secrets", request_timeout_s=1)
+        logger.log_hyperparams({"token": HP_TOKEN, "lr": 0.1})
+        logger.log_metrics({"x": 1.0}, step=0)
+        logger.finalize("success")
     spool = logger.last_spool_path
     assert spool is not None and spool.exists()
     texts = [p.read_text(errors="ignore") for p in spool.parent.rglob("*") if p.is_file()]
