@@ -65,6 +65,7 @@ def test_flatten_config() -> None:
         ({"config_filename": "a/b.yaml"}, r"`config_filename` must be a file name .*no directories.*'a/b.yaml'"),
         ({"artifact_dir": "/"}, r"`artifact_dir` must be a non-empty string, got '/'"),
         ({"params_prefix": ""}, r"`params_prefix` must be a non-empty string, got ''"),
+        ({"log_params": "all"}, r"`log_params` must be 'summary', True or False, got 'all'"),
     ],
 )
 def test_save_config_invalid_arguments(kwargs, match) -> None:
@@ -119,14 +120,24 @@ def test_cli_logs_redacted_config_per_run_without_clash(
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         p = run.data.params
-        assert p["config/model/init_args/lr"] == str(lr) and p["config/trainer/max_epochs"] == "1"
+        # params: the class paths from the config, the model's hparams once (through Lightning), no internals
         assert p["config/model/class_path"] == secret_model_module
-        assert p["config/trainer/callbacks/2/class_path"].endswith("ReproducibilityCallback")
-        assert p["config/model/init_args/api_key"] == "***REDACTED***"
-        assert p["config/model/init_args/db_url"] == "postgresql://***REDACTED***@db.example.com/prod"
+        assert p["config/data/class_path"] == "lightning_mlflow_cv.demo.DigitsDataModule"
+        assert p["lr"] == str(lr) and p["max_epochs"] == "1" and p["batch_size"] == "64"
+        assert p["api_key"] == "***REDACTED***"
+        assert p["db_url"] == "postgresql://***REDACTED***@db.example.com/prod"
+        assert not [k for k in p if k.startswith("config/") and not k.endswith("/class_path")], sorted(p)
+        named = {}
+        for k, v in p.items():
+            name = k.rsplit("/", 1)[-1].replace("initial_lr", "lr")
+            if name in {"lr", "batch_size", "seed", "split_seed", "global_seed"}:
+                named.setdefault(v if name != "lr" else ("lr", v), []).append(k)
+        assert all(len(keys) == 1 for keys in named.values()), named  # one key per value
+        assert len(p) <= 72, sorted(p)  # was 286 when the CLI flattened the whole config into params
         local = client.download_artifacts(run_id, "configs/config.yaml", str(tmp_path / "dl" / run_id))
         cfg = yaml.safe_load(Path(local).read_text())
         assert cfg["model"]["init_args"]["lr"] == lr  # each run has its own file
+        assert cfg["model"]["init_args"]["api_key"] == "***REDACTED***"  # the full config, redacted
         assert cfg["trainer"]["logger"]["class_path"] == "lightning_mlflow_cv.MLflowCVLogger"
         text = run_text(tracking_uri, run_id, tmp_path / "all" / run_id)
         for secret in SECRETS:
@@ -173,8 +184,8 @@ def test_console_script_fit_against_mlflow_server(tmp_path: Path, mlflow_server)
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     p = run.data.params
-    assert p["config/trainer/logger/init_args/tracking_uri"] == f"http://***REDACTED***@{host}"
     assert p["config/model/class_path"] == "lightning_mlflow_cv.demo.DigitsClassifier"
+    assert not [k for k in p if k.startswith("config/trainer/")]  # logger internals stay in the config artifact
     assert p["global_seed"] == "42" and p["augment/RandomAffine/degrees"] == "[-10.0, 10.0]"
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "configs")}
     assert arts == {"configs/config.yaml"}

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_mlflow_cv import _export, _http, _pyfunc
 from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv._summary import NOTE_TAG, run_description
 from lightning_mlflow_cv.registry import Decision, parse_gates, promote, transition_stage
 
 if TYPE_CHECKING:
@@ -143,6 +144,22 @@ def _create_version(client: Any, uri: str, name: str, lm: Any, run_id: str, tags
         )
 
 
+def _link_version(client: Any, model_id: str, name: str, version: str) -> None:
+    """Tag the LoggedModel with its version (``mlflow.modelVersions``), as ``mlflow.register_model`` does.
+
+    ``create_model_version(..., model_id=...)`` does not set that tag on a SQL store, and without it the UI's
+    model page says "Not registered". Existing entries are kept; a version already listed is not repeated.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    entry = {"name": name, "version": str(version)}
+    existing = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    entries = json.loads(existing) if existing else []
+    if entry not in entries:
+        entries.append(entry)
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
+
+
 def _registry_client(logger: Any) -> MlflowClient:
     """A client on the logger's store, used as the registry too."""
     from mlflow import MlflowClient
@@ -162,7 +179,7 @@ class ModelRegistryCallback(Callback):
     On global rank 0 when training ends (``on_train_end``):
 
     1. **Dependencies first**: an ``ONNXExportCallback`` and a ``fit_end`` ``InferenceLatencyCallback`` on the
-       same Trainer are run first (once), so gates can use ``onnx_max_abs_err`` or ``p95_latency_ms`` whatever
+       same Trainer are run first (once), so gates can use ``onnx/max_abs_err`` or ``latency/torch/p95_ms`` whatever
        the callback order.
     2. **The model**: an MLflow pyfunc bundling preprocessing (resize to the training size, scale to [0, 1],
        normalise with ``mean``/``std``), the network, and postprocessing (``softmax``/``sigmoid``
@@ -196,7 +213,7 @@ class ModelRegistryCallback(Callback):
             ``mean``/``std`` attributes); ``size`` defaults to the training images' size.
         postprocess: ``"softmax"``, ``"sigmoid"``, ``"boxes"``, ``"masks"`` or ``"none"``.
         alias: Alias set on every new version.
-        gates: ``{metric: "<op><number>"}``, e.g. ``{"val/acc": ">=0.9", "p95_latency_ms": "<=50"}``.
+        gates: ``{metric: "<op><number>"}``, e.g. ``{"val/acc": ">=0.9", "latency/torch/p95_ms": "<=50"}``.
         champion_alias: Alias of the champion.
         compare_metric: Metric compared with the champion's (``None``: gates only).
         min_improvement: Least gain over the champion on ``compare_metric``.
@@ -205,7 +222,8 @@ class ModelRegistryCallback(Callback):
         use_stages: Legacy stages: ``Staging`` for a new version, ``Production`` with
             ``archive_existing_versions=True`` when promoted (deprecated by MLflow; aliases are set as well).
         network_format: ``"pt2"`` (``torch.export``) or ``"onnx"``.
-        class_names: Class names recorded in the model card and the pyfunc config.
+        class_names: Class names recorded in the model card and the pyfunc config (default: the datamodule's
+            ``class_names`` attribute, when it has one).
         postprocess_options: For ``boxes``: ``score_threshold`` (0.05), ``iou_threshold`` (0.5),
             ``max_detections`` (100).
 
@@ -222,7 +240,7 @@ class ModelRegistryCallback(Callback):
         registry = ModelRegistryCallback(
             "digits-cnn",
             preprocess={"mean": [0.2662], "std": [0.3830]},
-            gates={"val/acc": ">=0.9", "p95_latency_ms": "<=50"},
+            gates={"val/acc": ">=0.9", "latency/torch/p95_ms": "<=50"},
             compare_metric="val/acc",
             min_improvement=0.002,
             model_card={"intended_use": "8x8 handwritten digits", "limitations": "grayscale, centred digits"},
@@ -364,6 +382,13 @@ class ModelRegistryCallback(Callback):
         as_list = lambda v: [float(x) for x in (v if isinstance(v, Sequence) else [v])]  # noqa: E731
         return as_list(mean), as_list(std)
 
+    def _class_names(self, trainer: pl.Trainer) -> list[str] | None:
+        """``class_names``, else the datamodule's ``class_names`` attribute, else ``None``."""
+        if self.class_names is not None:
+            return self.class_names
+        names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+        return [str(n) for n in names] if isinstance(names, Sequence) and not isinstance(names, str) else None
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -465,7 +490,7 @@ class ModelRegistryCallback(Callback):
             "channels": channels,
             "layout": layout,
             "postprocess": self.postprocess,
-            "class_names": self.class_names,
+            "class_names": self._class_names(trainer),
             **self.postprocess_options,
         }
         m = torch.tensor(mean).view(1, -1, 1, 1)
@@ -570,7 +595,7 @@ class ModelRegistryCallback(Callback):
             f"C={cfg['channels']}, any H, W (resized to {tuple(cfg['size'])})",
             "preprocess": f"resize, /255, (x - {cfg['mean']}) / {cfg['std']}",
             "output": self.postprocess,
-            "classes": self.class_names or "unnamed",
+            "classes": cfg.get("class_names") or "unnamed",
             "network": Path(b["network"]).name,
         }
         extra = {k: v for k, v in self.model_card.items() if k not in _CARD_KEYS}
@@ -620,6 +645,7 @@ class ModelRegistryCallback(Callback):
             tags={"weights": source[:5000], "network_format": self.network_format},
         )
         self.version = str(mv.version)
+        _link_version(client, lm.model_id, name, self.version)
         client.set_registered_model_alias(name, self.alias, mv.version)
         if self.use_stages:
             transition_stage(client, name, mv.version, "Staging")
@@ -637,8 +663,11 @@ class ModelRegistryCallback(Callback):
             description_prefix=card,
         )
         logger.log_artifact(card_path)
+        heads = [g.metric for g in self.gates] + ([self.compare_metric] if self.compare_metric else [])
+        note = run_description(name, metrics, dict.fromkeys(heads), self.decision, f"models:/{name}/{self.version}")
         logger.set_tags(
             {
+                NOTE_TAG: note,
                 "registry.status": "registered",
                 "registry.model": name,
                 "registry.version": self.version,

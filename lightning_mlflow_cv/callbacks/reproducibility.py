@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv._params import drop_repeated
 from lightning_mlflow_cv._redact import REDACTED, is_secret_key, redact, redact_text
 
 if TYPE_CHECKING:
@@ -226,8 +227,15 @@ def find_train_transform(trainer: pl.Trainer | None = None, dataset: Any = None,
 # ----------------------------------------------------------------------------------------------
 # optimizers, schedulers, dataloaders, trainer, callbacks
 # ----------------------------------------------------------------------------------------------
+#: Param-group entries that choose an implementation, not the optimisation (left out of the params).
+_OPTIMIZER_IMPL = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
 def optimizer_params(optimizers: Any) -> dict[str, str]:
     """The optimizer class and every param-group setting (lr, weight_decay, betas, momentum, ...).
+
+    Entries that only pick an implementation (``foreach``, ``fused``, ``capturable``, ``differentiable``)
+    are left out.
 
     One optimizer with one param group gives ``optimizer/name``, ``optimizer/lr``, ...; several param groups
     give ``optimizer/group_<i>/<setting>``; several optimizers give ``optimizer_<j>/...``.
@@ -249,7 +257,7 @@ def optimizer_params(optimizers: Any) -> dict[str, str]:
         for i, group in enumerate(groups):
             gkey = base if len(groups) == 1 else f"{base}/group_{i}"
             for k, v in group.items():
-                if k == "params":
+                if k == "params" or k in _OPTIMIZER_IMPL:
                     continue
                 out[f"{gkey}/{k}"] = _str(v)
         if len(groups) > 1:
@@ -402,8 +410,9 @@ def callback_params(callbacks: Iterable[Any]) -> dict[str, str]:
 
 
 def framework_params(trainer: pl.Trainer | None = None) -> dict[str, str]:
-    """python/pytorch/torchvision/lightning/mlflow/CUDA/cuDNN versions, GPU model and count, and the Trainer's
-    world_size, num_nodes, precision, strategy and accelerator.
+    """python/pytorch/torchvision/lightning/mlflow versions; CUDA/cuDNN versions, GPU model and count when CUDA is
+    available and the Trainer does not run on the CPU; the Trainer's world_size, num_nodes, precision, strategy
+    and accelerator.
     """
     import lightning
     import mlflow
@@ -423,13 +432,16 @@ def framework_params(trainer: pl.Trainer | None = None) -> dict[str, str]:
         "torchvision_version": tv,
         "lightning_version": lightning.__version__,
         "mlflow_version": mlflow.__version__,
-        "cuda_version": str(torch.version.cuda or "none"),
-        "cudnn_version": str(cudnn or "none"),
-        "gpu_model": torch.cuda.get_device_name(0) if cuda else "none",
-        "num_gpus": str(torch.cuda.device_count() if cuda else 0),
     }
+    acc = type(trainer.accelerator).__name__ if trainer is not None else ""
+    if cuda and acc != "CPUAccelerator":  # a CPU run gets no CUDA/GPU params (system.json still lists the GPUs)
+        out.update(
+            cuda_version=str(torch.version.cuda or "none"),
+            cudnn_version=str(cudnn or "none"),
+            gpu_model=torch.cuda.get_device_name(0),
+            num_gpus=str(torch.cuda.device_count()),
+        )
     if trainer is not None:
-        acc = type(trainer.accelerator).__name__
         out.update(
             world_size=str(trainer.world_size),
             num_nodes=str(trainer.num_nodes),
@@ -668,8 +680,8 @@ class ReproducibilityCallback(Callback):
 
     - params ``global_seed`` (the given seed, else the one already set by ``seed_everything``, if any),
       ``python_version``, ``pytorch_version``, ``torchvision_version``, ``lightning_version``,
-      ``mlflow_version``, ``cuda_version``, ``cudnn_version``, ``gpu_model``, ``num_gpus``, ``world_size``,
-      ``num_nodes``, ``precision``, ``strategy``, ``accelerator``;
+      ``mlflow_version``, ``world_size``, ``num_nodes``, ``precision``, ``strategy``, ``accelerator`` and, on a
+      GPU run only, ``cuda_version``, ``cudnn_version``, ``gpu_model``, ``num_gpus``;
     - tags ``git_commit``, ``git_branch``, ``git_dirty``;
     - artifacts ``environment/requirements.txt`` (pip freeze, redacted), ``environment/system.json``
       (OS, CPU, RAM, GPUs with memory and driver) and, when the work tree is dirty,
@@ -682,7 +694,9 @@ class ReproducibilityCallback(Callback):
     ``val_dataloader/*`` (batch_size, num_workers, pin_memory, shuffle), ``early_stopping/*`` and
     ``model_checkpoint/*`` (monitor, mode, patience), ``model/*`` and ``data/*`` (the model's and
     datamodule's ``hparams``), and ``augment/*`` (the training transform, flattened:
-    ``augment/RandomResizedCrop/size``).
+    ``augment/RandomResizedCrop/size``). One key per value: a value already logged under the same name (the
+    ``lr``/``batch_size``/``seed`` that Lightning logs from ``hparams``, a scheduler's ``initial_lr``) is not
+    logged again, see :func:`lightning_mlflow_cv._params.drop_repeated`.
 
     Everything is redacted (keys such as password/token/secret/api_key, and ``user:pass@`` in URLs) by the
     logger before it is written. Only global rank zero logs.
@@ -821,7 +835,8 @@ class ReproducibilityCallback(Callback):
         transform = self.transform if self.transform is not None else find_train_transform(trainer)
         if transform is not None:
             params.update(transform_params(transform, self.transform_prefix))
-        logger.log_hyperparams(params)
+        # one key per value: what Lightning's hparams (or this run) already hold is not logged again
+        logger.log_hyperparams(drop_repeated(params, getattr(logger, "_params", {})))
 
     # -- state ------------------------------------------------------------------------------
     @override
