@@ -10,6 +10,7 @@ from lightning_mlflow_cv.callbacks.onnx_export import ONNXExportCallback
 from lightning_mlflow_cv.callbacks.prediction_grid import PredictionGridCallback
 from lightning_mlflow_cv.callbacks.reproducibility import ReproducibilityCallback
 from lightning_mlflow_cv.callbacks.save_config import MLflowSaveConfigCallback
+from lightning_mlflow_cv.callbacks.system_metrics import SystemMetricsCallback
 
 __all__ = [
     "AugmentationSamplesCallback",
@@ -22,4 +23,5 @@ __all__ = [
     "ONNXExportCallback",
     "PredictionGridCallback",
     "ReproducibilityCallback",
+    "SystemMetricsCallback",
 ]

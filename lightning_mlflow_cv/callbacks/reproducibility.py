@@ -235,7 +235,7 @@ def optimizer_params(optimizers: Any) -> dict[str, str]:
     """The optimizer class and every param-group setting (lr, weight_decay, betas, momentum, ...).
 
     Entries that only pick an implementation (``foreach``, ``fused``, ``capturable``, ``differentiable``)
-    are left out.
+    are left out, and so is ``initial_lr`` (an LR scheduler's copy of ``lr``).
 
     One optimizer with one param group gives ``optimizer/name``, ``optimizer/lr``, ...; several param groups
     give ``optimizer/group_<i>/<setting>``; several optimizers give ``optimizer_<j>/...``.
@@ -257,7 +257,7 @@ def optimizer_params(optimizers: Any) -> dict[str, str]:
         for i, group in enumerate(groups):
             gkey = base if len(groups) == 1 else f"{base}/group_{i}"
             for k, v in group.items():
-                if k == "params" or k in _OPTIMIZER_IMPL:
+                if k in ("params", "initial_lr") or k in _OPTIMIZER_IMPL:  # initial_lr: the scheduler's copy of lr
                     continue
                 out[f"{gkey}/{k}"] = _str(v)
         if len(groups) > 1:
@@ -291,8 +291,9 @@ def scheduler_params(configs: Any) -> dict[str, str]:
         if hasattr(sched, "lr_lambdas"):  # LambdaLR/MultiplicativeLR keep `lr_lambda` as a list
             fns = [_render(f) for f in sched.lr_lambdas]
             out[f"{base}/lr_lambda"] = str(fns[0] if len(set(fns)) == 1 else fns)
-        # settings kept only in the optimizer's param groups (e.g. OneCycleLR's max_lr)
-        for k in ("max_lr", "initial_lr"):
+        # settings kept only in the optimizer's param groups (OneCycleLR's max_lr); `initial_lr` is left out,
+        # it is the optimizer's lr when the scheduler was made (logged as optimizer/lr or the `lr` hparam)
+        for k in ("max_lr",):
             groups = getattr(getattr(sched, "optimizer", None), "param_groups", None) or []
             vals = [g[k] for g in groups if k in g]
             if vals and f"{base}/{k}" not in out:
@@ -695,7 +696,7 @@ class ReproducibilityCallback(Callback):
     ``model_checkpoint/*`` (monitor, mode, patience), ``model/*`` and ``data/*`` (the model's and
     datamodule's ``hparams``), and ``augment/*`` (the training transform, flattened:
     ``augment/RandomResizedCrop/size``). One key per value: a value already logged under the same name (the
-    ``lr``/``batch_size``/``seed`` that Lightning logs from ``hparams``, a scheduler's ``initial_lr``) is not
+    ``lr``/``batch_size``/``seed`` that Lightning logs from ``hparams``) is not
     logged again, see :func:`lightning_mlflow_cv._params.drop_repeated`.
 
     Everything is redacted (keys such as password/token/secret/api_key, and ``user:pass@`` in URLs) by the

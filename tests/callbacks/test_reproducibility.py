@@ -373,4 +373,4 @@ def test_resumed_fit_continues_the_run_without_relogging(tmp_path: Path, trackin
     clashes = [w for w in recwarn if "already logged" in str(w.message)]
     assert not clashes, [str(w.message) for w in clashes]
     p = mlflow.MlflowClient(tracking_uri).get_run(first.run_id).data.params
-    assert p["optimizer/group_0/lr"] == "0.05" and p["max_epochs"] == "1"
+    assert p["lr"] == "0.05" and p["optimizer/group_1/lr"] == str(0.05 / 10) and p["max_epochs"] == "1"
