@@ -1,7 +1,8 @@
 """The main job: a small CNN on scikit-learn's bundled handwritten digits (no download).
 
-``lightning-mlflow-cv demo`` (``make demo``) trains it into the embedded store ``sqlite:///mlflow.db`` and
-prints the run id, the metrics reached and the ``mlflow ui`` command that shows the run.
+``lightning-mlflow-cv demo`` (``make demo``) trains it into the embedded store ``sqlite:///mlflow.db``,
+printing a line per epoch, then the headline metrics, whether the model was promoted to ``@champion`` (or
+why not), the run page's URL and the ``mlflow ui`` command that serves it.
 
 The module also holds the pieces tests and examples reuse: :class:`DigitsDataModule` and
 :class:`DigitsClassifier`, whose ``validation_step``/``test_step`` return the classification output
@@ -196,6 +197,7 @@ def demo_callbacks() -> list[pl.Callback]:
             num_samples=16, task="classification", class_names=DIGITS_CLASSES, mean=DIGITS_MEAN, std=DIGITS_STD
         ),
         "GradCAMCallback": lambda c: c("features.3", num_samples=8) if importlib.util.find_spec("captum") else None,
+        "SystemMetricsCallback": lambda c: c(interval_s=2.0) if importlib.util.find_spec("psutil") else None,
         "ONNXExportCallback": lambda c: c(),
         "InferenceLatencyCallback": lambda c: c(),
         "ModelRegistryCallback": lambda c: c(

@@ -197,3 +197,30 @@ def test_console_script_fit_against_mlflow_server(tmp_path: Path, mlflow_server)
     # nothing written locally but checkpoints and the (drained) spool: no mlruns, no mlflow.db, no config.yaml
     assert not (work / "mlruns").exists() and not (work / "mlflow.db").exists()
     assert not list(work.rglob("config.yaml"))
+
+
+def test_help_lists_every_subcommand(capsys) -> None:
+    from lightning_mlflow_cv.cli import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("fit", "validate", "test", "predict", "demo", "sync", "promote"):
+        assert f" {cmd}" in out or f"{cmd}," in out, cmd
+
+
+def test_missing_extra_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A YAML that names GradCAM on an install without captum: one line with the extra, at config parse."""
+    from lightning_mlflow_cv.cli import main
+
+    monkeypatch.setitem(sys.modules, "captum", None)
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    rc = main([
+        "fit", "--config", str(EXAMPLE), *FAST, f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        "--trainer.callbacks+=lightning_mlflow_cv.callbacks.gradcam.GradCAMCallback",
+        "--trainer.callbacks.target_layer=features.3",
+    ])
+    err = capsys.readouterr().err
+    assert rc == 2
+    (line,) = [x for x in err.splitlines() if x.startswith("lightning-mlflow-cv:")]
+    assert 'GradCAMCallback needs the optional dependency captum' in line
+    assert 'pip install "lightning-mlflow-cv[captum]"' in line and "Traceback" not in err

@@ -144,7 +144,7 @@ def _create_version(client: Any, uri: str, name: str, lm: Any, run_id: str, tags
         )
 
 
-def _link_version(client: Any, model_id: str, name: str, version: str) -> None:
+def _link_version(client: Any, model_id: str, name: str, version: Any) -> None:
     """Tag the LoggedModel with its version (``mlflow.modelVersions``), as ``mlflow.register_model`` does.
 
     ``create_model_version(..., model_id=...)`` does not set that tag on a SQL store, and without it the UI's
@@ -152,7 +152,7 @@ def _link_version(client: Any, model_id: str, name: str, version: str) -> None:
     """
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-    entry = {"name": name, "version": str(version)}
+    entry = {"name": name, "version": version}  # the version as the store returned it, as register_model keeps it
     existing = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
     entries = json.loads(existing) if existing else []
     if entry not in entries:
@@ -645,7 +645,7 @@ class ModelRegistryCallback(Callback):
             tags={"weights": source[:5000], "network_format": self.network_format},
         )
         self.version = str(mv.version)
-        _link_version(client, lm.model_id, name, self.version)
+        _link_version(client, lm.model_id, name, mv.version)
         client.set_registered_model_alias(name, self.alias, mv.version)
         if self.use_stages:
             transition_stage(client, name, mv.version, "Staging")

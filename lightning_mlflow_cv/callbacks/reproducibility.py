@@ -326,7 +326,7 @@ def _shuffles(loader: Any) -> bool | None:
 
 
 def dataloader_params(loaders: Any, name: str) -> dict[str, str]:
-    """batch_size, num_workers, pin_memory, shuffle (and drop_last, sampler) of one or more dataloaders.
+    """batch_size, num_workers, pin_memory, shuffle, drop_last (and the sampler, unless a plain Random/Sequential one) of one or more dataloaders.
 
     Keys are ``<name>/<setting>``; several loaders give ``<name>_<i>/<setting>``.
 
@@ -359,8 +359,8 @@ def dataloader_params(loaders: Any, name: str) -> dict[str, str]:
         out[f"{base}/shuffle"] = _str(_shuffles(dl))
         out[f"{base}/drop_last"] = _str(getattr(dl, "drop_last", None))
         sampler = getattr(dl, "sampler", None)
-        if sampler is not None:
-            out[f"{base}/sampler"] = type(sampler).__name__
+        if sampler is not None and type(sampler).__name__ not in ("RandomSampler", "SequentialSampler"):
+            out[f"{base}/sampler"] = type(sampler).__name__  # the plain two are what `shuffle` already says
     return out
 
 
@@ -806,7 +806,8 @@ class ReproducibilityCallback(Callback):
     def _log_fit_start(self, trainer: pl.Trainer, logger: MLflowCVLogger) -> None:
         params = framework_params(trainer)
         params["global_seed"] = self.global_seed()
-        params["cudnn_deterministic"] = str(self.deterministic_cudnn)
+        if "cuda_version" in params:  # a GPU run: cuDNN's setting matters
+            params["cudnn_deterministic"] = str(self.deterministic_cudnn)
         logger.log_hyperparams(params)
         if self.log_environment:
             logger.log_text(requirements_txt(), "environment/requirements.txt")

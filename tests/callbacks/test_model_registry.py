@@ -124,7 +124,7 @@ def test_register_serve_champion_matches_module(uri):
     assert reg.model_id in [o.model_id for o in run.outputs.model_outputs]
     # the LoggedModel links back to its version, as mlflow.register_model leaves it (the UI's "Registered")
     linked = json.loads(client.get_logged_model(reg.model_id).tags["mlflow.modelVersions"])
-    assert linked == [{"name": "digits-e2e", "version": "1"}]
+    assert [(e["name"], str(e["version"])) for e in linked] == [("digits-e2e", "1")]
     # the run page's description: the gate/compare metrics and the promotion outcome
     note = run.data.tags["mlflow.note.content"]
     assert "| `val/acc` |" in note and "promoted to @champion (models:/digits-e2e/1)" in note
