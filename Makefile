@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench bench-quick wheel clean
+.PHONY: install demo test test-fast bench bench-quick wheel clean browser-deps browser-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench: $(STAMP)  ## logging-overhead benchmark (~15-17 min on 2 quiet cores); wr
 
 bench-quick: $(STAMP)  ## smoke version, prints only
 	$(PY) benchmarks/logging_overhead.py --quick --no-readme $(BENCH_ARGS)
+
+browser-deps: $(STAMP)  ## Debian's Chromium for the browser check (playwright comes with the test extra)
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+browser-check: browser-deps  ## demo + `mlflow ui` + headless Chromium; screenshots into docs/screenshots
+	$(PY) tests/browser_check.py --out docs/screenshots
 
 wheel: $(STAMP)
 	$(PIP) wheel --no-deps -w dist .

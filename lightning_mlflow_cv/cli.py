@@ -26,7 +26,7 @@ def _sync(argv: list[str]) -> int:
     for path in args.spool:
         try:
             out = sync(path, args.tracking_uri)
-        except Exception as err:  # noqa: BLE001 - report per file, keep going
+        except Exception as err:
             print(f"sync: {path}: {type(err).__name__}: {err}", file=sys.stderr)
             rc = 1
             continue
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         MLflowCVCLI(args=argv)
-    except (Exception, SystemExit) as err:  # noqa: BLE001 - only a missing extra is reworded, the rest re-raised
+    except (Exception, SystemExit) as err:
         msg = _missing_extra(err)
         if msg is None:
             raise

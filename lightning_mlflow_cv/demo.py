@@ -303,6 +303,19 @@ def run_demo(
     }
 
 
+def _quiet() -> None:
+    """Leave the terminal to the demo's own lines: Lightning's and MLflow's info lines and known notices go."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("lightning.pytorch", "lightning.fabric", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (r".*Add type hints to the `predict` method.*", r".*isinstance\(treespec, LeafSpec\).*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def main(argv: list[str] | None = None) -> int:
     from lightning_mlflow_cv._spool import safe_uri
     from lightning_mlflow_cv._summary import headline, promotion_line
@@ -312,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment-name", default="digits-demo")
     parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     parser.add_argument("--port", type=int, default=5000, help="port of the `mlflow ui` command printed at the end")
+    parser.add_argument("--verbose", action="store_true", help="keep Lightning's and MLflow's own log lines")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        _quiet()
     out = run_demo(args.max_epochs, args.experiment_name, args.tracking_uri)
     uri = safe_uri(out["tracking_uri"])
     print("\n=== lightning-mlflow-cv demo ===")

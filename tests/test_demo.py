@@ -1,19 +1,41 @@
-"""The demo as a new user runs it: what the terminal prints and what the store holds afterwards."""
+"""The demo as a new user runs it: what the terminal prints, what the store holds, what the MLflow UI shows."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from lightning_mlflow_cv.demo import main
 
+pytestmark = pytest.mark.slow
 
-@pytest.mark.slow
-def test_demo_terminal_and_store(tracking_uri, capsys):
-    assert main(["--max-epochs", "2", "--tracking-uri", tracking_uri]) == 0
-    out = capsys.readouterr().out
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str, str]:
+    """One demo run (2 epochs) into ``<dir>/mlflow.db``: (dir, tracking URI, what it printed)."""
+    workdir = tmp_path_factory.mktemp("demo")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    out = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(workdir)  # where `make demo` runs: checkpoints and artifacts beside mlflow.db
+    try:
+        with contextlib.redirect_stdout(out):
+            assert main(["--max-epochs", "2", "--tracking-uri", uri]) == 0
+    finally:
+        os.chdir(cwd)
+    return workdir, uri, out.getvalue()
+
+
+def test_demo_terminal_and_store(demo):
+    _, tracking_uri, out = demo
     # progress, then the headline, the promotion outcome, the run page and the command that serves it
     assert "epoch 1/2" in out and "epoch 2/2" in out and "val/acc" in out
     assert "test/acc" in out and "latency/torch/p95_ms" in out
@@ -54,3 +76,21 @@ def test_demo_terminal_and_store(tracking_uri, capsys):
     # three dataset inputs a reader tells apart
     names = sorted(d.dataset.name for d in run.inputs.dataset_inputs)
     assert names == ["digits-test", "digits-train", "digits-val"]
+
+
+@pytest.mark.server
+@pytest.mark.skipif(
+    not Path(os.environ.get("CHROMIUM", "/usr/bin/chromium")).exists() or importlib.util.find_spec("playwright") is None,
+    reason="needs Debian's chromium and playwright (make browser-deps)",
+)
+def test_mlflow_ui_in_a_browser_shows_what_the_demo_promises(demo, tmp_path):
+    """`mlflow ui` on the demo's store, in headless Chromium: the pages a user opens first."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import browser_check
+    finally:
+        sys.path.pop(0)
+    workdir, _, _ = demo
+    failures = browser_check.check(workdir, tmp_path / "shots")
+    assert not failures, failures
+    assert (tmp_path / "shots" / "run_page.png").stat().st_size > 10_000

@@ -11,7 +11,12 @@ from typing_extensions import override
 
 from lightning_mlflow_cv import _export
 from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._latency import latency_stats, time_blocks, time_calls, torch_threads
+from lightning_mlflow_cv._latency import (
+    latency_stats,
+    time_blocks,
+    time_calls,
+    torch_threads,
+)
 
 __all__ = ["InferenceLatencyCallback", "latency_stats", "time_blocks", "time_calls"]
 
@@ -156,7 +161,7 @@ class InferenceLatencyCallback(Callback):
             with torch.inference_mode(), torch_threads(self.num_threads if device.type == "cpu" else None):
                 blocks = time_blocks(lambda: runner(x), self.warmup, self.iters, self.repeats, sync)
             return latency_stats(blocks, self.batch_size, "torch")
-        except Exception as err:  # noqa: BLE001 - a measurement must not stop the fit
+        except Exception as err:
             warnings.warn(f"{_NAME}: PyTorch timing failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
             return {}
         finally:
@@ -168,7 +173,7 @@ class InferenceLatencyCallback(Callback):
             sess = _export.onnx_session(path, intra_op_threads=self.num_threads)
             feed = {sess.get_inputs()[0].name: x.numpy()}
             blocks = time_blocks(lambda: sess.run(None, feed), self.warmup, self.iters, self.repeats)
-        except Exception as err:  # noqa: BLE001 - a broken export must not stop the fit
+        except Exception as err:
             warnings.warn(f"{_NAME}: onnxruntime timing failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
             return {}
         return latency_stats(blocks, self.batch_size, "onnx")

@@ -10,7 +10,12 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._system_sampling import GPUSampler, HostSampler, metric_keys, require_psutil
+from lightning_mlflow_cv._system_sampling import (
+    GPUSampler,
+    HostSampler,
+    metric_keys,
+    require_psutil,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -111,7 +116,7 @@ class SystemMetricsCallback(Callback):
             figures = self._host.sample() if self._host is not None else {}
             if self._gpus is not None:
                 figures.update(self._gpus.sample())
-        except Exception as err:  # noqa: BLE001 - a monitor never stops the fit
+        except Exception as err:
             warnings.warn(f"{_NAME}: sampling failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
             return
         with self._lock:

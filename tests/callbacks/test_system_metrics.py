@@ -13,7 +13,13 @@ from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
 from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 
 from lightning_mlflow_cv import MLflowCVLogger
-from lightning_mlflow_cv._system_sampling import GPU_NAMES, HOST_NAMES, GPUSampler, HostSampler, metric_keys
+from lightning_mlflow_cv._system_sampling import (
+    GPU_NAMES,
+    HOST_NAMES,
+    GPUSampler,
+    HostSampler,
+    metric_keys,
+)
 from lightning_mlflow_cv.callbacks.system_metrics import SystemMetricsCallback
 from tests.tiny import TinyModel, loaders
 
