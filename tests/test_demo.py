@@ -48,6 +48,11 @@ def test_demo_terminal_and_store(demo):
     # @champion resolves, and the LoggedModel shows its version (the UI's "Registered")
     mv = client.get_model_version_by_alias("digits-cnn", "champion")
     assert str(mv.version) == "1"
+    # the card (version description): the verdict first, one row per metric, the test metrics after trainer.test
+    desc = mv.description
+    assert desc.startswith("**PROMOTED** to `@champion`") and "<!--" not in desc.split("\n", 1)[0]
+    assert desc.count("| `train/acc") == 1 and "## Test metrics" in desc and "| `test/acc` |" in desc
+    assert "digits-train" in desc and "classes: `['0', '1'," in desc
     (model_id,) = [o.model_id for o in run.outputs.model_outputs]
     linked = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
     assert [(e["name"], str(e["version"])) for e in linked] == [("digits-cnn", "1")]

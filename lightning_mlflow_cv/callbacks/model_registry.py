@@ -42,6 +42,32 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def card_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The metrics a model card lists: one row per quantity (``train/acc``, not also ``train/acc_step`` and
+    ``train/acc_epoch``), no ``system/*`` figures and no ``epoch`` counter.
+
+    Example::
+
+        >>> card_metrics({"train/acc": 0.9, "train/acc_step": 0.8, "train/acc_epoch": 0.9, "epoch": 3.0,
+        ...               "val/acc": 0.95, "system/cpu_utilization_percentage": 50.0})
+        {'train/acc': 0.9, 'val/acc': 0.95}
+    """
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if k == "epoch" or k.startswith("system/") or k.endswith("_step"):
+            continue
+        if k.endswith("_epoch") and k[: -len("_epoch")] in metrics:
+            continue
+        out[k[: -len("_epoch")] if k.endswith("_epoch") else k] = v
+    return out
+
+
+def metrics_table(metrics: Mapping[str, float]) -> list[str]:
+    """Markdown table lines of :func:`card_metrics`, sorted by name."""
+    shown = card_metrics(metrics)
+    return ["| metric | value |", "|---|---|"] + [f"| `{k}` | {float(shown[k]):.6g} |" for k in sorted(shown)]
+
+
 def model_card_markdown(
     model_name: str,
     *,
@@ -104,9 +130,8 @@ def model_card_markdown(
         lines.append(f"- dataset `{name}` ({ctx or 'unknown context'}), digest `{digest}`")
     for k, v in lineage:
         lines.append(f"- `{k}`: `{v}`")
-    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    for k in sorted(metrics):
-        lines.append(f"| `{k}` | {metrics[k]:.6g} |")
+    lines += ["", "## Metrics", ""]
+    lines += metrics_table(metrics)
     if io:
         lines += ["", "## Input and output", ""]
         lines += [f"- {k}: `{v}`" for k, v in io.items()]
@@ -407,12 +432,41 @@ class ModelRegistryCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.version = self.decision = self.model_id = self.kept_model_dir = None
+        self._card_text: str | None = None
         self._done_key = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.register(trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After ``trainer.test``: the test metrics join the model card (version description, MODEL_CARD.md)."""
+        if not trainer.is_global_zero or getattr(self, "version", None) is None:
+            return
+        test = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1
+        }
+        if not test:
+            return
+        logger = find_mlflow_logger(trainer, _NAME)
+        section = "\n".join(["", "## Test metrics", "", *metrics_table(test), ""])
+        try:
+            with _fail_fast(logger):
+                client = _registry_client(logger)
+                mv = client.get_model_version(self.registered_model_name, self.version)
+                text = (mv.description or "").split("\n## Test metrics\n", 1)[0].rstrip() + "\n" + section
+                client.update_model_version(self.registered_model_name, self.version, description=text)
+        except Exception as err:  # noqa: BLE001 - tracking failure: the test metrics stay in the run
+            warnings.warn(f"{_NAME}: could not add the test metrics to the model card ({err}).", RuntimeWarning, stacklevel=2)
+            return
+        if getattr(self, "_card_text", None):
+            with tempfile.TemporaryDirectory() as tmp:
+                card = Path(tmp) / "MODEL_CARD.md"
+                card.write_text(self._card_text.rstrip() + "\n" + section)
+                logger.log_artifact(card)
+                logger.flush()
 
     # ------------------------------------------------------------------------------------------
     def register(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Decision | None:
@@ -569,6 +623,8 @@ class ModelRegistryCallback(Callback):
                 input_example=b["example"],
                 mlflow_model=mlflow_model,
                 pip_requirements=reqs,
+                # class names where a server or client reads them without loading the model (the MLmodel file)
+                metadata={"class_names": b["cfg"]["class_names"]} if b["cfg"].get("class_names") else None,
             )
 
     def _publish(self, trainer: pl.Trainer, logger: Any, run_id: str, source: str, work: Path, b: dict[str, Any]) -> None:
@@ -614,6 +670,7 @@ class ModelRegistryCallback(Callback):
         )
         card_path = work / "MODEL_CARD.md"
         card_path.write_text(card)
+        self._card_text = card
 
         lm = client.create_logged_model(
             experiment_id=run.info.experiment_id,

@@ -109,6 +109,7 @@ def test_register_serve_champion_matches_module(uri):
     assert {"network.pt2", "preprocess.json", "MODEL_CARD.md", "lmc_pyfunc.py", "input_example.json"} <= names
     assert not [n for n in names if n.endswith((".pkl", ".pickle"))]
     assert json.loads((local / "artifacts" / "preprocess.json").read_text())["layout"] == "NHWC"
+    assert served.metadata.metadata["class_names"] == [str(i) for i in range(10)]  # in the MLmodel file
 
     # registry records: aliases, decision tags, description = decision + model card
     assert set(mv.aliases) == {"challenger", "champion"}
