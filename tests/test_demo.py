@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from lightning_mlflow_cv.demo import main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # the demo trains for 2 epochs: minutes on a busy machine
 
 
 @pytest.fixture(scope="module")

@@ -745,5 +745,6 @@ class ModelRegistryCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.version = state_dict.get("version")
-        self.model_id = state_dict.get("model_id")
+        # a checkpoint saved before registration (e.g. `trainer.test(ckpt_path="best")`) keeps what this fit made
+        self.version = state_dict.get("version") or getattr(self, "version", None)
+        self.model_id = state_dict.get("model_id") or getattr(self, "model_id", None)
