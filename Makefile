@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench bench-quick gpu-check wheel clean
+.PHONY: install demo test test-fast bench bench-quick gpu-check wheel clean browser-deps browser-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ bench-quick: $(STAMP)  ## smoke version, prints only
 
 gpu-check: $(STAMP)  ## the prepared GPU check (< 8 min on one GPU); a dry run that says what it skips without CUDA
 	$(PY) benchmarks/gpu_check.py $(GPU_ARGS)
+
+browser-deps: $(STAMP)  ## Debian's Chromium for the browser check (playwright comes with the test extra)
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+browser-check: browser-deps  ## demo + `mlflow ui` + headless Chromium; screenshots into docs/screenshots
+	$(PY) tests/browser_check.py --out docs/screenshots
 
 wheel: $(STAMP)
 	$(PIP) wheel --no-deps -w dist .

@@ -87,7 +87,7 @@ def one_run(workdir: Path, dynamo: bool, epochs: int) -> dict[str, float]:
             ModelCheckpoint(monitor="val/acc", mode="max", dirpath=str(workdir / "ckpt")),
             onnx_export.ONNXExportCallback(dynamo=dynamo),
             inference_latency.InferenceLatencyCallback(),
-            model_registry.ModelRegistryCallback("digits-bench", gates={"val/acc": ">=0.5", "p95_latency_ms": "<=50"}),
+            model_registry.ModelRegistryCallback("digits-bench", gates={"val/acc": ">=0.5", "latency/torch/p95_ms": "<=50"}),
             ClockEnd(),
         ]
         trainer = pl.Trainer(

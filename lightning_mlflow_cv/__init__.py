@@ -24,6 +24,7 @@ _EXPORTS = {
     "ONNXExportCallback": "lightning_mlflow_cv.callbacks.onnx_export",
     "PredictionGridCallback": "lightning_mlflow_cv.callbacks.prediction_grid",
     "ReproducibilityCallback": "lightning_mlflow_cv.callbacks.reproducibility",
+    "SystemMetricsCallback": "lightning_mlflow_cv.callbacks.system_metrics",
     "evaluate": "lightning_mlflow_cv.registry",
     "pipeline_run": "lightning_mlflow_cv.pipeline",
     "promote": "lightning_mlflow_cv.registry",
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
         ONNXExportCallback,
         PredictionGridCallback,
         ReproducibilityCallback,
+        SystemMetricsCallback,
     )
     from lightning_mlflow_cv.cli_lightning import MLflowCVCLI
     from lightning_mlflow_cv.logger import MLflowCVLogger

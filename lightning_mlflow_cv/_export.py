@@ -246,12 +246,15 @@ def export_pt2(module: nn.Module, sample: torch.Tensor, path: str | os.PathLike[
     return path
 
 
-def onnx_session(path: str | os.PathLike[str]) -> Any:
-    """A CPU onnxruntime session for ``path``."""
+def onnx_session(path: str | os.PathLike[str], intra_op_threads: int | None = None) -> Any:
+    """A CPU onnxruntime session for ``path`` (``intra_op_threads``: onnxruntime's default when ``None``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if intra_op_threads is not None:
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

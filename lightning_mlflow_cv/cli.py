@@ -26,12 +26,40 @@ def _sync(argv: list[str]) -> int:
     for path in args.spool:
         try:
             out = sync(path, args.tracking_uri)
-        except Exception as err:  # noqa: BLE001 - report per file, keep going
+        except Exception as err:
             print(f"sync: {path}: {type(err).__name__}: {err}", file=sys.stderr)
             rc = 1
             continue
         print(json.dumps({"spool": path, **out}))
     return rc
+
+
+USAGE = """usage: lightning-mlflow-cv {fit,validate,test,predict,demo,sync,promote} ...
+
+LightningCLI with MLflow by default (MLflowCVLogger, the config as a run artifact), plus the jobs around it.
+
+subcommands:
+  fit, validate, test, predict
+           Lightning's subcommands (MLflowCVCLI): `lightning-mlflow-cv fit --config examples/digits/config.yaml`;
+           `lightning-mlflow-cv fit --help` lists every option
+  demo     train the digits CNN into sqlite:///mlflow.db, register it and gate it to @champion
+  sync     replay a spool file (data kept while the tracking store was unreachable) into its run
+  promote  gates + champion/challenger comparison + alias move for a registered version (CI/CD)
+
+Each subcommand takes --help.
+"""
+
+
+def _missing_extra(err: BaseException) -> str | None:
+    """The one-line message of a missing optional dependency somewhere in ``err``'s chain, else ``None``."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ImportError) and "lightning-mlflow-cv[" in str(e):
+            return " ".join(str(e).split())
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,17 +79,19 @@ def main(argv: list[str] | None = None) -> int:
             print("promote: not available in this version", file=sys.stderr)
             return 2
         return promote_main(argv[1:])
+    if cmd in ("", "-h", "--help"):
+        print(USAGE, end="", file=sys.stdout if cmd else sys.stderr)
+        return 0 if cmd else 2
+    from lightning_mlflow_cv.cli_lightning import MLflowCVCLI
+
     try:
-        from lightning_mlflow_cv.cli_lightning import MLflowCVCLI
-    except ImportError:
-        print(
-            "usage: lightning-mlflow-cv {demo,sync} ...\n"
-            "  demo   train the digits CNN into sqlite:///mlflow.db\n"
-            "  sync   replay a spool file into its MLflow run",
-            file=sys.stderr,
-        )
-        return 2 if cmd not in ("-h", "--help") else 0
-    MLflowCVCLI(args=argv)
+        MLflowCVCLI(args=argv)
+    except (Exception, SystemExit) as err:
+        msg = _missing_extra(err)
+        if msg is None:
+            raise
+        print(f"lightning-mlflow-cv: {msg}", file=sys.stderr)
+        return 2
     return 0
 
 

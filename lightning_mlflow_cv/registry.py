@@ -79,7 +79,7 @@ def parse_gate(metric: str, spec: str) -> Gate:
     if m is None:
         raise ValueError(
             f"gate for {metric!r}: cannot parse {spec!r}. Write an operator from {', '.join(OPS)} followed by a "
-            f"number, so the direction is explicit, e.g. {{{metric!r}: '>=0.85'}} or {{'p95_latency_ms': '<=50'}}."
+            f"number, so the direction is explicit, e.g. {{{metric!r}: '>=0.85'}} or {{'latency/torch/p95_ms': '<=50'}}."
         )
     return Gate(metric.strip(), m.group(1), float(m.group(2)))
 
@@ -95,7 +95,7 @@ def parse_gates(gates: Mapping[str, str] | None) -> list[Gate]:
     if not isinstance(gates, Mapping):
         raise ValueError(
             f"gates must be a mapping of metric name to '<op><number>', got {type(gates).__name__} {gates!r}. "
-            "Example: gates={'val/acc': '>=0.9', 'p95_latency_ms': '<=50'}."
+            "Example: gates={'val/acc': '>=0.9', 'latency/torch/p95_ms': '<=50'}."
         )
     return [parse_gate(k, v) for k, v in gates.items()]
 
@@ -110,7 +110,7 @@ def parse_gate_expr(expr: str) -> Gate:
     if m is None:
         raise ValueError(
             f"gate: cannot parse {expr!r}. Write <metric><op><number> with op in {', '.join(OPS)}, "
-            "e.g. --gate 'val/acc>=0.9' --gate 'p95_latency_ms<=50'."
+            "e.g. --gate 'val/acc>=0.9' --gate 'latency/torch/p95_ms<=50'."
         )
     return Gate(m.group(1), m.group(2), float(m.group(3)))
 
@@ -204,11 +204,12 @@ class Decision:
 
     def markdown(self) -> str:
         """The decision as a markdown block (for the version description)."""
+        # the verdict is the first line (what the registry's Description column shows); only an end marker,
+        # an HTML comment invisible in rendered markdown, delimits the block, so nothing raw leads the text
         lines = [
-            DECISION_BEGIN,
-            "## Promotion decision",
-            "",
             f"**{'PROMOTED' if self.promoted else 'NOT PROMOTED'}** to `@{self.champion_alias}`: {self.reason}",
+            "",
+            "## Promotion decision",
             "",
             f"- previous champion: {('version ' + self.previous_champion) if self.previous_champion else 'none'}",
         ]
@@ -226,10 +227,12 @@ class Decision:
 def with_decision(description: str | None, decision: Decision) -> str:
     """``description`` with its decision block replaced by (or prefixed with) ``decision``'s."""
     text = description or ""
-    if DECISION_BEGIN in text and DECISION_END in text:
+    if DECISION_BEGIN in text and DECISION_END in text:  # a block written by an earlier version
         before, rest = text.split(DECISION_BEGIN, 1)
         after = rest.split(DECISION_END, 1)[1]
         text = (before + after).strip()
+    elif DECISION_END in text:  # the block always leads the description and ends with the marker
+        text = text.split(DECISION_END, 1)[1].strip()
     return decision.markdown() + ("\n\n" + text if text else "")
 
 
@@ -348,7 +351,7 @@ def promote(
     Args:
         model_name: Registered model name.
         candidate: Version number, or the id of the run that registered it (its newest version).
-        gates: ``{metric: "<op><number>"}``, e.g. ``{"val/acc": ">=0.9", "p95_latency_ms": "<=50"}``.
+        gates: ``{metric: "<op><number>"}``, e.g. ``{"val/acc": ">=0.9", "latency/torch/p95_ms": "<=50"}``.
         champion_alias: Alias of the champion.
         compare_metric: Metric compared with the champion's (``None``: no comparison).
         min_improvement: Least gain over the champion on ``compare_metric``.

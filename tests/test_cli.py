@@ -65,6 +65,7 @@ def test_flatten_config() -> None:
         ({"config_filename": "a/b.yaml"}, r"`config_filename` must be a file name .*no directories.*'a/b.yaml'"),
         ({"artifact_dir": "/"}, r"`artifact_dir` must be a non-empty string, got '/'"),
         ({"params_prefix": ""}, r"`params_prefix` must be a non-empty string, got ''"),
+        ({"log_params": "all"}, r"`log_params` must be 'summary', True or False, got 'all'"),
     ],
 )
 def test_save_config_invalid_arguments(kwargs, match) -> None:
@@ -120,14 +121,24 @@ def test_cli_logs_redacted_config_per_run_without_clash(
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         p = run.data.params
-        assert p["config/model/init_args/lr"] == str(lr) and p["config/trainer/max_epochs"] == "1"
+        # params: the class paths from the config, the model's hparams once (through Lightning), no internals
         assert p["config/model/class_path"] == secret_model_module
-        assert p["config/trainer/callbacks/2/class_path"].endswith("ReproducibilityCallback")
-        assert p["config/model/init_args/api_key"] == "***REDACTED***"
-        assert p["config/model/init_args/db_url"] == "postgresql://***REDACTED***@db.example.com/prod"
+        assert p["config/data/class_path"] == "lightning_mlflow_cv.demo.DigitsDataModule"
+        assert p["lr"] == str(lr) and p["max_epochs"] == "1" and p["batch_size"] == "64"
+        assert p["api_key"] == "***REDACTED***"
+        assert p["db_url"] == "postgresql://***REDACTED***@db.example.com/prod"
+        assert not [k for k in p if k.startswith("config/") and not k.endswith("/class_path")], sorted(p)
+        named = {}
+        for k, v in p.items():
+            name = k.rsplit("/", 1)[-1].replace("initial_lr", "lr")
+            if name in {"lr", "batch_size", "seed", "split_seed", "global_seed"}:
+                named.setdefault(v if name != "lr" else ("lr", v), []).append(k)
+        assert all(len(keys) == 1 for keys in named.values()), named  # one key per value
+        assert len(p) <= 72, sorted(p)  # was 286 when the CLI flattened the whole config into params
         local = client.download_artifacts(run_id, "configs/config.yaml", str(tmp_path / "dl" / run_id))
         cfg = yaml.safe_load(Path(local).read_text())
         assert cfg["model"]["init_args"]["lr"] == lr  # each run has its own file
+        assert cfg["model"]["init_args"]["api_key"] == "***REDACTED***"  # the full config, redacted
         assert cfg["trainer"]["logger"]["class_path"] == "lightning_mlflow_cv.MLflowCVLogger"
         text = run_text(tracking_uri, run_id, tmp_path / "all" / run_id)
         for secret in SECRETS:
@@ -175,8 +186,8 @@ def test_console_script_fit_against_mlflow_server(tmp_path: Path, mlflow_server)
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     p = run.data.params
-    assert p["config/trainer/logger/init_args/tracking_uri"] == f"http://***REDACTED***@{host}"
     assert p["config/model/class_path"] == "lightning_mlflow_cv.demo.DigitsClassifier"
+    assert not [k for k in p if k.startswith("config/trainer/")]  # logger internals stay in the config artifact
     assert p["global_seed"] == "42" and p["augment/RandomAffine/degrees"] == "[-10.0, 10.0]"
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "configs")}
     assert arts == {"configs/config.yaml"}
@@ -216,3 +227,30 @@ def test_plain_lightning_cli_with_mlflowcvlogger_in_yaml(tmp_path: Path, trackin
     assert list((local / logger.experiment_id / logger.run_id / "checkpoints").glob("*.ckpt"))
     run = mlflow.MlflowClient(tracking_uri).get_run(logger.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics
+
+
+def test_help_lists_every_subcommand(capsys) -> None:
+    from lightning_mlflow_cv.cli import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("fit", "validate", "test", "predict", "demo", "sync", "promote"):
+        assert f" {cmd}" in out or f"{cmd}," in out, cmd
+
+
+def test_missing_extra_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A YAML that names GradCAM on an install without captum: one line with the extra, at config parse."""
+    from lightning_mlflow_cv.cli import main
+
+    monkeypatch.setitem(sys.modules, "captum", None)
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    rc = main([
+        "fit", "--config", str(EXAMPLE), *FAST, f"--trainer.logger.init_args.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        "--trainer.callbacks+=lightning_mlflow_cv.callbacks.gradcam.GradCAMCallback",
+        "--trainer.callbacks.target_layer=features.3",
+    ])
+    err = capsys.readouterr().err
+    assert rc == 2
+    (line,) = [x for x in err.splitlines() if x.startswith("lightning-mlflow-cv:")]
+    assert 'GradCAMCallback needs the optional dependency captum' in line
+    assert 'pip install "lightning-mlflow-cv[captum]"' in line and "Traceback" not in err

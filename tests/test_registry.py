@@ -70,19 +70,19 @@ def test_parse_gates_mapping_and_errors():
 
 def test_parse_gate_expr():
     assert parse_gate_expr("val/acc>=0.9") == Gate("val/acc", ">=", 0.9)
-    assert parse_gate_expr(" p95_latency_ms <= 50 ") == Gate("p95_latency_ms", "<=", 50.0)
+    assert parse_gate_expr(" latency/torch/p95_ms <= 50 ") == Gate("latency/torch/p95_ms", "<=", 50.0)
     with pytest.raises(ValueError, match=r"cannot parse 'val/acc~0\.9'.*--gate 'val/acc>=0\.9'"):
         parse_gate_expr("val/acc~0.9")
 
 
 def test_evaluate_gates_pass_fail_missing():
     results = evaluate_gates(
-        parse_gates({"val/acc": ">=0.9", "p95_latency_ms": "<=50", "val/f1": ">=0.5", "val/nan": ">=0"}),
-        {"val/acc": 0.93, "p95_latency_ms": 70.0, "val/nan": math.nan},
+        parse_gates({"val/acc": ">=0.9", "latency/torch/p95_ms": "<=50", "val/f1": ">=0.5", "val/nan": ">=0"}),
+        {"val/acc": 0.93, "latency/torch/p95_ms": 70.0, "val/nan": math.nan},
     )
     by = {r.metric: r for r in results}
     assert by["val/acc"].passed and by["val/acc"].reason.startswith("pass: 0.93 >= 0.9")
-    assert not by["p95_latency_ms"].passed and by["p95_latency_ms"].reason.startswith("fail: 70 <= 50")
+    assert not by["latency/torch/p95_ms"].passed and by["latency/torch/p95_ms"].reason.startswith("fail: 70 <= 50")
     assert not by["val/f1"].passed and by["val/f1"].value is None
     assert "missing: metric 'val/f1' was not logged" in by["val/f1"].reason
     assert not by["val/nan"].passed  # NaN never passes
@@ -127,15 +127,15 @@ def _champion(client: MlflowClient, name: str) -> str | None:
 
 def test_promote_champion_challenger(name, tracking_uri):
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    v1, _ = _version(client, name, {"val/acc": 0.90, "p95_latency_ms": 5.0})
-    kw = dict(gates={"val/acc": ">=0.85", "p95_latency_ms": "<=50"}, compare_metric="val/acc", min_improvement=0.01,
+    v1, _ = _version(client, name, {"val/acc": 0.90, "latency/torch/p95_ms": 5.0})
+    kw = dict(gates={"val/acc": ">=0.85", "latency/torch/p95_ms": "<=50"}, compare_metric="val/acc", min_improvement=0.01,
               tracking_uri=tracking_uri)
     d1 = promote(name, v1, **kw)
     assert d1.promoted and d1.previous_champion is None and "no champion yet" in d1.reason
     assert _champion(client, name) == v1
 
     # a worse challenger does not replace the champion; the decision is recorded on it
-    v2, _ = _version(client, name, {"val/acc": 0.88, "p95_latency_ms": 5.0})
+    v2, _ = _version(client, name, {"val/acc": 0.88, "latency/torch/p95_ms": 5.0})
     d2 = promote(name, v2, **kw)
     assert not d2.promoted and d2.gates_passed
     assert "does not improve enough" in d2.reason
@@ -148,9 +148,9 @@ def test_promote_champion_challenger(name, tracking_uri):
     assert "NOT PROMOTED" in mv2.description and "| `val/acc >= 0.85` | 0.88 | pass |" in mv2.description
 
     # improving by less than min_improvement is not enough; by more, it is
-    v3, _ = _version(client, name, {"val/acc": 0.905, "p95_latency_ms": 5.0})
+    v3, _ = _version(client, name, {"val/acc": 0.905, "latency/torch/p95_ms": 5.0})
     assert not promote(name, v3, **kw).promoted
-    v4, run4 = _version(client, name, {"val/acc": 0.95, "p95_latency_ms": 5.0})
+    v4, run4 = _version(client, name, {"val/acc": 0.95, "latency/torch/p95_ms": 5.0})
     d4 = promote(name, run4, **kw)  # candidate named by its run id
     assert d4.promoted and d4.version == v4 and d4.previous_champion == v1
     assert _champion(client, name) == v4
@@ -161,12 +161,12 @@ def test_promote_champion_challenger(name, tracking_uri):
 def test_promote_gate_fail_and_missing_metric(name, tracking_uri):
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     v1, _ = _version(client, name, {"val/acc": 0.80})
-    d = promote(name, v1, gates={"val/acc": ">=0.85", "p95_latency_ms": "<=50"}, tracking_uri=tracking_uri)
+    d = promote(name, v1, gates={"val/acc": ">=0.85", "latency/torch/p95_ms": "<=50"}, tracking_uri=tracking_uri)
     assert not d.promoted and _champion(client, name) is None
     assert "val/acc (fail: 0.8 >= 0.85)" in d.reason
-    assert "p95_latency_ms (missing: metric 'p95_latency_ms' was not logged" in d.reason
+    assert "latency/torch/p95_ms (missing: metric 'latency/torch/p95_ms' was not logged" in d.reason
     tags = client.get_model_version(name, v1).tags
-    assert tags["gate.p95_latency_ms"].startswith("missing")
+    assert tags["gate.latency/torch/p95_ms"].startswith("missing")
     assert tags["decision.gates_passed"] == "false"
 
 
@@ -177,7 +177,9 @@ def test_promote_description_keeps_prefix_and_replaces_old_decision(name, tracki
     promote(name, v1, gates={"val/acc": ">=0.5"}, tracking_uri=tracking_uri)
     desc = client.get_model_version(name, v1).description
     assert desc.count("## Promotion decision") == 1 and "**PROMOTED**" in desc and desc.rstrip().endswith("# Model card")
-    assert with_decision(None, promote(name, v1, tracking_uri=tracking_uri)).startswith("<!-- lightning-mlflow-cv")
+    # the registry's Description column shows the verdict first, no raw marker (issue 16)
+    assert with_decision(None, promote(name, v1, tracking_uri=tracking_uri)).startswith("**PROMOTED** to `@champion`")
+    assert desc.startswith("**PROMOTED**") and "<!--" not in desc.split("\n", 1)[0]
 
 
 def test_promote_errors(name, tracking_uri):

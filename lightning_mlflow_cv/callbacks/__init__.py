@@ -11,6 +11,7 @@ from lightning_mlflow_cv.callbacks.prediction_grid import PredictionGridCallback
 from lightning_mlflow_cv.callbacks.ray_tune_report import RayTuneReportCallback
 from lightning_mlflow_cv.callbacks.reproducibility import ReproducibilityCallback
 from lightning_mlflow_cv.callbacks.save_config import MLflowSaveConfigCallback
+from lightning_mlflow_cv.callbacks.system_metrics import SystemMetricsCallback
 
 __all__ = [
     "AugmentationSamplesCallback",
@@ -24,4 +25,5 @@ __all__ = [
     "PredictionGridCallback",
     "RayTuneReportCallback",
     "ReproducibilityCallback",
+    "SystemMetricsCallback",
 ]

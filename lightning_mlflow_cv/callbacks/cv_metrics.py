@@ -236,7 +236,7 @@ class CVMetricsCallback(Callback):
     - ``pr_curve.png`` and ``roc_curve.png`` with per-class AP/AUC in the legend (classification);
     - ``per_class.json`` and ``per_class.csv``: per-class precision/recall/F1/AUC, IoU, or AP50-95/AP50/AR100.
 
-    At fit end the summary metrics ``best_<monitor>``, ``best_epoch`` and ``total_train_time_hrs`` are logged.
+    At fit end the summary metrics ``best/<monitor>``, ``best/epoch`` and ``time/train_hrs`` are logged.
 
     Under DDP every rank computes (torchmetrics syncs the states) and only global rank 0 writes. Note that a
     ``DistributedSampler`` pads the validation set to a multiple of the world size by repeating samples,
@@ -746,11 +746,11 @@ class CVMetricsCallback(Callback):
         snap = self.best_snapshot if use_best else self.last_snapshot
         if snap is not None and "val" in self.stages:
             self._log_artifacts(trainer, "val", snap, epoch)
-        summary: dict[str, float] = {"total_train_time_hrs": total / 3600.0}
+        summary: dict[str, float] = {"time/train_hrs": total / 3600.0}
         if epoch is not None:
-            summary["best_epoch"] = float(epoch)
+            summary["best/epoch"] = float(epoch)
         if use_best and self.best_score is not None:
-            summary[f"best_{self.monitor}"] = self.best_score
+            summary[f"best/{self.monitor}"] = self.best_score
         logger.log_metrics(summary, step=trainer.global_step)
 
     @override

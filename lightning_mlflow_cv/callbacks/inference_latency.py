@@ -1,72 +1,32 @@
-"""InferenceLatencyCallback: p50/p95/p99 latency and throughput of the shipped model, PyTorch and ONNX."""
+"""InferenceLatencyCallback: p50/p95/p99 latency (with spread) and throughput of the shipped model, PyTorch and ONNX."""
 
 from __future__ import annotations
 
-import time
 import warnings
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_mlflow_cv import _export
 from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv._latency import (
+    latency_stats,
+    time_blocks,
+    time_calls,
+    torch_threads,
+)
+
+__all__ = ["InferenceLatencyCallback", "latency_stats", "time_blocks", "time_calls"]
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 _NAME = "InferenceLatencyCallback"
 _WHEN = ("fit_end", "test_end")
-
-
-def latency_stats(times_s: Sequence[float], batch_size: int, prefix: str = "") -> dict[str, float]:
-    """Latency percentiles (ms, linear interpolation) and throughput from per-call wall times in seconds.
-
-    Args:
-        times_s: One wall time per timed call.
-        batch_size: Images per call.
-        prefix: Prepended to every key (e.g. ``"onnx_"``).
-
-    Raises:
-        ValueError: when ``times_s`` is empty or ``batch_size`` < 1.
-
-    Example::
-
-        >>> latency_stats([0.001, 0.002, 0.003, 0.004], batch_size=2)["p50_latency_ms"]
-        2.5
-    """
-    if len(times_s) == 0:
-        raise ValueError("latency_stats: `times_s` is empty; time at least one call.")
-    if batch_size < 1:
-        raise ValueError(f"latency_stats: `batch_size` must be >= 1, got {batch_size!r}.")
-    ms = np.asarray(times_s, dtype=np.float64) * 1000.0
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    total = float(ms.sum()) / 1000.0
-    return {
-        f"{prefix}p50_latency_ms": float(p50),
-        f"{prefix}p95_latency_ms": float(p95),
-        f"{prefix}p99_latency_ms": float(p99),
-        f"{prefix}throughput_imgs_per_sec": float(batch_size * len(ms) / total) if total > 0 else float("inf"),
-    }
-
-
-def time_calls(fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], None] | None = None) -> list[float]:
-    """Call ``fn`` ``warmup`` times untimed, then ``iters`` times timed (``sync`` before each clock read)."""
-    for _ in range(warmup):
-        fn()
-    if sync is not None:
-        sync()
-    times: list[float] = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return times
+#: Longest wait for the logger's writer to drain before timing (a store that is down does not hold the fit).
+_DRAIN_TIMEOUT_S = 15.0
 
 
 def _positive_int(arg: str, value: Any, minimum: int) -> int:
@@ -78,21 +38,35 @@ def _positive_int(arg: str, value: Any, minimum: int) -> int:
 class InferenceLatencyCallback(Callback):
     """Measure inference latency percentiles and throughput of the shipped model and log them as metrics.
 
-    Times ``iters`` forward passes (after ``warmup`` untimed ones) of ``batch_size`` real validation images
-    through the weights that are shipped (the best checkpoint's when a ``ModelCheckpoint`` monitors a metric),
-    in eval mode under ``torch.inference_mode``, on the module's device. On CUDA, ``torch.cuda.synchronize()``
-    runs before every clock read, so GPU timings include the kernels. Logs ``p50_latency_ms``,
-    ``p95_latency_ms``, ``p99_latency_ms`` and ``throughput_imgs_per_sec``; when an
-    :class:`~lightning_mlflow_cv.callbacks.onnx_export.ONNXExportCallback` exported a model, the same four for
-    onnxruntime (CPU) with the prefix ``onnx_`` (e.g. ``onnx_p95_latency_ms``). The ONNX export is run first
-    when needed, so callback order does not matter. Run tags ``latency.device`` and ``latency.batch_size``
-    record the setting.
+    Times forward passes of ``batch_size`` real validation images through the weights that are shipped (the
+    best checkpoint's when a ``ModelCheckpoint`` monitors a metric), in eval mode under
+    ``torch.inference_mode``, on the module's device. So that the figures describe the model rather than
+    whatever else the machine does at that moment (and a latency gate passes or fails the same way on every
+    fit of the same model):
+
+    - the logger's writer is drained first (``logger.flush()``), so delivering metrics does not compete;
+    - CPU timings use ``num_threads`` torch threads (default 1; onnxruntime gets the same intra-op setting),
+      a stated setting rather than "all cores", which other processes would contend for;
+    - ``warmup`` untimed calls, then ``repeats`` blocks of ``iters`` timed calls with Python's garbage
+      collector paused; each percentile is the median over the blocks of the block's percentile, and the
+      spread (interquartile range of the blocks' p95) is logged beside it.
+
+    On CUDA, ``torch.cuda.synchronize()`` runs before every clock read, so GPU timings include the kernels.
+    Metrics (``<backend>`` is ``torch``, and ``onnx`` when an
+    :class:`~lightning_mlflow_cv.callbacks.onnx_export.ONNXExportCallback` exported a model, timed on
+    onnxruntime's CPU provider): ``latency/<backend>/p50_ms``, ``.../p95_ms``, ``.../p99_ms``,
+    ``.../p95_iqr_ms`` and ``.../imgs_per_sec``. The ONNX export is run first when needed, so callback order
+    does not matter. Run tags ``latency.device``, ``latency.batch_size``, ``latency.num_threads`` and
+    ``latency.calls`` (``repeats x iters``) record the setting.
 
     Args:
         batch_size: Images per timed call.
         warmup: Untimed calls before timing.
-        iters: Timed calls.
+        iters: Timed calls per block.
         when: ``"fit_end"`` (when training ends, while the model is on its device) or ``"test_end"``.
+        repeats: Timed blocks; the reported figures are medians over blocks.
+        num_threads: Torch (and onnxruntime intra-op) threads while timing on CPU; ``None`` keeps torch's
+            current setting and onnxruntime's default.
 
     Raises:
         ValueError: on an invalid argument.
@@ -104,15 +78,23 @@ class InferenceLatencyCallback(Callback):
         from lightning_mlflow_cv.callbacks.onnx_export import ONNXExportCallback
 
         trainer = Trainer(logger=MLflowCVLogger(), callbacks=[ONNXExportCallback(), InferenceLatencyCallback(iters=200)])
-        trainer.fit(model, datamodule=dm)  # -> p95_latency_ms, onnx_p95_latency_ms, ...
+        trainer.fit(model, datamodule=dm)  # -> latency/torch/p95_ms, latency/onnx/p95_ms, ...
     """
 
     def __init__(
-        self, batch_size: int = 1, warmup: int = 10, iters: int = 100, when: Literal["fit_end", "test_end"] = "fit_end"
+        self,
+        batch_size: int = 1,
+        warmup: int = 10,
+        iters: int = 100,
+        when: Literal["fit_end", "test_end"] = "fit_end",
+        repeats: int = 5,
+        num_threads: int | None = 1,
     ) -> None:
         self.batch_size = _positive_int("batch_size", batch_size, 1)
         self.warmup = _positive_int("warmup", warmup, 0)
         self.iters = _positive_int("iters", iters, 1)
+        self.repeats = _positive_int("repeats", repeats, 1)
+        self.num_threads = None if num_threads is None else _positive_int("num_threads", num_threads, 1)
         if when not in _WHEN:
             raise ValueError(
                 f"{_NAME}: `when` must be one of {_WHEN}, got {when!r}. Use 'fit_end' to measure after training or "
@@ -152,41 +134,55 @@ class InferenceLatencyCallback(Callback):
         except RuntimeError as err:
             warnings.warn(f"{_NAME}: {err}; no latency measured.", RuntimeWarning, stacklevel=2)
             return {}
-        sync = torch.cuda.synchronize if device.type == "cuda" else None
-        results: dict[str, float] = {}
-        runner = module.to(device)  # the shared CPU copy visits the device and goes back
-        try:
-            with torch.inference_mode():
-                times = time_calls(lambda: runner(x), self.warmup, self.iters, sync)
-            results.update(latency_stats(times, self.batch_size))
-        except Exception as err:  # noqa: BLE001 - a measurement must not stop the fit
-            warnings.warn(f"{_NAME}: PyTorch timing failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
-        finally:
-            module.cpu()
-        results.update(self._onnx(trainer, pl_module, x.cpu()))
+        onnx_path = self._onnx_path(trainer, pl_module)
+        logger.flush(timeout=_DRAIN_TIMEOUT_S)  # the writer idle, so delivery does not compete with the timing
+        results = self.time_module(module, x)
+        if onnx_path is not None:
+            results.update(self.time_onnx(onnx_path, x.cpu()))
         self.results = results
         if results:
             logger.log_metrics(results, step=trainer.global_step)
-        logger.set_tags({"latency.device": str(device), "latency.batch_size": str(self.batch_size)})
+        logger.set_tags(
+            {
+                "latency.device": str(device),
+                "latency.batch_size": str(self.batch_size),
+                "latency.num_threads": str(self.num_threads if self.num_threads is not None else torch.get_num_threads()),
+                "latency.calls": f"{self.repeats}x{self.iters}",
+            }
+        )
         return results
 
-    def _onnx(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x: torch.Tensor) -> dict[str, float]:
+    def time_module(self, module: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+        """``latency/torch/*`` of ``module`` on ``x``'s device (the module goes back to the CPU afterwards)."""
+        device = x.device
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
+        runner = module.to(device)  # the shared CPU copy visits the device and goes back
+        try:
+            with torch.inference_mode(), torch_threads(self.num_threads if device.type == "cpu" else None):
+                blocks = time_blocks(lambda: runner(x), self.warmup, self.iters, self.repeats, sync)
+            return latency_stats(blocks, self.batch_size, "torch")
+        except Exception as err:
+            warnings.warn(f"{_NAME}: PyTorch timing failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
+            return {}
+        finally:
+            module.cpu()
+
+    def time_onnx(self, path: Any, x: torch.Tensor) -> dict[str, float]:
+        """``latency/onnx/*`` of the ONNX file at ``path`` on onnxruntime's CPU provider."""
+        try:
+            sess = _export.onnx_session(path, intra_op_threads=self.num_threads)
+            feed = {sess.get_inputs()[0].name: x.numpy()}
+            blocks = time_blocks(lambda: sess.run(None, feed), self.warmup, self.iters, self.repeats)
+        except Exception as err:
+            warnings.warn(f"{_NAME}: onnxruntime timing failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
+            return {}
+        return latency_stats(blocks, self.batch_size, "onnx")
+
+    def _onnx_path(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         from lightning_mlflow_cv.callbacks.onnx_export import ONNXExportCallback
 
         cb = _export.find_callback(trainer, ONNXExportCallback)
-        if cb is None:
-            return {}
-        path = cb.export(trainer, pl_module)
-        if path is None:
-            return {}
-        try:
-            sess = _export.onnx_session(path)
-            feed = {sess.get_inputs()[0].name: x.numpy()}
-            times = time_calls(lambda: sess.run(None, feed), self.warmup, self.iters)
-        except Exception as err:  # noqa: BLE001 - a broken export must not stop the fit
-            warnings.warn(f"{_NAME}: onnxruntime timing failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
-            return {}
-        return latency_stats(times, self.batch_size, prefix="onnx_")
+        return None if cb is None else cb.export(trainer, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_mlflow_cv import _export, _http, _pyfunc
 from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv._summary import NOTE_TAG, run_description
 from lightning_mlflow_cv.registry import Decision, parse_gates, promote, transition_stage
 
 if TYPE_CHECKING:
@@ -39,6 +40,32 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             continue
     return out
+
+
+def card_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The metrics a model card lists: one row per quantity (``train/acc``, not also ``train/acc_step`` and
+    ``train/acc_epoch``), no ``system/*`` figures and no ``epoch`` counter.
+
+    Example::
+
+        >>> card_metrics({"train/acc": 0.9, "train/acc_step": 0.8, "train/acc_epoch": 0.9, "epoch": 3.0,
+        ...               "val/acc": 0.95, "system/cpu_utilization_percentage": 50.0})
+        {'train/acc': 0.9, 'val/acc': 0.95}
+    """
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if k == "epoch" or k.startswith("system/") or k.endswith("_step"):
+            continue
+        if k.endswith("_epoch") and k[: -len("_epoch")] in metrics:
+            continue
+        out[k[: -len("_epoch")] if k.endswith("_epoch") else k] = v
+    return out
+
+
+def metrics_table(metrics: Mapping[str, float]) -> list[str]:
+    """Markdown table lines of :func:`card_metrics`, sorted by name."""
+    shown = card_metrics(metrics)
+    return ["| metric | value |", "|---|---|"] + [f"| `{k}` | {float(shown[k]):.6g} |" for k in sorted(shown)]
 
 
 def model_card_markdown(
@@ -103,9 +130,8 @@ def model_card_markdown(
         lines.append(f"- dataset `{name}` ({ctx or 'unknown context'}), digest `{digest}`")
     for k, v in lineage:
         lines.append(f"- `{k}`: `{v}`")
-    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-    for k in sorted(metrics):
-        lines.append(f"| `{k}` | {metrics[k]:.6g} |")
+    lines += ["", "## Metrics", ""]
+    lines += metrics_table(metrics)
     if io:
         lines += ["", "## Input and output", ""]
         lines += [f"- {k}: `{v}`" for k, v in io.items()]
@@ -143,6 +169,22 @@ def _create_version(client: Any, uri: str, name: str, lm: Any, run_id: str, tags
         )
 
 
+def _link_version(client: Any, model_id: str, name: str, version: Any) -> None:
+    """Tag the LoggedModel with its version (``mlflow.modelVersions``), as ``mlflow.register_model`` does.
+
+    ``create_model_version(..., model_id=...)`` does not set that tag on a SQL store, and without it the UI's
+    model page says "Not registered". Existing entries are kept; a version already listed is not repeated.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    entry = {"name": name, "version": version}  # the version as the store returned it, as register_model keeps it
+    existing = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    entries = json.loads(existing) if existing else []
+    if entry not in entries:
+        entries.append(entry)
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
+
+
 def _registry_client(logger: Any) -> MlflowClient:
     """A client on the logger's store, used as the registry too."""
     from mlflow import MlflowClient
@@ -162,7 +204,7 @@ class ModelRegistryCallback(Callback):
     On global rank 0 when training ends (``on_train_end``):
 
     1. **Dependencies first**: an ``ONNXExportCallback`` and a ``fit_end`` ``InferenceLatencyCallback`` on the
-       same Trainer are run first (once), so gates can use ``onnx_max_abs_err`` or ``p95_latency_ms`` whatever
+       same Trainer are run first (once), so gates can use ``onnx/max_abs_err`` or ``latency/torch/p95_ms`` whatever
        the callback order.
     2. **The model**: an MLflow pyfunc bundling preprocessing (resize to the training size, scale to [0, 1],
        normalise with ``mean``/``std``), the network, and postprocessing (``softmax``/``sigmoid``
@@ -196,7 +238,7 @@ class ModelRegistryCallback(Callback):
             ``mean``/``std`` attributes); ``size`` defaults to the training images' size.
         postprocess: ``"softmax"``, ``"sigmoid"``, ``"boxes"``, ``"masks"`` or ``"none"``.
         alias: Alias set on every new version.
-        gates: ``{metric: "<op><number>"}``, e.g. ``{"val/acc": ">=0.9", "p95_latency_ms": "<=50"}``.
+        gates: ``{metric: "<op><number>"}``, e.g. ``{"val/acc": ">=0.9", "latency/torch/p95_ms": "<=50"}``.
         champion_alias: Alias of the champion.
         compare_metric: Metric compared with the champion's (``None``: gates only).
         min_improvement: Least gain over the champion on ``compare_metric``.
@@ -205,7 +247,8 @@ class ModelRegistryCallback(Callback):
         use_stages: Legacy stages: ``Staging`` for a new version, ``Production`` with
             ``archive_existing_versions=True`` when promoted (deprecated by MLflow; aliases are set as well).
         network_format: ``"pt2"`` (``torch.export``) or ``"onnx"``.
-        class_names: Class names recorded in the model card and the pyfunc config.
+        class_names: Class names recorded in the model card and the pyfunc config (default: the datamodule's
+            ``class_names`` attribute, when it has one).
         postprocess_options: For ``boxes``: ``score_threshold`` (0.05), ``iou_threshold`` (0.5),
             ``max_detections`` (100).
 
@@ -222,7 +265,7 @@ class ModelRegistryCallback(Callback):
         registry = ModelRegistryCallback(
             "digits-cnn",
             preprocess={"mean": [0.2662], "std": [0.3830]},
-            gates={"val/acc": ">=0.9", "p95_latency_ms": "<=50"},
+            gates={"val/acc": ">=0.9", "latency/torch/p95_ms": "<=50"},
             compare_metric="val/acc",
             min_improvement=0.002,
             model_card={"intended_use": "8x8 handwritten digits", "limitations": "grayscale, centred digits"},
@@ -364,6 +407,13 @@ class ModelRegistryCallback(Callback):
         as_list = lambda v: [float(x) for x in (v if isinstance(v, Sequence) else [v])]  # noqa: E731
         return as_list(mean), as_list(std)
 
+    def _class_names(self, trainer: pl.Trainer) -> list[str] | None:
+        """``class_names``, else the datamodule's ``class_names`` attribute, else ``None``."""
+        if self.class_names is not None:
+            return self.class_names
+        names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+        return [str(n) for n in names] if isinstance(names, Sequence) and not isinstance(names, str) else None
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -382,12 +432,41 @@ class ModelRegistryCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.version = self.decision = self.model_id = self.kept_model_dir = None
+        self._card_text: str | None = None
         self._done_key = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.register(trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After ``trainer.test``: the test metrics join the model card (version description, MODEL_CARD.md)."""
+        if not trainer.is_global_zero or getattr(self, "version", None) is None:
+            return
+        test = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1
+        }
+        if not test:
+            return
+        logger = find_mlflow_logger(trainer, _NAME)
+        section = "\n".join(["", "## Test metrics", "", *metrics_table(test), ""])
+        try:
+            with _fail_fast(logger):
+                client = _registry_client(logger)
+                mv = client.get_model_version(self.registered_model_name, self.version)
+                text = (mv.description or "").split("\n## Test metrics\n", 1)[0].rstrip() + "\n" + section
+                client.update_model_version(self.registered_model_name, self.version, description=text)
+        except Exception as err:  # noqa: BLE001 - tracking failure: the test metrics stay in the run
+            warnings.warn(f"{_NAME}: could not add the test metrics to the model card ({err}).", RuntimeWarning, stacklevel=2)
+            return
+        if getattr(self, "_card_text", None):
+            with tempfile.TemporaryDirectory() as tmp:
+                card = Path(tmp) / "MODEL_CARD.md"
+                card.write_text(self._card_text.rstrip() + "\n" + section)
+                logger.log_artifact(card)
+                logger.flush()
 
     # ------------------------------------------------------------------------------------------
     def register(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Decision | None:
@@ -465,7 +544,7 @@ class ModelRegistryCallback(Callback):
             "channels": channels,
             "layout": layout,
             "postprocess": self.postprocess,
-            "class_names": self.class_names,
+            "class_names": self._class_names(trainer),
             **self.postprocess_options,
         }
         m = torch.tensor(mean).view(1, -1, 1, 1)
@@ -544,6 +623,8 @@ class ModelRegistryCallback(Callback):
                 input_example=b["example"],
                 mlflow_model=mlflow_model,
                 pip_requirements=reqs,
+                # class names where a server or client reads them without loading the model (the MLmodel file)
+                metadata={"class_names": b["cfg"]["class_names"]} if b["cfg"].get("class_names") else None,
             )
 
     def _publish(self, trainer: pl.Trainer, logger: Any, run_id: str, source: str, work: Path, b: dict[str, Any]) -> None:
@@ -570,7 +651,7 @@ class ModelRegistryCallback(Callback):
             f"C={cfg['channels']}, any H, W (resized to {tuple(cfg['size'])})",
             "preprocess": f"resize, /255, (x - {cfg['mean']}) / {cfg['std']}",
             "output": self.postprocess,
-            "classes": self.class_names or "unnamed",
+            "classes": cfg.get("class_names") or "unnamed",
             "network": Path(b["network"]).name,
         }
         extra = {k: v for k, v in self.model_card.items() if k not in _CARD_KEYS}
@@ -589,6 +670,7 @@ class ModelRegistryCallback(Callback):
         )
         card_path = work / "MODEL_CARD.md"
         card_path.write_text(card)
+        self._card_text = card
 
         lm = client.create_logged_model(
             experiment_id=run.info.experiment_id,
@@ -620,6 +702,7 @@ class ModelRegistryCallback(Callback):
             tags={"weights": source[:5000], "network_format": self.network_format},
         )
         self.version = str(mv.version)
+        _link_version(client, lm.model_id, name, mv.version)
         client.set_registered_model_alias(name, self.alias, mv.version)
         if self.use_stages:
             transition_stage(client, name, mv.version, "Staging")
@@ -637,8 +720,11 @@ class ModelRegistryCallback(Callback):
             description_prefix=card,
         )
         logger.log_artifact(card_path)
+        heads = [g.metric for g in self.gates] + ([self.compare_metric] if self.compare_metric else [])
+        note = run_description(name, metrics, dict.fromkeys(heads), self.decision, f"models:/{name}/{self.version}")
         logger.set_tags(
             {
+                NOTE_TAG: note,
                 "registry.status": "registered",
                 "registry.model": name,
                 "registry.version": self.version,
@@ -659,5 +745,6 @@ class ModelRegistryCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.version = state_dict.get("version")
-        self.model_id = state_dict.get("model_id")
+        # a checkpoint saved before registration (e.g. `trainer.test(ckpt_path="best")`) keeps what this fit made
+        self.version = state_dict.get("version") or getattr(self, "version", None)
+        self.model_id = state_dict.get("model_id") or getattr(self, "model_id", None)

@@ -44,7 +44,7 @@ class ONNXExportCallback(Callback):
     2. the input sample comes from a real validation batch (``sample_shape`` only when there is none);
     3. ``torch.onnx.export`` with a dynamic batch axis, then ``onnx.checker.check_model``;
     4. onnxruntime (CPU) is compared with PyTorch at batch 1 and batch 4; the largest absolute difference is
-       logged as the metric ``onnx_max_abs_err``;
+       logged as the metric ``onnx/max_abs_err``;
     5. the file is logged under the artifact path ``onnx/`` (``onnx/model.onnx``) and kept locally at
        :attr:`onnx_path` (``<default_root_dir>/onnx/<run id>/model.onnx``) for
        :class:`~lightning_mlflow_cv.callbacks.inference_latency.InferenceLatencyCallback`.
@@ -82,7 +82,7 @@ class ONNXExportCallback(Callback):
             logger=MLflowCVLogger(experiment_name="digits"),
             callbacks=[ModelCheckpoint(monitor="val/acc", mode="max"), ONNXExportCallback(opset=17)],
         )
-        trainer.fit(model, datamodule=dm)  # -> artifact onnx/model.onnx, metric onnx_max_abs_err
+        trainer.fit(model, datamodule=dm)  # -> artifact onnx/model.onnx, metric onnx/max_abs_err
     """
 
     def __init__(
@@ -191,7 +191,7 @@ class ONNXExportCallback(Callback):
             try:
                 batches = PARITY_BATCHES if self.dynamic_batch else (1,)
                 self.max_abs_err = onnx_parity(path, module, sample, batches)
-                logger.log_metrics({"onnx_max_abs_err": self.max_abs_err}, step=trainer.global_step)
+                logger.log_metrics({"onnx/max_abs_err": self.max_abs_err}, step=trainer.global_step)
             except Exception as err:  # noqa: BLE001
                 self._fail(logger, tags, "failed_parity", f"onnxruntime failed: {type(err).__name__}: {_first_lines(err)}")
                 self._log_files(logger, path)

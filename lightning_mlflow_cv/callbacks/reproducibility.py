@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv._params import drop_repeated
 from lightning_mlflow_cv._redact import REDACTED, is_secret_key, redact, redact_text
 
 if TYPE_CHECKING:
@@ -226,8 +227,15 @@ def find_train_transform(trainer: pl.Trainer | None = None, dataset: Any = None,
 # ----------------------------------------------------------------------------------------------
 # optimizers, schedulers, dataloaders, trainer, callbacks
 # ----------------------------------------------------------------------------------------------
+#: Param-group entries that choose an implementation, not the optimisation (left out of the params).
+_OPTIMIZER_IMPL = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
 def optimizer_params(optimizers: Any) -> dict[str, str]:
     """The optimizer class and every param-group setting (lr, weight_decay, betas, momentum, ...).
+
+    Entries that only pick an implementation (``foreach``, ``fused``, ``capturable``, ``differentiable``)
+    are left out, and so is ``initial_lr`` (an LR scheduler's copy of ``lr``).
 
     One optimizer with one param group gives ``optimizer/name``, ``optimizer/lr``, ...; several param groups
     give ``optimizer/group_<i>/<setting>``; several optimizers give ``optimizer_<j>/...``.
@@ -249,7 +257,7 @@ def optimizer_params(optimizers: Any) -> dict[str, str]:
         for i, group in enumerate(groups):
             gkey = base if len(groups) == 1 else f"{base}/group_{i}"
             for k, v in group.items():
-                if k == "params":
+                if k in ("params", "initial_lr") or k in _OPTIMIZER_IMPL:  # initial_lr: the scheduler's copy of lr
                     continue
                 out[f"{gkey}/{k}"] = _str(v)
         if len(groups) > 1:
@@ -283,8 +291,9 @@ def scheduler_params(configs: Any) -> dict[str, str]:
         if hasattr(sched, "lr_lambdas"):  # LambdaLR/MultiplicativeLR keep `lr_lambda` as a list
             fns = [_render(f) for f in sched.lr_lambdas]
             out[f"{base}/lr_lambda"] = str(fns[0] if len(set(fns)) == 1 else fns)
-        # settings kept only in the optimizer's param groups (e.g. OneCycleLR's max_lr)
-        for k in ("max_lr", "initial_lr"):
+        # settings kept only in the optimizer's param groups (OneCycleLR's max_lr); `initial_lr` is left out,
+        # it is the optimizer's lr when the scheduler was made (logged as optimizer/lr or the `lr` hparam)
+        for k in ("max_lr",):
             groups = getattr(getattr(sched, "optimizer", None), "param_groups", None) or []
             vals = [g[k] for g in groups if k in g]
             if vals and f"{base}/{k}" not in out:
@@ -317,7 +326,7 @@ def _shuffles(loader: Any) -> bool | None:
 
 
 def dataloader_params(loaders: Any, name: str) -> dict[str, str]:
-    """batch_size, num_workers, pin_memory, shuffle (and drop_last, sampler) of one or more dataloaders.
+    """batch_size, num_workers, pin_memory, shuffle, drop_last (and the sampler, unless a plain Random/Sequential one) of one or more dataloaders.
 
     Keys are ``<name>/<setting>``; several loaders give ``<name>_<i>/<setting>``.
 
@@ -350,8 +359,8 @@ def dataloader_params(loaders: Any, name: str) -> dict[str, str]:
         out[f"{base}/shuffle"] = _str(_shuffles(dl))
         out[f"{base}/drop_last"] = _str(getattr(dl, "drop_last", None))
         sampler = getattr(dl, "sampler", None)
-        if sampler is not None:
-            out[f"{base}/sampler"] = type(sampler).__name__
+        if sampler is not None and type(sampler).__name__ not in ("RandomSampler", "SequentialSampler"):
+            out[f"{base}/sampler"] = type(sampler).__name__  # the plain two are what `shuffle` already says
     return out
 
 
@@ -402,8 +411,9 @@ def callback_params(callbacks: Iterable[Any]) -> dict[str, str]:
 
 
 def framework_params(trainer: pl.Trainer | None = None) -> dict[str, str]:
-    """python/pytorch/torchvision/lightning/mlflow/CUDA/cuDNN versions, GPU model and count, and the Trainer's
-    world_size, num_nodes, precision, strategy and accelerator.
+    """python/pytorch/torchvision/lightning/mlflow versions; CUDA/cuDNN versions, GPU model and count when CUDA is
+    available and the Trainer does not run on the CPU; the Trainer's world_size, num_nodes, precision, strategy
+    and accelerator.
     """
     import lightning
     import mlflow
@@ -423,13 +433,16 @@ def framework_params(trainer: pl.Trainer | None = None) -> dict[str, str]:
         "torchvision_version": tv,
         "lightning_version": lightning.__version__,
         "mlflow_version": mlflow.__version__,
-        "cuda_version": str(torch.version.cuda or "none"),
-        "cudnn_version": str(cudnn or "none"),
-        "gpu_model": torch.cuda.get_device_name(0) if cuda else "none",
-        "num_gpus": str(torch.cuda.device_count() if cuda else 0),
     }
+    acc = type(trainer.accelerator).__name__ if trainer is not None else ""
+    if cuda and acc != "CPUAccelerator":  # a CPU run gets no CUDA/GPU params (system.json still lists the GPUs)
+        out.update(
+            cuda_version=str(torch.version.cuda or "none"),
+            cudnn_version=str(cudnn or "none"),
+            gpu_model=torch.cuda.get_device_name(0),
+            num_gpus=str(torch.cuda.device_count()),
+        )
     if trainer is not None:
-        acc = type(trainer.accelerator).__name__
         out.update(
             world_size=str(trainer.world_size),
             num_nodes=str(trainer.num_nodes),
@@ -668,8 +681,8 @@ class ReproducibilityCallback(Callback):
 
     - params ``global_seed`` (the given seed, else the one already set by ``seed_everything``, if any),
       ``python_version``, ``pytorch_version``, ``torchvision_version``, ``lightning_version``,
-      ``mlflow_version``, ``cuda_version``, ``cudnn_version``, ``gpu_model``, ``num_gpus``, ``world_size``,
-      ``num_nodes``, ``precision``, ``strategy``, ``accelerator``;
+      ``mlflow_version``, ``world_size``, ``num_nodes``, ``precision``, ``strategy``, ``accelerator`` and, on a
+      GPU run only, ``cuda_version``, ``cudnn_version``, ``gpu_model``, ``num_gpus``;
     - tags ``git_commit``, ``git_branch``, ``git_dirty``;
     - artifacts ``environment/requirements.txt`` (pip freeze, redacted), ``environment/system.json``
       (OS, CPU, RAM, GPUs with memory and driver) and, when the work tree is dirty,
@@ -682,7 +695,9 @@ class ReproducibilityCallback(Callback):
     ``val_dataloader/*`` (batch_size, num_workers, pin_memory, shuffle), ``early_stopping/*`` and
     ``model_checkpoint/*`` (monitor, mode, patience), ``model/*`` and ``data/*`` (the model's and
     datamodule's ``hparams``), and ``augment/*`` (the training transform, flattened:
-    ``augment/RandomResizedCrop/size``).
+    ``augment/RandomResizedCrop/size``). One key per value: a value already logged under the same name (the
+    ``lr``/``batch_size``/``seed`` that Lightning logs from ``hparams``) is not
+    logged again, see :func:`lightning_mlflow_cv._params.drop_repeated`.
 
     Everything is redacted (keys such as password/token/secret/api_key, and ``user:pass@`` in URLs) by the
     logger before it is written. Only global rank zero logs.
@@ -791,7 +806,8 @@ class ReproducibilityCallback(Callback):
     def _log_fit_start(self, trainer: pl.Trainer, logger: MLflowCVLogger) -> None:
         params = framework_params(trainer)
         params["global_seed"] = self.global_seed()
-        params["cudnn_deterministic"] = str(self.deterministic_cudnn)
+        if "cuda_version" in params:  # a GPU run: cuDNN's setting matters
+            params["cudnn_deterministic"] = str(self.deterministic_cudnn)
         logger.log_hyperparams(params)
         if self.log_environment:
             logger.log_text(requirements_txt(), "environment/requirements.txt")
@@ -821,7 +837,8 @@ class ReproducibilityCallback(Callback):
         transform = self.transform if self.transform is not None else find_train_transform(trainer)
         if transform is not None:
             params.update(transform_params(transform, self.transform_prefix))
-        logger.log_hyperparams(params)
+        # one key per value: what Lightning's hparams (or this run) already hold is not logged again
+        logger.log_hyperparams(drop_repeated(params, getattr(logger, "_params", {})))
 
     # -- state ------------------------------------------------------------------------------
     @override

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import SaveConfigCallback
@@ -54,8 +54,14 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
 
     - ``configs/<config_filename>``: the full resolved config (``parser.dump``), secrets redacted (keys such as
       password, token, secret, api_key, credentials; ``user:pass@`` inside URLs).
-    - params ``<params_prefix>/<flattened key>`` (e.g. ``config/model/init_args/lr``), redacted, truncated to
-      MLflow's param length limit by the logger (whole values kept in ``params/full_values.json``).
+    - params, by ``log_params``: ``"summary"`` (default) logs only ``config/model/class_path`` and
+      ``config/data/class_path`` (what was trained on what); the model's and datamodule's arguments already
+      arrive as params through Lightning's ``save_hyperparameters``, and the Trainer's settings through
+      ``ReproducibilityCallback``, so flattening the whole config would log each value twice and the logger's
+      and callbacks' internals besides (MLflow's UI lists every param above the run's images). ``True`` logs
+      the whole flattened config as ``<params_prefix>/<key>`` (e.g. ``config/model/init_args/lr``); ``False``
+      none. Redacted, truncated to MLflow's param length limit by the logger (whole values kept in
+      ``params/full_values.json``).
 
     Without an ``MLflowCVLogger`` (e.g. ``--trainer.logger false``) it warns once and logs nothing. A resumed
     fit (same run) keeps the first file and adds ``configs/config.resumed-<UTC time>.yaml``. Logged once per
@@ -70,7 +76,8 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
         save_to_log_dir: Also write Lightning's copy into ``trainer.log_dir`` (off: that is the shared local
             directory this callback avoids).
         artifact_dir: Artifact directory of the config file.
-        log_params: Also log the flattened config as params.
+        log_params: ``"summary"`` (the model's and datamodule's class paths), ``True`` (the whole flattened
+            config) or ``False`` (no params; the config artifact only).
         params_prefix: Key prefix of those params.
 
     Raises:
@@ -97,7 +104,7 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
         multifile: bool = False,
         save_to_log_dir: bool = False,
         artifact_dir: str = "configs",
-        log_params: bool = True,
+        log_params: bool | Literal["summary"] = "summary",
         params_prefix: str = "config",
     ) -> None:
         if not isinstance(config_filename, str) or not config_filename.endswith((".yaml", ".yml")) or "/" in config_filename:
@@ -120,7 +127,12 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
             save_to_log_dir=save_to_log_dir,
         )
         self.artifact_dir = artifact_dir.strip("/")
-        self.log_params = bool(log_params)
+        if log_params not in (True, False, "summary"):
+            raise ValueError(
+                f"{_WHO}: `log_params` must be 'summary', True or False, got {log_params!r}. Fix: leave the default "
+                "'summary' (class paths only; the full config is the configs/config.yaml artifact)."
+            )
+        self.log_params = log_params
         self.params_prefix = params_prefix.strip("/")
 
     @property
@@ -156,5 +168,9 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
         data = self.config_dict()
         logger.log_dict(data, self._artifact_file_for(bool(getattr(logger, "resumed", False))))
         if self.log_params:
+            flat = flatten_config(data, self.params_prefix)
+            if self.log_params == "summary":
+                wanted = {f"{self.params_prefix}/{part}/class_path" for part in ("model", "data")}
+                flat = {k: v for k, v in flat.items() if k in wanted}
             # a resumed run with a changed value gets the logger's "params cannot change" warning
-            logger.log_hyperparams(flatten_config(data, self.params_prefix))
+            logger.log_hyperparams(flat)

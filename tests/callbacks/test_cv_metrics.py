@@ -332,9 +332,9 @@ def test_fit_and_test_log_scalars_per_epoch_and_artifacts_once(task, tracking_ur
     assert len(client.get_metric_history(logger.run_id, f"val/{scalars[0]}")) == 2
     assert len(client.get_metric_history(logger.run_id, f"test/{scalars[0]}")) == 1
     # no ModelCheckpoint monitor: the last epoch; summary metrics
-    assert run.data.metrics["best_epoch"] == 1
-    assert 0 < run.data.metrics["total_train_time_hrs"] < 1
-    assert not any(k.startswith("best_val") for k in run.data.metrics)
+    assert run.data.metrics["best/epoch"] == 1
+    assert 0 < run.data.metrics["time/train_hrs"] < 1
+    assert not any(k.startswith("best/val") for k in run.data.metrics)
     artifacts = walk(client, logger.run_id)
     for stage in ("val", "test"):
         for f in files:
@@ -381,8 +381,8 @@ def test_classification_fit_best_epoch_and_test_values_match_sklearn(tracking_ur
     # best epoch: the argmax of val/f1 (the epoch ModelCheckpoint kept), its value and confusion matrix
     f1_hist = [m.value for m in sorted(client.get_metric_history(run_id, "val/f1"), key=lambda m: m.step)]
     assert len(f1_hist) == 3
-    assert metrics["best_epoch"] == int(np.argmax(f1_hist)) == cb.best_epoch
-    assert metrics["best_val/f1"] == pytest.approx(max(f1_hist)) == pytest.approx(float(ckpt.best_model_score))
+    assert metrics["best/epoch"] == int(np.argmax(f1_hist)) == cb.best_epoch
+    assert metrics["best/val/f1"] == pytest.approx(max(f1_hist)) == pytest.approx(float(ckpt.best_model_score))
     best = DigitsClassifier.load_from_checkpoint(ckpt.best_model_path)
     dm.setup()
     logits, y = _predict(best, dm.val_dataloader())
@@ -483,7 +483,7 @@ def test_state_dict_round_trip_and_resume_keeps_best_epoch_and_time(tracking_uri
     assert cb2.train_time_s > state["train_time_s"] > 0
     assert cb2.best_score >= cb.best_score
     metrics = MlflowClient(tracking_uri).get_run(logger2.run_id).data.metrics
-    assert metrics["best_epoch"] == cb2.best_epoch
+    assert metrics["best/epoch"] == cb2.best_epoch
     assert len(MlflowClient(tracking_uri).get_metric_history(logger2.run_id, "val/top1_acc")) == 3
 
 

@@ -112,6 +112,7 @@ def test_register_serve_champion_matches_module(uri):
     assert {"network.pt2", "preprocess.json", "MODEL_CARD.md", "lmc_pyfunc.py", "input_example.json"} <= names
     assert not [n for n in names if n.endswith((".pkl", ".pickle"))]
     assert json.loads((local / "artifacts" / "preprocess.json").read_text())["layout"] == "NHWC"
+    assert served.metadata.metadata["class_names"] == [str(i) for i in range(10)]  # in the MLmodel file
 
     # registry records: aliases, decision tags, description = decision + model card
     assert set(mv.aliases) == {"challenger", "champion"}
@@ -125,6 +126,12 @@ def test_register_serve_champion_matches_module(uri):
     assert run.data.tags["registry.status"] == "registered" and run.data.tags["registry.version"] == "1"
     assert "MODEL_CARD.md" in [f.path for f in client.list_artifacts(logger.run_id)]
     assert reg.model_id in [o.model_id for o in run.outputs.model_outputs]
+    # the LoggedModel links back to its version, as mlflow.register_model leaves it (the UI's "Registered")
+    linked = json.loads(client.get_logged_model(reg.model_id).tags["mlflow.modelVersions"])
+    assert [(e["name"], str(e["version"])) for e in linked] == [("digits-e2e", "1")]
+    # the run page's description: the gate/compare metrics and the promotion outcome
+    note = run.data.tags["mlflow.note.content"]
+    assert "| `val/acc` |" in note and "promoted to @champion (models:/digits-e2e/1)" in note
 
     # the model carries its own code: it serves where lightning_mlflow_cv cannot be imported
     blocker = (
@@ -165,10 +172,10 @@ def test_champion_challenger_and_missing_gate_through_fits(uri):
     assert v2.aliases == ["challenger"] and v2.tags["decision"] == "rejected"
     assert v2.tags["compare.champion"] == "0.9" and v2.tags["decision.previous_champion"] == "1"
 
-    missing = reg(gates={"quality": ">=0.5", "p95_latency_ms": "<=50"})  # no latency callback: metric missing
+    missing = reg(gates={"quality": ">=0.5", "latency/torch/p95_ms": "<=50"})  # no latency callback: metric missing
     _fit(uri, missing, {"quality": 0.99})
     assert not missing.decision.promoted and champion() == "1"
-    assert client.get_model_version("digits-cc", "3").tags["gate.p95_latency_ms"].startswith("missing")
+    assert client.get_model_version("digits-cc", "3").tags["gate.latency/torch/p95_ms"].startswith("missing")
 
     better = reg(gates={"quality": ">=0.5"}, use_stages=True)
     _fit(uri, better, {"quality": 0.95})

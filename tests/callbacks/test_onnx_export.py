@@ -50,7 +50,7 @@ def test_export_best_weights_parity_two_batch_sizes(tracking_uri):
     assert cb.status == "ok" and cb.onnx_path is not None and cb.onnx_path.is_file()
     assert run.data.tags["onnx.status"] == "ok"
     assert "best checkpoint" in run.data.tags["onnx.weights"] and "val/acc=" in run.data.tags["onnx.weights"]
-    assert 0.0 <= run.data.metrics["onnx_max_abs_err"] <= 1e-4
+    assert 0.0 <= run.data.metrics["onnx/max_abs_err"] <= 1e-4
     files = [f.path for f in MlflowClient(tracking_uri).list_artifacts(run.info.run_id, "onnx")]
     assert files == ["onnx/model.onnx"]
 
@@ -108,7 +108,7 @@ def test_export_failure_warns_tags_and_fit_finishes(tracking_uri):
     assert cb.status == "failed_export" and cb.onnx_path is None
     assert run.data.tags["onnx.status"] == "failed_export"
     assert run.data.tags["onnx.error"].startswith("export failed:")
-    assert "onnx_max_abs_err" not in run.data.metrics
+    assert "onnx/max_abs_err" not in run.data.metrics
     assert "val/acc" in run.data.metrics  # the fit's own results are all there
 
 
@@ -118,7 +118,7 @@ def test_parity_failure_warns_and_still_logs_file(tracking_uri):
         _, _, run = _fit(tracking_uri, [cb], model=ExportsDifferently(), checkpoint=False, steps=2)
     assert cb.status == "failed_parity"
     assert run.data.tags["onnx.status"] == "failed_parity"
-    assert run.data.metrics["onnx_max_abs_err"] == pytest.approx(1.0, abs=1e-4)
+    assert run.data.metrics["onnx/max_abs_err"] == pytest.approx(1.0, abs=1e-4)
     assert "final weights" in run.data.tags["onnx.weights"]
     assert [f.path for f in MlflowClient(tracking_uri).list_artifacts(run.info.run_id, "onnx")] == ["onnx/model.onnx"]
 

@@ -91,7 +91,9 @@ def test_optimizer_params_every_group_setting() -> None:
     assert p["optimizer/num_param_groups"] == "2"
     for i, group in enumerate(opt.param_groups):
         for k, v in group.items():
-            if k != "params":
+            if k in {"foreach", "fused", "capturable", "differentiable"}:  # implementation switches
+                assert f"optimizer/group_{i}/{k}" not in p
+            elif k != "params":
                 assert p[f"optimizer/group_{i}/{k}"] == str(v)
     two = optimizer_params([opt, torch.optim.AdamW([a], lr=1e-3, betas=(0.8, 0.99))])
     assert two["optimizer_1/name"] == "AdamW" and two["optimizer_1/betas"] == "(0.8, 0.99)"
@@ -300,11 +302,14 @@ def test_fit_logs_params_tags_and_artifacts_matching_live_objects(tmp_path: Path
     assert p["pytorch_version"] == torch.__version__ and p["mlflow_version"] == mlflow.__version__
     assert p["lightning_version"] == lightning.__version__ and p["python_version"] == platform.python_version()
     assert p["world_size"] == "1" and p["num_nodes"] == "1" and p["accelerator"] == "cpu"
-    assert p["strategy"] == "single_device" and p["precision"] == "32-true" and p["num_gpus"] in {"0", str(torch.cuda.device_count())}
+    assert p["strategy"] == "single_device" and p["precision"] == "32-true"
+    assert not {"cuda_version", "cudnn_version", "gpu_model", "num_gpus"} & set(p)  # a CPU run: no CUDA params
     # the optimizer, read from the live object (2 param groups)
     opt = trainer.optimizers[0]
     assert p["optimizer/name"] == "SGD"
-    assert p["optimizer/group_0/lr"] == "0.05" and p["optimizer/group_1/lr"] == str(0.05 / 10)
+    # one key per value: group 0's lr is the model's `lr` hparam (logged by Lightning), so only group 1's is added
+    assert p["lr"] == "0.05" and "optimizer/group_0/lr" not in p and p["optimizer/group_1/lr"] == str(0.05 / 10)
+    assert not [k for k in p if k.endswith("initial_lr")]
     for i, group in enumerate(opt.param_groups):
         for k in ("momentum", "weight_decay", "nesterov", "dampening"):
             assert p[f"optimizer/group_{i}/{k}"] == str(group[k])
@@ -315,15 +320,20 @@ def test_fit_logs_params_tags_and_artifacts_matching_live_objects(tmp_path: Path
     assert p["max_epochs"] == "1" and p["max_steps"] == "-1" and p["accumulate_grad_batches"] == "2"
     assert p["gradient_clip_val"] == "0.5" and p["gradient_clip_algorithm"] == "value" and p["amp"] == "False"
     # dataloaders
-    assert p["train_dataloader/batch_size"] == "32" and p["train_dataloader/shuffle"] == "True"
+    assert p["batch_size"] == "32" and "train_dataloader/batch_size" not in p and p["train_dataloader/shuffle"] == "True"
     assert p["val_dataloader/shuffle"] == "False" and p["val_dataloader/num_workers"] == "0"
     assert p["train_dataloader/pin_memory"] == str(trainer.train_dataloader.pin_memory)
     # callbacks
     assert p["early_stopping/monitor"] == "val/loss" and p["early_stopping/patience"] == "4"
     assert p["model_checkpoint/monitor"] == "val/acc" and p["model_checkpoint/mode"] == "max"
     # hparams of model and datamodule
-    assert p["model/lr"] == "0.05" and p["data/batch_size"] == "32"
-    assert p["model/api_key"] == REDACTED
+    assert p["lr"] == "0.05" and p["batch_size"] == "32" and p["api_key"] == REDACTED  # Lightning's, once
+    assert not [k for k in p if k.startswith(("model/", "data/"))]  # nothing repeated under a prefix
+    repeated = {}
+    for k, v in p.items():
+        if k.rsplit("/", 1)[-1] in {"lr", "initial_lr", "batch_size", "seed"}:
+            repeated.setdefault((k.rsplit("/", 1)[-1].replace("initial_", ""), v), []).append(k)
+    assert all(len(keys) == 1 for keys in repeated.values()), repeated
     # the training transform, flattened from the live v2 pipeline
     affine = dm.train_transform.transforms[0]
     assert p["augment/RandomAffine/degrees"] == str(list(affine.degrees))
@@ -363,4 +373,4 @@ def test_resumed_fit_continues_the_run_without_relogging(tmp_path: Path, trackin
     clashes = [w for w in recwarn if "already logged" in str(w.message)]
     assert not clashes, [str(w.message) for w in clashes]
     p = mlflow.MlflowClient(tracking_uri).get_run(first.run_id).data.params
-    assert p["optimizer/group_0/lr"] == "0.05" and p["max_epochs"] == "1"
+    assert p["lr"] == "0.05" and p["optimizer/group_1/lr"] == str(0.05 / 10) and p["max_epochs"] == "1"

@@ -50,7 +50,7 @@ def test_fit_end_callbacks_with_server_down_keep_results_and_spool_uploads(mlflo
     assert str(spool) in err and str(reg.kept_model_dir) in err
     records = [json.loads(line) for line in spool.read_text().splitlines()]
     assert any(r["t"] == "a" and r.get("dst") == "onnx" for r in records)
-    assert any(r["t"] == "m" and "p95_latency_ms" in r["d"] for r in records)
+    assert any(r["t"] == "m" and "latency/torch/p95_ms" in r["d"] for r in records)
 
     # once the server is back, sync delivers them
     mlflow_server.start()
@@ -59,5 +59,5 @@ def test_fit_end_callbacks_with_server_down_keep_results_and_spool_uploads(mlflo
     assert res.returncode == 0, res.stderr[-2000:]
     client = MlflowClient(mlflow_server.uri)
     run = client.get_run(logger.run_id)
-    assert "p95_latency_ms" in run.data.metrics and run.info.status == "FINISHED"
+    assert "latency/torch/p95_ms" in run.data.metrics and run.info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(logger.run_id, "onnx")] == ["onnx/model.onnx"]
