@@ -121,6 +121,9 @@ class Spool:
         self._end = 0
         self._header: list[str] = []
         self.acked = 0
+        #: True while another process (a child-process writer) may compact the file: appends then take a file lock.
+        #: A thread writer compacts under :attr:`_lock`, which appends hold anyway, so they skip two system calls.
+        self.shared = False
         #: Bumped when offsets change meaning (switch to memory); acks from an older generation are ignored.
         self.generation = 0
         try:
@@ -151,13 +154,17 @@ class Spool:
                 self._end += len(lines)
                 return
             try:
-                fd = self._fh.fileno()
-                fcntl.flock(fd, fcntl.LOCK_EX)  # the writer process may be compacting the file
-                try:
+                if self.shared:
+                    fd = self._fh.fileno()
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # the writer process may be compacting the file
+                    try:
+                        self._fh.write("".join(lines))
+                        self._fh.flush()
+                    finally:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                else:
                     self._fh.write("".join(lines))
                     self._fh.flush()
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
                 self._end += sum(len(line.encode("utf-8")) for line in lines)
             except OSError as err:
                 self._to_memory(err)
