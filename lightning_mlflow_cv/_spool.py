@@ -42,6 +42,9 @@ from lightning_mlflow_cv._redact import redact_text
 
 log = logging.getLogger(__name__)
 
+#: One compact JSON encoder for every append (``json.dumps`` builds a new one per call with these separators).
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
 #: Compact the journal when everything is delivered and it grew past this size.
 COMPACT_BYTES = 32 * 1024 * 1024
 
@@ -144,7 +147,7 @@ class Spool:
 
     def append(self, *records: dict[str, Any]) -> None:
         """Append records (never raises: a disk error switches to memory with one warning)."""
-        lines = [json.dumps(r, separators=(",", ":")) + "\n" for r in records]
+        lines = [_ENCODE(r) + "\n" for r in records]
         with self._lock:
             for r, line in zip(records, lines):
                 if r.get("t") in ("run", "bind"):
