@@ -157,6 +157,8 @@ def metric_value(value: Any) -> float | None:
         >>> metric_value(3), metric_value("high")
         (3.0, None)
     """
+    if type(value) is float:  # what Lightning passes (it converts tensors first): the hot path of log_metrics
+        return value
     if isinstance(value, (bool, str, bytes)):
         return None
     if hasattr(value, "detach"):

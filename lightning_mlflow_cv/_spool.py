@@ -42,6 +42,9 @@ from lightning_mlflow_cv._redact import redact_text
 
 log = logging.getLogger(__name__)
 
+#: One compact JSON encoder for every append (``json.dumps`` builds a new one per call with these separators).
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
 #: Compact the journal when everything is delivered and it grew past this size.
 COMPACT_BYTES = 32 * 1024 * 1024
 
@@ -125,6 +128,9 @@ class Spool:
         self._end = 0
         self._header: list[str] = []
         self.acked = 0
+        #: True while another process (a child-process writer) may compact the file: appends then take a file lock.
+        #: A thread writer compacts under :attr:`_lock`, which appends hold anyway, so they skip two system calls.
+        self.shared = False
         #: Bumped when offsets change meaning (switch to memory); acks from an older generation are ignored.
         self.generation = 0
         try:
@@ -149,7 +155,7 @@ class Spool:
 
     def append(self, *records: dict[str, Any]) -> None:
         """Append records (never raises: a disk error switches to memory with one warning)."""
-        lines = [json.dumps(r, separators=(",", ":")) + "\n" for r in records]
+        lines = [_ENCODE(r) + "\n" for r in records]
         with self._lock:
             for r, line in zip(records, lines):
                 if r.get("t") in ("run", "bind"):
@@ -159,13 +165,17 @@ class Spool:
                 self._end += len(lines)
                 return
             try:
-                fd = self._fh.fileno()
-                fcntl.flock(fd, fcntl.LOCK_EX)  # the writer process may be compacting the file
-                try:
+                if self.shared:
+                    fd = self._fh.fileno()
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # the writer process may be compacting the file
+                    try:
+                        self._fh.write("".join(lines))
+                        self._fh.flush()
+                    finally:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                else:
                     self._fh.write("".join(lines))
                     self._fh.flush()
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
                 self._end += sum(len(line.encode("utf-8")) for line in lines)
             except OSError as err:
                 self._to_memory(err)

@@ -47,6 +47,7 @@ class ProcessWriter:
         already_warned: bool = False,
     ) -> None:
         self.spool = spool
+        spool.shared = True  # the child compacts the file: appends lock it
         self._run_id = run_id
         self.tracking_uri = tracking_uri
         self.request_timeout_s = request_timeout_s
@@ -192,6 +193,7 @@ def main() -> None:
     uri = cfg["uri"]
     _spool.COMPACT_BYTES = int(cfg.get("compact_bytes", _spool.COMPACT_BYTES))
     spool = Spool(cfg["dir"], cfg["key"])
+    spool.shared = True  # the parent appends to the same file
     writer = Writer(
         lambda: MlflowClient(uri),
         spool,

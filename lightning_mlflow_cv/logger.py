@@ -168,9 +168,10 @@ class MLflowCVLogger(MLFlowLogger):
     - **Embedded default**: with no ``tracking_uri`` and no ``MLFLOW_TRACKING_URI`` (read when the logger
       is built), runs go to ``sqlite:///mlflow.db`` in the working directory, so ``mlflow ui`` shows them.
     - **Non-blocking writes**: ``log_metrics``, params, tags and artifacts are appended to a local spool
-      file (microseconds); a background thread coalesces them into ``log_batch`` requests within MLflow's
-      limits every ``flush_interval_s`` seconds. :meth:`flush` drains; :meth:`finalize` drains and sets the
-      run status (FINISHED, FAILED, or KILLED on KeyboardInterrupt).
+      file (microseconds); a background writer (thread or child process, see ``writer``) sends them in full
+      ``log_batch`` requests (MLflow's 1,000-point limit) as soon as one is ready, and a partial one once its
+      oldest point has waited ``flush_interval_s`` (longer while the store is slow). :meth:`flush` drains;
+      :meth:`finalize` drains and sets the run status (FINISHED, FAILED, or KILLED on KeyboardInterrupt).
     - **Failure policy**: when the store is unreachable, slow, answers 5xx or refuses credentials, training
       goes on; one warning names the spool file, the writer retries with backoff, and anything not delivered
       at the end stays in the spool for ``lightning-mlflow-cv sync SPOOL`` (idempotent).
@@ -204,7 +205,8 @@ class MLflowCVLogger(MLFlowLogger):
             ``None`` (default) and ``False``: non-blocking writes.
         parent_run_id: Create the run as a child of this run.
         nested: Nest under the active fluent MLflow run.
-        flush_interval_s: Seconds between background writes.
+        flush_interval_s: The longest a logged point waits for a full request before it is sent anyway (while
+            the store is slow: up to 10x the time a request takes, at most 10 s or this value).
         spool_dir: Where undelivered data is kept; default ``$LIGHTNING_MLFLOW_CV_SPOOL_DIR`` or
             ``~/.cache/lightning_mlflow_cv/spool``.
         request_timeout_s: Per-request timeout of the background writer (no retries inside one attempt).
