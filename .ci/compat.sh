@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Compatibility leg (`make test-compat`): the package with MLflow 2.22 and 2.4 as the client, and the MLflow 3
+# client of the main venv against a real MLflow 2.22 server. Each MLflow gets its own virtual environment, cached
+# under $LMC_COMPAT_CACHE keyed by a hash of its requirements (first build ~5 min each, then reused).
+# The package is imported from this checkout (PYTHONPATH), so a cached venv never holds a stale copy of it.
+set -euo pipefail
+set -f  # requirement strings hold [extras] and <, > : no globbing
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+MAIN_PY=${MAIN_PY:-.venv/bin/python}
+CACHE=${LMC_COMPAT_CACHE:-$HOME/.cache/lightning_mlflow_cv/compat-venvs}
+TORCH_PIN=${TORCH_PIN-torch==2.14.1 torchvision==0.29.1}
+# what the chosen tests import (pyproject's core dependencies and the test tools), without MLflow
+COMMON="lightning>=2.2 torchmetrics>=1.3 onnx>=1.15 onnxruntime>=1.17 onnxscript>=0.1 matplotlib>=3.7 pyyaml>=6
+jsonargparse[signatures]>=4.27 scikit-learn>=1.3 pytest>=8 pytest-timeout>=2.3"
+# the pins old MLflow releases need today (README, "MLflow versions")
+MLFLOW_222="mlflow==2.22.* sqlalchemy<2.1"
+MLFLOW_24="mlflow==2.4.* sqlalchemy<2.1 setuptools<81"
+# the fast tests that cover the logger, images, datasets, the registry callback and evaluate
+FAST="tests/test_logger.py tests/callbacks/test_dataset_lineage.py tests/callbacks/test_prediction_grid.py
+tests/test_registry.py tests/test_compat.py"
+# the server-marked tests run against the MLflow 2.22 server
+SERVER="tests/test_compat.py tests/reliability/test_registry_unsupported.py"
+
+venv() {  # venv NAME REQUIREMENTS... -> prints the venv's directory (built once per requirement hash)
+    local name=$1; shift
+    local reqs="$* $COMMON $TORCH_PIN"
+    local key
+    key=$(printf '%s %s' "$reqs" "$("$PYTHON" --version 2>&1)" | cksum | cut -d' ' -f1)
+    local dir="$CACHE/$name-$key"
+    if [ ! -f "$dir/.complete" ]; then
+        local t0=$SECONDS
+        rm -rf "$dir"
+        mkdir -p "$CACHE"
+        "$PYTHON" -m venv "$dir" >&2
+        # shellcheck disable=SC2086
+        "$dir/bin/pip" install -q $reqs >&2
+        touch "$dir/.complete"
+        echo "compat: built $dir in $((SECONDS - t0)) s" >&2
+    fi
+    echo "$dir"
+}
+
+t0=$SECONDS
+V222=$(venv mlflow222 $MLFLOW_222) &
+V24=$(venv mlflow24 $MLFLOW_24)
+wait
+V222=$(venv mlflow222 $MLFLOW_222)  # cached now: just the path
+echo "compat: venvs ready in $((SECONDS - t0)) s ($("$V222/bin/python" -c 'import mlflow; print(mlflow.__version__)'), $("$V24/bin/python" -c 'import mlflow; print(mlflow.__version__)' 2>/dev/null))"
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTEST="-q -ra -p no:cacheprovider"
+status=0
+run() {  # run LABEL PYTHON PYTEST-ARGS...
+    local label=$1 py=$2; shift 2
+    local t=$SECONDS
+    echo "compat: == $label =="
+    # shellcheck disable=SC2086
+    "$py" -m pytest $PYTEST "$@" || status=1
+    echo "compat: $label took $((SECONDS - t)) s"
+}
+FAST_M="not slow and not server and not ddp"
+COMPAT_SERVER_TEST=tests/test_compat.py::test_register_promote_load_and_evaluate_without_logged_models
+# shellcheck disable=SC2086
+run "MLflow 2.22 client, fast tests" "$V222/bin/python" $FAST -m "$FAST_M"
+run "MLflow 2.22 client against its MLflow 2.22 server" "$V222/bin/python" "$COMPAT_SERVER_TEST"
+# shellcheck disable=SC2086
+run "MLflow 2.4 client, fast tests" "$V24/bin/python" $FAST -m "$FAST_M"
+LMC_TEST_SERVER_MLFLOW="$V222/bin/mlflow" run "MLflow 2.4 client against an MLflow 2.22 server" "$V24/bin/python" \
+    "$COMPAT_SERVER_TEST"
+# shellcheck disable=SC2086
+LMC_TEST_SERVER_MLFLOW="$V222/bin/mlflow" run "MLflow 3 client against an MLflow 2.22 server" "$MAIN_PY" $SERVER -m server
+echo "compat: leg took $((SECONDS - t0)) s"
+exit $status
