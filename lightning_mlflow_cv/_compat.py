@@ -178,7 +178,7 @@ def no_logged_models_reason(uri: str) -> str:
     from lightning_mlflow_cv._spool import safe_uri
 
     if not has_logged_model_api():
-        return f"this MLflow client ({version_string()}) has no logged-model API (MLflow >= 3.0)"
+        return f"this MLflow {version_string()} client has no logged-model API (MLflow >= 3.0)"
     return (
         f"the tracking server {safe_uri(uri)} ({server_limit(uri)}) has no logged-model API "
         "(404 ENDPOINT_NOT_FOUND; MLflow >= 3.0 servers have it)"

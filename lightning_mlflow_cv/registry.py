@@ -631,7 +631,11 @@ def _evaluate_classifier(
     uri = client._tracking_client.tracking_uri
     with_model = _compat.logged_models_supported(client, uri)
     model_kw = {"model_id": model_id} if with_model and model_id else {}
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:
+    import inspect
+
+    takes = inspect.signature(mlflow.start_run).parameters
+    no_sysmetrics = {"log_system_metrics": False} if "log_system_metrics" in takes else {}  # MLflow >= 2.8
+    with mlflow.start_run(run_id=run_id, **no_sysmetrics) as run:
         if with_model:
             mlflow.log_table(df, "eval/predictions.json", run_id=run.info.run_id)
         else:  # log_table's logged-model path needs MLflow 3 on both sides: the same file and tag, written here

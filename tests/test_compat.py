@@ -91,7 +91,7 @@ def test_classifier_metrics_fallback_equals_mlflow_evaluate(tracking_uri):
 # -- a tracking server without the logged-model API (MLflow 2.x) --------------------------------------------------
 class LogAtEnd(Callback):
     def on_train_end(self, trainer, pl_module):
-        trainer.logger.log_image("compat/sample", np.full((8, 8, 3), 200, dtype=np.uint8), step=trainer.current_epoch)
+        trainer.logger.log_image("compat/sample", np.full((8, 8, 3), 200, dtype=np.uint8), step=0)
         trainer.logger.log_metrics({"quality": 0.9}, step=trainer.global_step)
 
 
@@ -117,7 +117,11 @@ def _artifacts(uri: str, run_id: str, dst) -> set[str]:
     """Every artifact path of the run (downloaded: MLflow 3's ``list_artifacts(run_id, path)`` asks the
     logged-model API too, which an MLflow 2.x server does not have)."""
     dst.mkdir()
-    root = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="", dst_path=str(dst), tracking_uri=uri)
+    mlflow.set_tracking_uri(uri)  # MLflow 2.x resolves proxied artifacts with the global URI
+    try:
+        root = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="", dst_path=str(dst), tracking_uri=uri)
+    finally:
+        mlflow.set_tracking_uri(None)
     return {p.relative_to(root).as_posix() for p in Path(root).rglob("*") if p.is_file()}
 
 

@@ -280,7 +280,10 @@ def test_status_failed_and_killed(tracking_uri):
 
 
 def test_autolog_is_detected_with_the_fix():
-    mlflow.pytorch.autolog(log_models=False, checkpoint=False)
+    import inspect
+
+    older = "checkpoint" not in inspect.signature(mlflow.pytorch.autolog).parameters  # MLflow < 2.19
+    mlflow.pytorch.autolog(log_models=False, **({} if older else {"checkpoint": False}))
     try:
         with pytest.warns(UserWarning, match=r"mlflow.pytorch.autolog\(\)` is active.*autolog\(disable=True\)"):
             MLflowCVLogger()

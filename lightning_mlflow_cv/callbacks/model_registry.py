@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import platform
 import shutil
@@ -558,13 +559,14 @@ class ModelRegistryCallback(Callback):
             data.mkdir(parents=True)
             for f in artifacts.values():
                 shutil.copy(f, data / Path(f).name)
+            code_kw = "code_paths" if "code_paths" in inspect.signature(mlflow.pyfunc.save_model).parameters else "code_path"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 mlflow.pyfunc.save_model(
                     path=str(model_dir),
                     loader_module="lmc_pyfunc",
                     data_path=str(data),
-                    code_path=[str(b["bundled"])],
+                    **{code_kw: [str(b["bundled"])]},
                     signature=b["signature"],
                     input_example=b["example"],
                     mlflow_model=mlflow_model,
