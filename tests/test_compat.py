@@ -187,3 +187,24 @@ def test_register_promote_load_and_evaluate_without_logged_models(old_server, tm
     assert {"path": "eval/predictions.json", "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
     assert run.data.metrics["accuracy_score"] == pytest.approx(metrics["accuracy_score"])
     assert torch.isfinite(torch.tensor(metrics["roc_auc_macro"]))
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_a_store_that_lacks_an_endpoint_is_not_called_down(mlflow_server, tmp_path):
+    """A registry call answered 404 ENDPOINT_NOT_FOUND: the warning says the store lacks the call, not that it
+    is down (waiting for it to come back would not help)."""
+    with FaultProxy(mlflow_server.uri) as proxy:
+        proxy.error_if = lambda method, path: 404 if "/model-versions/create" in path else False
+        logger = MLflowCVLogger(experiment_name="lacks", tracking_uri=proxy.uri, flush_interval_s=0.5)
+        reg = ModelRegistryCallback("digits-lacks", preprocess={"mean": [0.5], "std": [0.25]})
+        trainer = pl.Trainer(
+            max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=logger, callbacks=[reg],
+            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", default_root_dir=".",
+            enable_checkpointing=False,
+        )
+        with pytest.warns(RuntimeWarning, match=r"registering 'digits-lacks' failed.*ENDPOINT_NOT_FOUND") as rec:
+            trainer.fit(DigitsClassifier(), datamodule=DigitsDataModule(batch_size=16, augment=False))
+    msg = next(str(w.message) for w in rec if "registering" in str(w.message))
+    assert "does not support this call" in msg and "when the store is back" not in msg
+    assert (reg.kept_model_dir / "model" / "MLmodel").is_file()
