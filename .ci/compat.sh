@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compatibility leg (`make test-compat`): the package with MLflow 2.22 and 2.4 as the client, and the MLflow 3
 # client of the main venv against a real MLflow 2.22 server. Each MLflow gets its own virtual environment, cached
-# under $LMC_COMPAT_CACHE keyed by a hash of its requirements (first build ~5 min each, then reused).
+# under $LMC_COMPAT_CACHE keyed by a hash of MLflow's pins, torch and Python (first build ~5 min each on a quiet
+# machine, ~19 min on a loaded one; then reused, with changed test requirements installed incrementally).
 # The package is imported from this checkout (PYTHONPATH), so a cached venv never holds a stale copy of it.
 set -euo pipefail
 set -f  # requirement strings hold [extras] and <, > : no globbing
@@ -13,7 +14,7 @@ CACHE=${LMC_COMPAT_CACHE:-$HOME/.cache/lightning_mlflow_cv/compat-venvs}
 TORCH_PIN=${TORCH_PIN-torch==2.14.1 torchvision==0.29.1}
 # what the chosen tests import (pyproject's core dependencies and the test tools), without MLflow
 COMMON="lightning>=2.2 torchmetrics>=1.3 onnx>=1.15 onnxruntime>=1.17 onnxscript>=0.1 matplotlib>=3.7 pyyaml>=6
-jsonargparse[signatures]>=4.27 scikit-learn>=1.3 pytest>=8 pytest-timeout>=2.3"
+jsonargparse[signatures]>=4.27 scikit-learn>=1.3 pycocotools>=2.0.7 pytest>=8 pytest-timeout>=2.3"
 # the pins old MLflow releases need today (README, "MLflow versions")
 MLFLOW_222="mlflow==2.22.* sqlalchemy<2.1"
 MLFLOW_24="mlflow==2.4.* sqlalchemy<2.1 setuptools<81"
@@ -27,30 +28,42 @@ COMPAT_SERVER_TEST=tests/test_compat.py::test_register_promote_load_and_evaluate
 # this MLflow 3 client against the MLflow 2.22 server: the registry/evaluate test, and `sync` of an offline fit
 SERVER_3="$COMPAT_SERVER_TEST tests/test_logger_server.py::test_unreachable_for_the_whole_fit_then_sync_gives_the_same_run"
 
-venv() {  # venv NAME REQUIREMENTS... -> prints the venv's directory (built once per requirement hash)
+venv() {  # venv NAME MLFLOW-REQUIREMENTS... -> prints the venv's directory
+    # The directory is keyed by MLflow's pins, torch and Python (the slow part: torch alone is ~4 GB to
+    # install); the other requirements are installed into it incrementally when they change.
     local name=$1; shift
-    local reqs="$* $COMMON $TORCH_PIN"
-    local key
-    key=$(printf '%s %s' "$reqs" "$("$PYTHON" --version 2>&1)" | cksum | cut -d' ' -f1)
+    local base="$* $TORCH_PIN"
+    local reqs="$base $COMMON"
+    local key want
+    key=$(printf '%s %s' "$base" "$("$PYTHON" --version 2>&1)" | cksum | cut -d' ' -f1)
+    want=$(printf '%s' "$reqs" | cksum | cut -d' ' -f1)
     local dir="$CACHE/$name-$key"
+    local t0=$SECONDS
     if [ ! -f "$dir/.complete" ]; then
-        local t0=$SECONDS
         rm -rf "$dir"
         mkdir -p "$CACHE"
         "$PYTHON" -m venv "$dir" >&2
-        # shellcheck disable=SC2086
-        "$dir/bin/pip" install -q $reqs >&2
-        touch "$dir/.complete"
-        echo "compat: built $dir in $((SECONDS - t0)) s" >&2
+    elif [ "$(cat "$dir/.complete")" = "$want" ]; then
+        echo "$dir"
+        return
     fi
+    # shellcheck disable=SC2086
+    if ! "$dir/bin/pip" install -q $reqs > "$dir.pip.log" 2>&1; then
+        tail -n 40 "$dir.pip.log" >&2
+        echo "compat: installing into $dir failed (log: $dir.pip.log)" >&2
+        return 1
+    fi
+    echo "$want" > "$dir/.complete"
+    echo "compat: $dir ready in $((SECONDS - t0)) s" >&2
     echo "$dir"
 }
 
 t0=$SECONDS
-V222=$(venv mlflow222 $MLFLOW_222) &
-V24=$(venv mlflow24 $MLFLOW_24)
+venv mlflow222 $MLFLOW_222 > /dev/null &  # both at once: the downloads and unpacking overlap
+venv mlflow24 $MLFLOW_24 > /dev/null &
 wait
-V222=$(venv mlflow222 $MLFLOW_222)  # cached now: just the path
+V222=$(venv mlflow222 $MLFLOW_222)  # built now: just the path (fails here if a build failed)
+V24=$(venv mlflow24 $MLFLOW_24)
 echo "compat: venvs ready in $((SECONDS - t0)) s ($("$V222/bin/python" -c 'import mlflow; print(mlflow.__version__)'), $("$V24/bin/python" -c 'import mlflow; print(mlflow.__version__)' 2>/dev/null))"
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
