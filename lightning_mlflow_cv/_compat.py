@@ -36,7 +36,7 @@ _warned: set[str] = set()
 _server_cache: dict[str, tuple[bool, str | None]] = {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mlflow_version() -> tuple[int, int, int]:
     """The installed MLflow version as ``(major, minor, patch)``."""
     import mlflow
@@ -56,7 +56,7 @@ def version_string() -> str:
     return str(mlflow.__version__)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_logged_model_api() -> bool:
     """The client has LoggedModels (``create_logged_model``, ``LoggedModelOutput``, ``model_id=``): MLflow 3."""
     import mlflow.entities
@@ -65,25 +65,25 @@ def has_logged_model_api() -> bool:
     return hasattr(mlflow.entities, "LoggedModelOutput") and hasattr(MlflowClient, "create_logged_model")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_multimedia() -> bool:
     """``mlflow.tracking.multimedia`` (step-aware image logging, MLflow 2.12)."""
     return _has_module("mlflow.tracking.multimedia")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_meta_dataset() -> bool:
     """``mlflow.data.meta_dataset.MetaDataset`` (MLflow 2.10/2.11)."""
     return _has_module("mlflow.data.meta_dataset")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_models_from_code() -> bool:
     """``pyfunc.save_model(python_model=<script path>)``: models from code (MLflow 2.13)."""
     return mlflow_version() >= (2, 13, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def evaluate_takes_predictions() -> bool:
     """``mlflow.models.evaluate(predictions=...)`` evaluates a predictions table without a model (MLflow 2.8)."""
     import mlflow.models
@@ -117,7 +117,7 @@ def server_version(uri: str, timeout: float = 5.0) -> str | None:
     if not _is_http(uri):
         return None
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/version", timeout=timeout) as r:  # noqa: S310 - http(s) only
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/version", timeout=timeout) as r:
             text = r.read(64).decode("utf-8", "replace").strip()
     except Exception:  # noqa: BLE001 - auth, proxies, old servers: the version is only informative
         return None
@@ -207,12 +207,16 @@ def artifact_repo(client: Any, run_id: str) -> Any:
         repo = _repo_cache.get(key)
     if repo is not None:
         return repo
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.artifact_repository_registry import (
+        get_artifact_repository,
+    )
 
     artifact_uri = client.get_run(run_id).info.artifact_uri
     if artifact_uri.startswith("mlflow-artifacts:") and _is_http(uri):
         from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
-        from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+        from mlflow.store.artifact.mlflow_artifacts_repo import (
+            MlflowArtifactsRepository,
+        )
 
         repo = HttpArtifactRepository(MlflowArtifactsRepository.resolve_uri(artifact_uri, uri))
     else:
