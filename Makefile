@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench bench-quick gpu-check wheel clean browser-deps browser-check
+.PHONY: install demo test test-fast test-compat bench bench-quick gpu-check wheel clean browser-deps browser-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not server and not ddp" $(PYTEST_ARGS)
+
+test-compat: $(STAMP)  ## MLflow 2.22 / 2.4 clients and an MLflow 2.22 server (cached venvs; see .ci/compat.sh)
+	PYTHON=$(PYTHON) MAIN_PY=$(PY) TORCH_PIN="$(TORCH_PIN)" bash .ci/compat.sh
 
 bench: $(STAMP)  ## logging overhead + realistic CV fit (~27 min on 2 quiet cores, estimate); writes benchmarks/README.md
 	$(PY) benchmarks/logging_overhead.py $(BENCH_ARGS)

@@ -182,3 +182,29 @@ with warnings.catch_warnings():  # MLflow warns at class creation that predict h
             cfg = self.config
             x = preprocess(model_input, cfg["mean"], cfg["std"], cfg.get("size"), cfg["layout"], cfg["channels"])
             return postprocess(self.network(x), cfg["postprocess"], cfg)
+
+
+#: Directory name of the model's data on MLflow < 2.13 (``loader_module`` + ``data_path``, no models from code).
+DATA_DIR = "lmc_model"
+
+
+class LoadedModel:
+    """What :func:`_load_pyfunc` returns: the same predict as :class:`CVPythonModel`, without an MLflow context."""
+
+    def __init__(self, data_path: str | Path) -> None:
+        root = Path(data_path)
+        self.config = json.loads((root / CONFIG_FILE).read_text())
+        net = next((p for p in (root / "network.pt2", root / "network.onnx") if p.is_file()), None)
+        if net is None:
+            raise FileNotFoundError(f"no network.pt2 or network.onnx in {root}")
+        self.network = Network(net)
+
+    def predict(self, model_input: Any, params: Any = None) -> Any:
+        cfg = self.config
+        x = preprocess(model_input, cfg["mean"], cfg["std"], cfg.get("size"), cfg["layout"], cfg["channels"])
+        return postprocess(self.network(x), cfg["postprocess"], cfg)
+
+
+def _load_pyfunc(data_path: str) -> LoadedModel:
+    """MLflow's ``loader_module`` entry point (MLflow < 2.13): reads the config and network, unpickles nothing."""
+    return LoadedModel(data_path)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_mlflow_cv import _http
+from lightning_mlflow_cv import _compat, _http
 from lightning_mlflow_cv._keys import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 from lightning_mlflow_cv._redact import redact_text
 
@@ -649,7 +649,7 @@ class Deliverer:
                 self.client.log_batch(run_id, metrics=request["metrics"], params=request["params"], tags=request["tags"])
             elif kind == "artifact":
                 if os.path.exists(request["src"]):
-                    self.client.log_artifact(run_id, request["src"], request["dst"] or None)
+                    _compat.log_artifact(self.client, run_id, request["src"], request["dst"] or None)
                 else:
                     _warn_once(
                         f"MLflowCVLogger: artifact file {request['src']} no longer exists and cannot be uploaded "

@@ -806,7 +806,7 @@ class MLflowCVLogger(MLFlowLogger):
         Raises:
             ValueError: on an unsupported dtype, shape or value range (names the fix).
         """
-        from mlflow.tracking.multimedia import compress_image_size
+        from lightning_mlflow_cv._compat import compress_image_size
 
         spool = self._spool_ready()
         pil = to_pil_image(image)

@@ -575,7 +575,10 @@ def evaluate(
         mlflow.set_tracking_uri(tracking_uri)
     try:
         model = mlflow.pyfunc.load_model(model_uri)
-        impl = model.unwrap_python_model()
+        try:
+            impl = model.unwrap_python_model()
+        except Exception:  # noqa: BLE001 - a loader_module model (MLflow < 2.13) is not a PythonModel
+            impl = getattr(model, "_model_impl", None)
         cfg = getattr(impl, "config", None)
         if not isinstance(cfg, Mapping) or "mean" not in cfg:
             raise ValueError(
@@ -595,7 +598,9 @@ def evaluate(
             exp = mlflow.set_experiment(experiment_name or "evaluation")
             run_id = client.create_run(exp.experiment_id, run_name="evaluate").info.run_id
         if task == "classification":
-            return _evaluate_classifier(run_id, model_id, np.concatenate(preds), torch.cat([torch.as_tensor(t) for t in ys]), class_names)
+            return _evaluate_classifier(
+                client, run_id, model_id, np.concatenate(preds), torch.cat([torch.as_tensor(t) for t in ys]), class_names
+            )
         if task == "segmentation":
             metrics = _segmentation_metrics(np.concatenate(preds), torch.cat([torch.as_tensor(t) for t in ys]))
         else:
@@ -607,45 +612,105 @@ def evaluate(
             mlflow.set_tracking_uri(previous_uri)
 
 
-def _metric_entities(metrics: Mapping[str, float]) -> list[Any]:
+def _metric_entities(metrics: Mapping[str, float], prefix: str = "eval/") -> list[Any]:
     import time
 
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    return [Metric(f"eval/{k}", float(v), ts, 0) for k, v in metrics.items()]
+    return [Metric(f"{prefix}{k}", float(v), ts, 0) for k, v in metrics.items()]
 
 
 def _evaluate_classifier(
-    run_id: str, model_id: str | None, probs: Any, targets: Any, class_names: Sequence[str] | None
+    client: Any, run_id: str, model_id: str | None, probs: Any, targets: Any, class_names: Sequence[str] | None
 ) -> dict[str, float]:
     import mlflow
     import pandas as pd
     import torch
     from torchmetrics.functional.classification import multiclass_auroc
 
+    from lightning_mlflow_cv import _compat
+
     num_classes = probs.shape[1]
     names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
     df = pd.DataFrame({"label": targets.numpy().astype(int), "prediction": probs.argmax(1).astype(int)})
     for i, n in enumerate(names):
         df[f"prob_{n}"] = probs[:, i]
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:
-        mlflow.log_table(df, "eval/predictions.json", run_id=run.info.run_id)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = mlflow.models.evaluate(
-                data=df[["label", "prediction"]],
-                targets="label",
-                predictions="prediction",
-                model_type="classifier",
-                model_id=model_id,
-                evaluators=["default"],
-            )
-        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    uri = client._tracking_client.tracking_uri
+    with_model = _compat.logged_models_supported(client, uri)
+    model_kw = {"model_id": model_id} if with_model and model_id else {}
+    import inspect
+
+    takes = inspect.signature(mlflow.start_run).parameters
+    no_sysmetrics = {"log_system_metrics": False} if "log_system_metrics" in takes else {}  # MLflow >= 2.8
+    with mlflow.start_run(run_id=run_id, **no_sysmetrics) as run:
+        if with_model:
+            mlflow.log_table(df, "eval/predictions.json", run_id=run.info.run_id)
+        else:  # log_table's logged-model path needs MLflow 3 on both sides: the same file and tag, written here
+            _log_table_file(client, run.info.run_id, df, "eval/predictions.json")
         auc = float(multiclass_auroc(torch.from_numpy(probs).float(), targets.long(), num_classes=num_classes, average="macro"))
-        mlflow.log_metric("roc_auc_macro", auc, model_id=model_id)
+        if _compat.evaluate_takes_predictions():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = mlflow.models.evaluate(
+                    data=df[["label", "prediction"]],
+                    targets="label",
+                    predictions="prediction",
+                    model_type="classifier",
+                    evaluators=["default"],
+                    **model_kw,
+                )
+            metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        else:
+            _compat.warn_once(
+                "evaluate-predictions",
+                f"evaluate: MLflow {_compat.version_string()} cannot evaluate a predictions table "
+                "(mlflow.models.evaluate(predictions=...) needs MLflow >= 2.8); the classifier metrics are computed "
+                "with torchmetrics under MLflow's names and logged to the run, without MLflow's evaluation artifacts.",
+            )
+            metrics = classifier_metrics(df["prediction"].to_numpy(), df["label"].to_numpy(), num_classes)
+            client.log_batch(run.info.run_id, metrics=_metric_entities(metrics, prefix=""))
+        mlflow.log_metric("roc_auc_macro", auc, **model_kw)
         metrics["roc_auc_macro"] = auc
     return metrics
+
+
+def classifier_metrics(pred: Any, target: Any, num_classes: int) -> dict[str, float]:
+    """The metrics MLflow's default classifier evaluator logs for a multiclass predictions table (weighted
+    averages, as its default ``average="weighted"``), from torchmetrics."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_f1_score, multiclass_precision, multiclass_recall
+
+    p, t = torch.as_tensor(pred).long(), torch.as_tensor(target).long()
+    n = max(int(num_classes), int(p.max()) + 1, int(t.max()) + 1)
+    kw = {"num_classes": n, "average": "weighted"}
+    return {
+        "example_count": float(len(t)),
+        "accuracy_score": float((p == t).float().mean()),
+        "recall_score": float(multiclass_recall(p, t, **kw)),
+        "precision_score": float(multiclass_precision(p, t, **kw)),
+        "f1_score": float(multiclass_f1_score(p, t, **kw)),
+    }
+
+
+def _log_table_file(client: Any, run_id: str, df: Any, artifact_file: str) -> None:
+    """What ``MlflowClient.log_table`` stores for a JSON table (``orient="split"`` and the run's
+    ``mlflow.loggedArtifacts`` tag, so the UI lists it), uploaded with the run's tracking URI."""
+    import posixpath
+    import tempfile
+    from pathlib import Path
+
+    from lightning_mlflow_cv import _compat
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / posixpath.basename(artifact_file)
+        df.to_json(path, orient="split", index=False, date_format="iso")
+        _compat.log_artifact(client, run_id, str(path), posixpath.dirname(artifact_file) or None)
+    tag = "mlflow.loggedArtifacts"
+    current = json.loads(client.get_run(run_id).data.tags.get(tag, "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in current:
+        client.set_tag(run_id, tag, json.dumps(current + [entry]))
 
 
 def _segmentation_metrics(masks: Any, targets: Any) -> dict[str, float]:

@@ -104,7 +104,9 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 90.0) -> None:
-        exe = Path(sys.executable).with_name("mlflow")
+        # LMC_TEST_SERVER_MLFLOW: the `mlflow` executable to serve with (e.g. an MLflow 2.22 venv's, for the
+        # compatibility leg: this client against an older server); default: this interpreter's own.
+        exe = os.environ.get("LMC_TEST_SERVER_MLFLOW") or Path(sys.executable).with_name("mlflow")
         cmd = [
             str(exe), "server", "--host", "127.0.0.1", "--port", str(self.port),
             "--backend-store-uri", self.backend_uri,

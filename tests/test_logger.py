@@ -43,7 +43,9 @@ def test_default_store_is_sqlite_in_cwd_and_env_read_at_construction(tmp_path, m
     assert (tmp_path / "mlflow.db").exists()
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(logger.run_id)
     assert run.data.metrics == {"x": 1.0}
-    assert not (tmp_path / "mlruns").exists()
+    assert not list(tmp_path.glob("mlruns/*/meta.yaml"))  # no file store
+    if mlflow.__version__ >= "3":  # MLflow 2.x's SQL store makes ./mlruns as its default artifact root
+        assert not (tmp_path / "mlruns").exists()
 
 
 def test_fit_delivers_every_point_params_tags_and_status(tracking_uri, spool_dir):
@@ -191,6 +193,7 @@ def test_images_figures_artifacts_and_dicts(tracking_uri, tmp_path):
     pngs = sorted(p for p in images if p.endswith(".png"))
     assert [p.split("+step+")[1].split("+")[0] for p in pngs if "val~grid" in p] == ["1", "2"]
     assert len([p for p in images if p.endswith(".webp")]) == 3
+    (tmp_path / "dl").mkdir()  # MLflow 2.x needs the destination to exist
     local = client.download_artifacts(logger.run_id, pngs[-1], str(tmp_path / "dl"))
     from PIL import Image
 
@@ -363,7 +366,10 @@ def test_status_failed_and_killed(tracking_uri):
 
 
 def test_autolog_is_detected_with_the_fix():
-    mlflow.pytorch.autolog(log_models=False, checkpoint=False)
+    import inspect
+
+    older = "checkpoint" not in inspect.signature(mlflow.pytorch.autolog).parameters  # MLflow < 2.19
+    mlflow.pytorch.autolog(log_models=False, **({} if older else {"checkpoint": False}))
     try:
         with pytest.warns(UserWarning, match=r"mlflow.pytorch.autolog\(\)` is active.*autolog\(disable=True\)"):
             MLflowCVLogger()

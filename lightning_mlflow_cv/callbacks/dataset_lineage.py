@@ -532,7 +532,8 @@ class DatasetLineageCallback(Callback):
 
     def _mlflow_dataset(self, context: str, desc: DatasetDescription, suffix: str) -> tuple[Any, str | None]:
         import mlflow.data
-        from mlflow.data.meta_dataset import MetaDataset
+
+        from lightning_mlflow_cv._compat import meta_dataset
 
         source = self._source(context, desc)
         name = self.names.get(context)
@@ -565,7 +566,7 @@ class DatasetLineageCallback(Callback):
                 from mlflow.data.code_dataset_source import CodeDatasetSource
 
                 source = CodeDatasetSource({"dataset": desc.name})
-            ds = MetaDataset(source, name=name or default_name, digest=sha[:_MLFLOW_DIGEST_CHARS] if sha else None)
+            ds = meta_dataset(source, name=name or default_name, digest=sha[:_MLFLOW_DIGEST_CHARS] if sha else None)
             return ds, sha
         warnings.warn(
             f"{_WHO}: cannot tell what the {context} dataset ({desc.name}) is backed by: it is neither "
@@ -579,7 +580,7 @@ class DatasetLineageCallback(Callback):
             from mlflow.data.code_dataset_source import CodeDatasetSource
 
             source = CodeDatasetSource({"dataset": desc.name})
-        return MetaDataset(source, name=name or desc.name), None
+        return meta_dataset(source, name=name or desc.name), None
 
     # -- state --------------------------------------------------------------------------------
     @override

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import platform
 import shutil
@@ -17,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv import _export, _http, _pyfunc
+from lightning_mlflow_cv import _compat, _export, _http, _pyfunc
 from lightning_mlflow_cv._context import find_mlflow_logger
 from lightning_mlflow_cv._summary import NOTE_TAG, run_description
 from lightning_mlflow_cv.registry import Decision, parse_gates, promote, transition_stage
@@ -216,7 +217,9 @@ class ModelRegistryCallback(Callback):
        ``H, W``: images are resized to the training size. Signature and input example are two real
        validation images (de-normalised back to ``uint8``).
     4. **Registration**: the model is a LoggedModel of the run (``models:/<model_id>``); a new version of
-       ``registered_model_name`` is created from it and gets ``alias``.
+       ``registered_model_name`` is created from it and gets ``alias``. Where the client or the tracking server
+       has no logged-model API (MLflow 2.x), the model is the run artifact ``model`` and the version's source is
+       ``runs:/<run>/model`` (one warning; the version tag ``lmc.model_source`` says why).
     5. **Gates and champion**: metrics are read from the run after ``logger.flush()``. The version is promoted
        (``champion_alias`` moves to it, so exactly one champion exists) when every gate passes (a missing
        metric fails) and it beats the current champion on ``compare_metric`` by ``min_improvement``.
@@ -512,10 +515,21 @@ class ModelRegistryCallback(Callback):
             kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(work), str(kept))
             self.kept_model_dir = kept
+            if _compat.is_endpoint_not_found(err):  # the store is up but lacks an API: waiting will not help
+                from lightning_mlflow_cv._spool import safe_uri
+
+                uri = getattr(logger, "_tracking_uri", "")
+                version = _compat.server_version(uri) if uri else None
+                then = (
+                    f"the store {safe_uri(uri)} (MLflow {version or 'version unknown'}) does not support this call; "
+                    "log and register it on a store that does (an MLflow server of this client's major version)"
+                )
+            else:
+                then = "log and register it when the store is back"
             msg = (
                 f"{_NAME}: registering {self.registered_model_name!r} failed ({type(err).__name__}: "
                 f"{' '.join(str(err).split())[:500]}). The saved model is kept in {kept / 'model'} (it loads with "
-                f"mlflow.pyfunc.load_model(path); log and register it when the store is back). The fit result is unaffected."
+                f"mlflow.pyfunc.load_model(path); {then}). The fit result is unaffected."
             )
             print(msg, file=sys.stderr)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -612,6 +626,32 @@ class ModelRegistryCallback(Callback):
             artifacts["model_card"] = str(card_path)
         if model_dir.exists():
             shutil.rmtree(model_dir)
+        if not _compat.has_models_from_code():  # MLflow < 2.13: the pre-models-from-code way, still no pickle
+            _compat.warn_once(
+                "models-from-code",
+                f"{_NAME}: MLflow {_compat.version_string()} has no models from code (MLflow >= 2.13); the servable "
+                "model is saved with loader_module='lmc_pyfunc' and its files as data_path (it loads and predicts "
+                "the same; nothing is pickled).",
+            )
+            data = model_dir.parent / _pyfunc.DATA_DIR
+            shutil.rmtree(data, ignore_errors=True)
+            data.mkdir(parents=True)
+            for f in artifacts.values():
+                shutil.copy(f, data / Path(f).name)
+            code_kw = "code_paths" if "code_paths" in inspect.signature(mlflow.pyfunc.save_model).parameters else "code_path"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mlflow.pyfunc.save_model(
+                    path=str(model_dir),
+                    loader_module="lmc_pyfunc",
+                    data_path=str(data),
+                    **{code_kw: [str(b["bundled"])]},
+                    signature=b["signature"],
+                    input_example=b["example"],
+                    mlflow_model=mlflow_model,
+                    pip_requirements=reqs,
+                )
+            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mlflow.pyfunc.save_model(
@@ -628,10 +668,7 @@ class ModelRegistryCallback(Callback):
             )
 
     def _publish(self, trainer: pl.Trainer, logger: Any, run_id: str, source: str, work: Path, b: dict[str, Any]) -> None:
-        import mlflow
-        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
         from mlflow.exceptions import MlflowException
-        from mlflow.models import Model
 
         if run_id.startswith("offline-"):
             raise RuntimeError("the MLflow run was never created (the logger is offline)")
@@ -672,20 +709,20 @@ class ModelRegistryCallback(Callback):
         card_path.write_text(card)
         self._card_text = card
 
-        lm = client.create_logged_model(
-            experiment_id=run.info.experiment_id,
-            name=self.registered_model_name.replace("/", "_")[:200],
-            source_run_id=run_id,
-            model_type=f"lightning-mlflow-cv:{self.postprocess}",
-            tags={"mlflow.source.run_id": run_id},
-        )
-        mlflow_model = Model(artifact_path=lm.artifact_location, run_id=run_id, model_uuid=lm.model_id, model_id=lm.model_id)
-        model_dir = work / "model"
-        self._save_pyfunc(model_dir, b, card_path, mlflow_model)
-        client.log_model_artifacts(lm.model_id, str(model_dir))
-        client.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)
-        client.log_outputs(run_id, [LoggedModelOutput(lm.model_id, step=trainer.global_step)])
-        self.model_id = lm.model_id
+        with _fail_fast(logger):
+            use_logged_model = _compat.logged_models_supported(client, uri)
+        version_tags = {"weights": source[:5000], "network_format": self.network_format}
+        if use_logged_model:
+            try:
+                lm = self._log_logged_model(trainer, client, run, work, b, card_path)
+            except MlflowException as err:
+                if not _compat.is_endpoint_not_found(err):
+                    raise
+                _compat.mark_server_lacks_logged_models(uri)
+                use_logged_model = False
+        if not use_logged_model:
+            self._log_run_model(client, uri, run_id, work, b, card_path)
+            version_tags["lmc.model_source"] = f"run artifacts: {_compat.no_logged_models_reason(uri)}"[:5000]
 
         name = self.registered_model_name
         try:
@@ -693,14 +730,10 @@ class ModelRegistryCallback(Callback):
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        mv = _create_version(
-            client,
-            uri,
-            name,
-            lm,
-            run_id,
-            tags={"weights": source[:5000], "network_format": self.network_format},
-        )
+        if use_logged_model:
+            mv = _create_version(client, uri, name, lm, run_id, tags=version_tags)
+        else:
+            mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=version_tags)
         self.version = str(mv.version)
         _link_version(client, lm.model_id, name, mv.version)
         client.set_registered_model_alias(name, self.alias, mv.version)
@@ -734,6 +767,48 @@ class ModelRegistryCallback(Callback):
             }
         )
         logger.flush()
+
+    def _log_logged_model(
+        self, trainer: pl.Trainer, client: Any, run: Any, work: Path, b: dict[str, Any], card_path: Path
+    ) -> Any:
+        """MLflow 3 on both sides: the model is a LoggedModel of the run (``models:/<model_id>``)."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        run_id = run.info.run_id
+        lm = client.create_logged_model(
+            experiment_id=run.info.experiment_id,
+            name=self.registered_model_name.replace("/", "_")[:200],
+            source_run_id=run_id,
+            model_type=f"lightning-mlflow-cv:{self.postprocess}",
+            tags={"mlflow.source.run_id": run_id},
+        )
+        mlflow_model = Model(artifact_path=lm.artifact_location, run_id=run_id, model_uuid=lm.model_id, model_id=lm.model_id)
+        model_dir = work / "model"
+        self._save_pyfunc(model_dir, b, card_path, mlflow_model)
+        client.log_model_artifacts(lm.model_id, str(model_dir))
+        client.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)
+        client.log_outputs(run_id, [LoggedModelOutput(lm.model_id, step=trainer.global_step)])
+        self.model_id = lm.model_id
+        return lm
+
+    def _log_run_model(self, client: Any, uri: str, run_id: str, work: Path, b: dict[str, Any], card_path: Path) -> None:
+        """No logged-model API (MLflow 2.x client or server): the model is the run artifact ``model``
+        (``runs:/<run>/model``), as ``mlflow.pyfunc.log_model`` stores it on MLflow 2."""
+        from mlflow.models import Model
+
+        reason = _compat.no_logged_models_reason(uri)
+        _compat.warn_once(
+            f"no-logged-models:{uri}",
+            f"{_NAME}: {reason}; the model is logged as run artifacts (runs:/<run>/model) and registered from there "
+            "(aliases, gates, promote and loading by alias work; the run's logged-model view stays empty). "
+            "Recorded as the version tag 'lmc.model_source'.",
+        )
+        mlflow_model = Model(artifact_path="model", run_id=run_id)
+        model_dir = work / "model"
+        self._save_pyfunc(model_dir, b, card_path, mlflow_model)
+        _compat.log_artifacts(client, run_id, str(model_dir), "model")
+        self.model_id = None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -170,6 +170,7 @@ def logged_images(store: str, run_id: str, prefix: str, dst: Path) -> dict[int, 
     """{step: PIL image} of the PNGs of image series ``prefix`` (``/`` as ``~``) in the run."""
     client = mlflow.MlflowClient(store)
     out: dict[int, Image.Image] = {}
+    Path(dst).mkdir(parents=True, exist_ok=True)  # MLflow 2.x needs the destination to exist
     for f in client.list_artifacts(run_id, "images"):
         name = f.path.split("/")[-1]
         if name.startswith(prefix.replace("/", "~") + "+") and name.endswith(".png"):
