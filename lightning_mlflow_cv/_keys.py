@@ -10,6 +10,8 @@ from typing import Any
 
 from mlflow.utils import validation as _v
 
+from lightning_mlflow_cv import tasks as _tasks
+
 #: Characters MLflow accepts in metric/param/tag keys (see ``mlflow.utils.validation``).
 _ILLEGAL_KEY_CHARS = re.compile(r"[^\w\-./ :]")
 
@@ -20,15 +22,8 @@ MAX_METRICS_PER_BATCH: int = _v.MAX_METRICS_PER_BATCH
 MAX_PARAMS_TAGS_PER_BATCH: int = _v.MAX_PARAMS_TAGS_PER_BATCH
 MAX_ENTITIES_PER_BATCH: int = _v.MAX_ENTITIES_PER_BATCH
 
-#: CV tasks the tag schema knows; anything else warns.
-CV_TASKS = (
-    "classification",
-    "object-detection",
-    "semantic-segmentation",
-    "instance-segmentation",
-    "anomaly-detection",
-    "depth-estimation",
-)
+#: CV tasks the tag schema knows (the registry of :mod:`lightning_mlflow_cv.tasks`); anything else warns.
+CV_TASKS: tuple[str, ...] = _tasks.TASKS
 #: Keys of the CV tag schema (other keys are allowed too).
 CV_TAG_KEYS = ("task", "backbone", "dataset", "env", "team", "git_commit", "hardware")
 
@@ -133,8 +128,9 @@ def validate_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
     out = {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
     task = out.get("task")
     if task is not None and task not in CV_TASKS:
+        hint = f" (the short name of {_tasks.TASK_ALIASES[task]!r}: tag the canonical name)" if task in _tasks.TASK_ALIASES else ""
         warnings.warn(
-            f"MLflowCVLogger: tag task={task!r} is not a known CV task; expected one of {list(CV_TASKS)}. "
+            f"MLflowCVLogger: tag task={task!r} is not a known CV task{hint}; expected one of {list(CV_TASKS)}. "
             "The tag is logged as given; use one of the known names so runs can be compared by task.",
             UserWarning,
             stacklevel=3,
