@@ -20,6 +20,15 @@ from lightning_mlflow_cv import tasks as _tasks
 from lightning_mlflow_cv._context import find_mlflow_logger
 from lightning_mlflow_cv.tasks import adapt_outputs, load_output_fn
 
+# pure helpers that moved to the task modules, importable from here as before
+from lightning_mlflow_cv.tasks._dense import confusion_stats
+from lightning_mlflow_cv.tasks.object_detection import (
+    DetectionMatchCounts,
+    match_detections,
+)
+
+__all__ = ["CVMetricsCallback", "DetectionMatchCounts", "confusion_stats", "match_detections", "table_csv"]
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -81,7 +90,15 @@ class CVMetricsCallback(Callback):
       ``precision`` and ``recall`` (macro over classes seen, from greedy matching at ``iou_threshold`` of the
       predictions scoring at least ``score_threshold``);
     - **semantic-segmentation**: ``mIoU`` (mean over classes present in targets or predictions),
-      ``pixel_acc`` and ``per_class_IoU/<class>``.
+      ``pixel_acc`` and ``per_class_IoU/<class>``;
+    - **instance-segmentation**: ``mask_AP``, ``bbox_AP`` (COCO AP over IoU 0.50:0.95), ``mask_AP50``,
+      ``bbox_AP50`` (``MeanAveragePrecision(iou_type=("bbox", "segm"))``), per-class mask/box AP in the table;
+    - **anomaly-detection** (no classes): ``AUROC``, ``AUPRC``, ``F1_at_best_threshold`` and ``best_threshold``
+      (exact, on the raw scores), PR and ROC curve plots;
+    - **depth-estimation** (no classes): ``AbsRel``, ``SqRel``, ``RMSE``, ``RMSE_log``, ``delta_1``,
+      ``delta_2``, ``delta_3`` over valid target pixels (finite and > 0; sum states, exact under DDP).
+
+    The output conventions and presets live in :mod:`lightning_mlflow_cv.tasks`, one module per task.
 
     Scalars are logged every validation epoch (not during the sanity check) with ``pl_module.log``, so
     ``ModelCheckpoint``/``EarlyStopping`` can monitor them (e.g. ``monitor="val/mAP50"``); the step is the
@@ -94,7 +111,8 @@ class CVMetricsCallback(Callback):
     - ``confusion_matrix.png``, ``confusion_matrix_normalized.png`` (rows sum to 1),
       ``confusion_matrix.json`` (classification, segmentation);
     - ``pr_curve.png`` and ``roc_curve.png`` with per-class AP/AUC in the legend (classification);
-    - ``per_class.json`` and ``per_class.csv``: per-class precision/recall/F1/AUC, IoU, or AP50-95/AP50/AR100.
+    - ``per_class.json`` and ``per_class.csv``: per-class precision/recall/F1/AUC, IoU, AP50-95/AP50/AR100 or
+      mask/box AP (tasks with classes); ``summary.json`` (anomaly detection, depth estimation).
 
     At fit end the summary metrics ``best_<monitor>``, ``best_epoch`` and ``total_train_time_hrs`` are logged.
 
@@ -103,10 +121,13 @@ class CVMetricsCallback(Callback):
     which then count twice.
 
     Args:
-        task: ``"classification"``, ``"object-detection"`` or ``"semantic-segmentation"`` (``"detection"``
-            and ``"segmentation"`` are accepted too).
+        task: A task of :mod:`lightning_mlflow_cv.tasks`: ``"classification"``, ``"object-detection"``,
+            ``"semantic-segmentation"``, ``"instance-segmentation"``, ``"anomaly-detection"``,
+            ``"depth-estimation"`` (short names ``"detection"``, ``"segmentation"``, ``"instance"``,
+            ``"anomaly"``, ``"depth"``).
         num_classes: Number of classes (for detection: label values are ``0 .. num_classes - 1``, a
-            background class included if the model has one).
+            background class included if the model has one). Only for tasks with classes: leave it out for
+            anomaly detection and depth estimation.
         class_names: One name per class (default ``"0"``, ``"1"``, ...), used in metric keys and plots.
         stages: Where to compute: any of ``"val"``, ``"test"``.
         output_fn: ``fn(outputs, batch) -> dict`` in the task's format, or its import path
@@ -353,9 +374,12 @@ class CVMetricsCallback(Callback):
                 UserWarning,
                 stacklevel=2,
             )
-        table = snap.get("table") or []
-        logger.log_dict({"stage": stage, "epoch": epoch, "task": self.task, "classes": table}, f"{base}/per_class.json")
-        logger.log_text(table_csv(table), f"{base}/per_class.csv")
+        if "table" in snap:
+            table = snap["table"] or []
+            logger.log_dict({"stage": stage, "epoch": epoch, "task": self.task, "classes": table}, f"{base}/per_class.json")
+            logger.log_text(table_csv(table), f"{base}/per_class.csv")
+        if "summary" in snap:
+            logger.log_dict({"stage": stage, "epoch": epoch, "task": self.task, **snap["summary"]}, f"{base}/summary.json")
 
     # ------------------------------------------------------------------------------------------
     # hooks

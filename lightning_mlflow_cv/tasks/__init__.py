@@ -49,6 +49,9 @@ from lightning_mlflow_cv.tasks._registry import (
 from lightning_mlflow_cv.tasks import classification as _classification  # noqa: F401  isort: skip
 from lightning_mlflow_cv.tasks import object_detection as _object_detection  # noqa: F401  isort: skip
 from lightning_mlflow_cv.tasks import semantic_segmentation as _semantic_segmentation  # noqa: F401  isort: skip
+from lightning_mlflow_cv.tasks import instance_segmentation as _instance_segmentation  # noqa: F401  isort: skip
+from lightning_mlflow_cv.tasks import anomaly_detection as _anomaly_detection  # noqa: F401  isort: skip
+from lightning_mlflow_cv.tasks import depth_estimation as _depth_estimation  # noqa: F401  isort: skip
 
 #: The canonical names of the built-in tasks (also the logger's ``task`` tag values).
 TASKS: tuple[str, ...] = task_names()

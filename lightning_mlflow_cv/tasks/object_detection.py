@@ -170,13 +170,19 @@ class DetectionMatchCounts(Metric):
 
 
 def mean_ap(cfg: Any, iou_type: Any) -> Any:
-    """torchmetrics ``MeanAveragePrecision`` (per-class, extended summary) with an install hint when missing."""
+    """torchmetrics ``MeanAveragePrecision`` (per-class, extended summary, COCOeval's exact thresholds) with an
+    install hint when missing."""
+    import numpy as np
     from torchmetrics.detection import MeanAveragePrecision
 
     try:
         return MeanAveragePrecision(
             box_format="xyxy", iou_type=iou_type, class_metrics=True, extended_summary=True,
             backend=cfg.detection_backend,
+            # COCOeval's own thresholds in float64: torchmetrics' default float32 ones (0.550000011...) drop
+            # matches whose IoU or recall lies exactly on a threshold, which pixel masks often do
+            iou_thresholds=np.linspace(0.5, 0.95, 10).tolist(),
+            rec_thresholds=np.linspace(0.0, 1.0, 101).tolist(),
         )
     except ModuleNotFoundError as err:
         extra = "pycocotools" if cfg.detection_backend == "pycocotools" else "faster-coco-eval"

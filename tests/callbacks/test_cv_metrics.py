@@ -221,7 +221,7 @@ def test_table_csv():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"task": "keypoints"}, r"`task` must be one of \['classification', 'object-detection', 'semantic-segmentation'\].*'keypoints'"),
+        ({"task": "keypoints"}, r"`task` must be one of \['classification', 'object-detection', 'semantic-segmentation', 'instance-segmentation', 'anomaly-detection', 'depth-estimation'\].*'keypoints'"),
         ({"num_classes": 1}, r"`num_classes` must be an int >= 2, got 1"),
         ({"num_classes": "3"}, r"`num_classes` must be an int >= 2, got '3'"),
         ({"class_names": ["a", "b"]}, r"`class_names` has 2 names but num_classes=3.*one name per class"),
