@@ -513,7 +513,7 @@ def evaluate(
     model_uri: str,
     dataloader: Iterable[Any],
     *,
-    task: Literal["classification", "segmentation", "detection"] = "classification",
+    task: str = "classification",
     class_names: Sequence[str] | None = None,
     run_id: str | None = None,
     experiment_name: str | None = None,
@@ -531,6 +531,13 @@ def evaluate(
       evaluation view linked to the model. Adds ``roc_auc_macro`` (torchmetrics) from the probabilities.
     - ``segmentation``: mean IoU and pixel accuracy (torchmetrics) of the predicted masks.
     - ``detection``: mAP and mAP50 (torchmetrics ``MeanAveragePrecision``; targets are lists of dicts).
+    - ``instance-segmentation``: ``mask_AP``, ``bbox_AP``, ``mask_AP50``, ``bbox_AP50`` (targets: lists of dicts
+      with ``boxes``, ``labels``, ``masks``).
+    - ``anomaly-detection``: ``AUROC``, ``AUPRC``, ``F1_at_best_threshold``, ``best_threshold`` (targets ``(N,)``).
+    - ``depth-estimation``: ``AbsRel``, ``SqRel``, ``RMSE``, ``RMSE_log``, ``delta_1..3`` (targets: depth maps,
+      0/NaN invalid; predictions are resized to the targets' size).
+
+    Every task of :mod:`lightning_mlflow_cv.tasks` is accepted, by its name or short name.
 
     Args:
         model_uri: ``models:/NAME@alias``, ``models:/NAME/VERSION``, ``models:/<model_id>`` or ``runs:/...``.
@@ -558,10 +565,9 @@ def evaluate(
     import numpy as np
     import torch
 
-    if task not in ("classification", "segmentation", "detection"):
-        raise ValueError(
-            f"evaluate: `task` must be 'classification', 'segmentation' or 'detection', got {task!r}."
-        )
+    from lightning_mlflow_cv import tasks as _tasks
+
+    cv_task = _tasks.get_task(task, "evaluate")
     previous_uri = mlflow.get_tracking_uri()
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -586,12 +592,9 @@ def evaluate(
         if run_id is None:
             exp = mlflow.set_experiment(experiment_name or "evaluation")
             run_id = client.create_run(exp.experiment_id, run_name="evaluate").info.run_id
-        if task == "classification":
+        if cv_task.name == "classification":
             return _evaluate_classifier(run_id, model_id, np.concatenate(preds), torch.cat([torch.as_tensor(t) for t in ys]), class_names)
-        if task == "segmentation":
-            metrics = _segmentation_metrics(np.concatenate(preds), torch.cat([torch.as_tensor(t) for t in ys]))
-        else:
-            metrics = _detection_metrics([p for b in preds for p in b], [t for b in ys for t in b])
+        metrics = cv_task.served_metrics(preds, ys, class_names)
         client.log_batch(run_id, metrics=_metric_entities(metrics))
         return metrics
     finally:
@@ -638,26 +641,3 @@ def _evaluate_classifier(
         mlflow.log_metric("roc_auc_macro", auc, model_id=model_id)
         metrics["roc_auc_macro"] = auc
     return metrics
-
-
-def _segmentation_metrics(masks: Any, targets: Any) -> dict[str, float]:
-    import torch
-    from torchmetrics.functional.segmentation import mean_iou
-
-    pred = torch.from_numpy(masks).long()
-    num_classes = int(max(pred.max(), targets.max())) + 1
-    miou = mean_iou(pred, targets.long(), num_classes=num_classes, input_format="index").mean()
-    return {"mean_iou": float(miou), "pixel_accuracy": float((pred == targets).float().mean())}
-
-
-def _detection_metrics(preds: list[Mapping[str, Any]], targets: list[Mapping[str, Any]]) -> dict[str, float]:
-    import torch
-    from torchmetrics.detection import MeanAveragePrecision
-
-    metric = MeanAveragePrecision(iou_type="bbox")
-    metric.update(
-        [{k: torch.as_tensor(v) for k, v in p.items()} for p in preds],
-        [{k: torch.as_tensor(v) for k, v in t.items()} for t in targets],
-    )
-    out = metric.compute()
-    return {"map": float(out["map"]), "map_50": float(out["map_50"])}
