@@ -501,6 +501,12 @@ class CVMetricsCallback(Callback):
             summary[f"best_{self.monitor}"] = self.best_score
         logger.log_metrics(summary, step=trainer.global_step)
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # one callback per task may share a Trainer (e.g. a multi-task model), each with its own state
+        return self._generate_state_key(task=self.task)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -140,12 +140,13 @@ def test_instance_panel_colours_each_instance_and_shows_truth_beside_prediction(
     p, t = _instances(0)
     p = dict(p, scores=torch.tensor([0.9, 0.2]))  # the second prediction is below the threshold
     out = tasks.check_model_outputs("instance", [p], [t], 1, "X")
-    panel = tasks.get_task("instance").panel(_img(), (S, S), tasks.get_task("instance").to_cpu(out), 0, tasks.PanelOptions())
-    left, right = panel[:, :48, :48], panel[:, :48, 50:98]
+    img = torch.full((3, 96, 96), 128, dtype=torch.uint8)  # display scale 4
+    panel = tasks.get_task("instance").panel(img, (S, S), tasks.get_task("instance").to_cpu(out), 0, tasks.PanelOptions())
+    left, right = panel[:, :96, :96], panel[:, :96, 98:194]
     # ground truth: two instances, two different colours; prediction: only the first (score >= 0.5)
-    a, b = left[:, 10, 14], left[:, 34, 30]  # inside instance 0 and instance 1 (display scale 2)
-    assert not torch.equal(a, b) and not torch.equal(a, _img()[:, 0, 0])
-    assert torch.equal(right[:, 10, 14], a) and torch.equal(right[:, 34, 30], _img()[:, 0, 0])
+    a, b = left[:, 36, 40], left[:, 76, 80]  # inside instance 0 and instance 1, clear of boxes and label text
+    assert not torch.equal(a, b) and not torch.equal(a, img[:, 0, 0]) and not torch.equal(b, img[:, 0, 0])
+    assert torch.equal(right[:, 36, 40], a) and torch.equal(right[:, 76, 80], img[:, 0, 0])
 
 
 def test_anomaly_panel_heatmap_score_and_label():
