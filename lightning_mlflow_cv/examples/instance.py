@@ -94,6 +94,7 @@ def build_mask_rcnn(num_classes: int = len(SHAPE_CLASSES), image_size: int = 64,
     """A small :class:`torchvision.models.detection.MaskRCNN`: tiny backbone, one feature map, a two-layer mask
     head, no weights."""
     from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
@@ -102,7 +103,8 @@ def build_mask_rcnn(num_classes: int = len(SHAPE_CLASSES), image_size: int = 64,
     anchors = AnchorGenerator(sizes=((int(8 * s), int(16 * s), int(24 * s)),), aspect_ratios=((0.5, 1.0, 2.0),))
     return MaskRCNN(
         tiny_backbone(width),
-        num_classes=num_classes,
+        num_classes=None,  # set by the box and mask predictors below
+        box_predictor=FastRCNNPredictor(128, num_classes),
         min_size=image_size,
         max_size=image_size,
         image_mean=[0.0, 0.0, 0.0],
@@ -112,7 +114,7 @@ def build_mask_rcnn(num_classes: int = len(SHAPE_CLASSES), image_size: int = 64,
         mask_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=14, sampling_ratio=2),
         mask_head=MaskRCNNHeads(width, [width, width], 1),
         mask_predictor=MaskRCNNPredictor(width, width, num_classes),
-        representation_size=128,
+        box_head=TwoMLPHead(width * 7 * 7, 128),
         rpn_pre_nms_top_n_train=300,
         rpn_pre_nms_top_n_test=150,
         rpn_post_nms_top_n_train=150,
