@@ -94,8 +94,8 @@ def build_mask_rcnn(num_classes: int = len(SHAPE_CLASSES), image_size: int = 64,
     """A small :class:`torchvision.models.detection.MaskRCNN`: tiny backbone, one feature map, a two-layer mask
     head, no weights."""
     from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 

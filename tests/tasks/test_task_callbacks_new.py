@@ -176,3 +176,35 @@ def test_grid_errors_name_the_part_and_the_new_formats():
         tasks.check_model_outputs("depth", torch.rand(2, 1, 4, 4), torch.zeros(2, 3, dtype=torch.long), 2, "X")
     with pytest.raises(ValueError, match=r"^X: task='instance-segmentation' expects model outputs as list of N dicts with .*'masks' \(K, H, W\).*output_transform"):
         tasks.check_model_outputs("instance", [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}], [], 1, "X")
+
+
+def anomaly_fn(outputs, batch):
+    """The shared mapping hook: (a (scores, maps) tuple, batch) -> the anomaly step-output dict."""
+    return {"scores": outputs[0], "targets": batch[1], "maps": outputs[1]}
+
+
+@pytest.mark.slow
+def test_prediction_grid_takes_the_same_output_fn_hook_by_import_path(tracking_uri):
+    ds, _ = _data("anomaly-detection")
+    loader = DataLoader(ds, batch_size=4)
+    logger = MLflowCVLogger(experiment_name="hook", tracking_uri=tracking_uri)
+    hook = f"{__name__}:anomaly_fn"
+    cbs = [CVMetricsCallback("anomaly", stages=["val"], output_fn=hook), PredictionGridCallback("anomaly", num_samples=2, output_fn=hook)]
+    trainer = pl.Trainer(max_epochs=1, logger=logger, callbacks=cbs, accelerator="cpu", enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)  # fmt: skip
+
+    class Plain(TaskModel):
+        def forward(self, x):  # a tuple, which only the hook knows how to read
+            out = super().forward(x)
+            return out["scores"], out["maps"]
+
+        def validation_step(self, batch, _):
+            return self(batch[0])  # forward's output as is: the hook adds the targets
+
+    trainer.fit(Plain("anomaly-detection"), loader, loader)
+    logger.finalize("success")
+    client = MlflowClient(tracking_uri)
+    assert "val/AUROC" in client.get_run(logger.run_id).data.metrics
+    assert any(a.startswith("images/val~predictions") for a in _walk(client, logger.run_id))
+    with pytest.raises(ValueError, match=r"PredictionGridCallback: pass `output_fn` or `output_transform`, not both"):
+        PredictionGridCallback("anomaly", output_fn=hook, output_transform=hook)

@@ -47,7 +47,7 @@ class Net(pl.LightningModule):
     def validation_step(self, batch, _):
         x, y = batch
         if self.task == "anomaly-detection":
-            s, m = self(x)
+            s, _maps = self(x)
             return {"scores": s + y.float(), "targets": y}
         if self.task == "depth-estimation":
             return {"preds": self(x), "targets": y}
