@@ -18,26 +18,21 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-Task = Literal["classification", "object-detection", "semantic-segmentation"]
-TASKS: tuple[str, ...] = ("classification", "object-detection", "semantic-segmentation")
+from lightning_mlflow_cv import tasks as _tasks
+
+#: Canonical task names (from :mod:`lightning_mlflow_cv.tasks`).
+TASKS: tuple[str, ...] = _tasks.TASKS
+Task = str
 
 #: What each task's model output must look like (used in error messages).
-EXPECTED_OUTPUT = {
-    "classification": "logits Tensor (N, C) with N = batch size",
-    "object-detection": "list of N dicts with 'boxes' (K, 4) xyxy, 'scores' (K,), 'labels' (K,)",
-    "semantic-segmentation": "logits Tensor (N, C, H, W) with N = batch size",
-}
+EXPECTED_OUTPUT = {t: _tasks.get_task(t).expected_output for t in TASKS}
 #: What each task's targets must look like.
-EXPECTED_TARGET = {
-    "classification": "integer class ids Tensor (N,)",
-    "object-detection": "list of N dicts with 'boxes' (K, 4) xyxy and 'labels' (K,)",
-    "semantic-segmentation": "integer masks Tensor (N, H, W)",
-}
+EXPECTED_TARGET = {t: _tasks.get_task(t).expected_target for t in TASKS}
 
 GREEN = (40, 180, 60)
 RED = (230, 30, 30)
@@ -55,10 +50,8 @@ PALETTE: list[tuple[int, int, int]] = [
 # argument checks shared by the callbacks
 # ---------------------------------------------------------------------------------------------
 def check_task(who: str, task: Any) -> str:
-    """Return ``task`` or raise a ValueError naming the allowed values."""
-    if task not in TASKS:
-        raise ValueError(f"{who}: `task` must be one of {TASKS}, got {task!r}. Fix: e.g. task='classification'.")
-    return task
+    """The canonical name of ``task`` (short names allowed) or a ValueError naming the allowed values."""
+    return _tasks.normalize_task(task, who)
 
 
 def check_positive_int(who: str, name: str, value: Any, allow_none: bool = False) -> int | None:
@@ -154,19 +147,7 @@ def pick_indices(n_total: int, k: int, seed: int = 0) -> list[int]:
     return sorted(torch.randperm(n_total, generator=g)[: min(k, n_total)].tolist())
 
 
-def describe(obj: Any, depth: int = 0) -> str:
-    """A short description of types and shapes, for error messages (``Tensor(4, 10) float32``, ``list[3] of ...``)."""
-    if isinstance(obj, Tensor):
-        return f"Tensor{tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
-    if depth >= 2:
-        return type(obj).__name__
-    if isinstance(obj, Mapping):
-        inner = ", ".join(f"{k!r}: {describe(v, depth + 1)}" for k, v in list(obj.items())[:6])
-        return f"{type(obj).__name__}{{{inner}}}"
-    if isinstance(obj, (list, tuple)):
-        first = f" of {describe(obj[0], depth + 1)}" if obj else ""
-        return f"{type(obj).__name__}[{len(obj)}]{first}"
-    return type(obj).__name__
+describe = _tasks.describe_short
 
 
 _IMAGE_KEYS = ("image", "images", "img", "x", "input", "inputs", "pixel_values")
@@ -204,12 +185,14 @@ def images_of(x: Any) -> list[Tensor]:
     raise ValueError(f"expected images as a Tensor (N, C, H, W) or a list of (C, H, W) tensors, got {describe(x)}")
 
 
-def _fail(who: str, what: str, task: str, expected: str, got: Any, hint: str) -> None:
-    raise ValueError(f"{who}: task={task!r} expects {what} as {expected}, got {describe(got)}. Fix: {hint}")
-
-
-_OUT_HINT = "return that format from forward() in eval mode, or pass `output_transform='pkg.mod:fn'` that maps it."
-_TGT_HINT = "return that format as the batch's second element, or pass `batch_transform='pkg.mod:fn'`."
+def _cpu(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach().cpu()
+    if isinstance(x, list):
+        return [_cpu(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    return x
 
 
 def check_outputs(who: str, task: str, out: Any, n: int) -> Any:
@@ -218,28 +201,7 @@ def check_outputs(who: str, task: str, out: Any, n: int) -> Any:
     Raises:
         ValueError: naming ``who``, the expected format and what arrived.
     """
-    exp = EXPECTED_OUTPUT[task]
-    if task == "classification":
-        if not (isinstance(out, Tensor) and out.ndim == 2 and out.shape[0] == n and out.is_floating_point()):
-            _fail(who, "model outputs", task, exp + f" (N={n})", out, _OUT_HINT)
-        return out.detach().float().cpu()
-    if task == "semantic-segmentation":
-        if not (isinstance(out, Tensor) and out.ndim == 4 and out.shape[0] == n and out.is_floating_point()):
-            _fail(who, "model outputs", task, exp + f" (N={n})", out, _OUT_HINT)
-        return out.detach().float().cpu()
-    ok = isinstance(out, (list, tuple)) and len(out) == n
-    if ok:
-        for d in out:
-            if not (isinstance(d, Mapping) and all(isinstance(d.get(k), Tensor) for k in ("boxes", "scores", "labels"))):
-                ok = False
-                break
-            k = d["boxes"].shape[0] if d["boxes"].ndim == 2 else -1
-            if d["boxes"].ndim != 2 or d["boxes"].shape[-1] != 4 or d["scores"].shape != (k,) or d["labels"].shape != (k,):
-                ok = False
-                break
-    if not ok:
-        _fail(who, "model outputs", task, exp + f" (N={n})", out, _OUT_HINT)
-    return [{k: d[k].detach().cpu() for k in ("boxes", "scores", "labels")} for d in out]
+    return _cpu(_tasks.check_model_preds(task, out, n, who))
 
 
 def check_targets(who: str, task: str, y: Any, n: int) -> Any:
@@ -248,29 +210,14 @@ def check_targets(who: str, task: str, y: Any, n: int) -> Any:
     Raises:
         ValueError: naming ``who``, the expected format and what arrived.
     """
-    exp = EXPECTED_TARGET[task]
-    if task == "classification":
-        if isinstance(y, (list, tuple)) and all(isinstance(v, int) for v in y):
-            y = torch.tensor(y)
-        if not (isinstance(y, Tensor) and y.ndim == 1 and y.shape[0] == n and not y.is_floating_point()):
-            _fail(who, "targets", task, exp + f" (N={n})", y, _TGT_HINT)
-        return y.cpu()
-    if task == "semantic-segmentation":
-        if not (isinstance(y, Tensor) and y.ndim == 3 and y.shape[0] == n and not y.is_floating_point()):
-            _fail(who, "targets", task, exp + f" (N={n})", y, _TGT_HINT)
-        return y.cpu()
-    ok = isinstance(y, (list, tuple)) and len(y) == n
-    if ok:
-        for d in y:
-            if not (isinstance(d, Mapping) and isinstance(d.get("boxes"), Tensor) and isinstance(d.get("labels"), Tensor)):
-                ok = False
-                break
-            if d["boxes"].ndim != 2 or d["boxes"].shape[-1] != 4 or d["labels"].shape != (d["boxes"].shape[0],):
-                ok = False
-                break
-    if not ok:
-        _fail(who, "targets", task, exp + f" (N={n})", y, _TGT_HINT)
-    return [{"boxes": d["boxes"].detach().cpu(), "labels": d["labels"].detach().cpu()} for d in y]
+    from lightning_mlflow_cv.tasks._base import FormatProblem
+    from lightning_mlflow_cv.tasks._registry import _model_error
+
+    t = _tasks.get_task(task, who)
+    try:
+        return _cpu(t.check_targets(y, n, None, None))
+    except FormatProblem as err:
+        raise _model_error(who, t, "targets", y, n, err.text) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,14 +524,13 @@ def is_map_style(dataset: Any) -> bool:
     return hasattr(dataset, "__getitem__")
 
 
-def fixed_samples(who: str, loader: Any, k: int, seed: int, indices: Sequence[int] | None = None,
-                  batch_transform: Callable[[Any], Any] | None = None) -> tuple[Any, Any, list[int] | None]:  # fmt: skip
-    """``(images, targets, indices)`` of a fixed sample set from ``loader``, at a cost bounded by ``k``.
+def fixed_batch(loader: Any, k: int, seed: int, indices: Sequence[int] | None = None) -> tuple[Any, list[int] | None]:
+    """``(batch, indices)``: a fixed sample set from ``loader``, collated as in ``validation_step``, at a cost
+    bounded by ``k``.
 
     Map-style datasets: ``k`` seeded indices (or the given ``indices``, e.g. restored from a checkpoint, when
-    still valid) fetched with ``dataset[i]`` and collated with the loader's ``collate_fn``, so the batch has the
-    same format as in ``validation_step``. Iterable datasets: the first ``k`` samples of the first batch
-    (``indices`` is then None).
+    still valid) fetched with ``dataset[i]`` and collated with the loader's ``collate_fn``. Iterable datasets: the
+    first batch (``indices`` is then None; the caller keeps its first ``k`` samples).
     """
     from torch.utils.data import default_collate
 
@@ -593,10 +539,14 @@ def fixed_samples(who: str, loader: Any, k: int, seed: int, indices: Sequence[in
         n = len(dataset)
         idx = list(indices) if indices and all(0 <= i < n for i in indices) else pick_indices(n, k, seed)
         collate = getattr(loader, "collate_fn", None) or default_collate
-        batch = collate([dataset[i] for i in idx])
-    else:
-        idx = None
-        batch = next(iter(loader))
+        return collate([dataset[i] for i in idx]), idx
+    return next(iter(loader)), None
+
+
+def fixed_samples(who: str, loader: Any, k: int, seed: int, indices: Sequence[int] | None = None,
+                  batch_transform: Callable[[Any], Any] | None = None) -> tuple[Any, Any, list[int] | None]:  # fmt: skip
+    """``(images, targets, indices)`` of a fixed sample set from ``loader`` (see :func:`fixed_batch`)."""
+    batch, idx = fixed_batch(loader, k, seed, indices)
     x, y = split_batch(who, batch_transform(batch) if batch_transform else batch)
     if idx is None:
         x, y = x[:k], y[:k]

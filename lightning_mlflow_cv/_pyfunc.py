@@ -19,6 +19,15 @@ normalise with the training mean and std. Postprocessing (``postprocess``):
 - ``boxes``: a list (one per image) of ``{"boxes": (M, 4) xyxy, "scores": (M,), "labels": (M,)}`` after a score
   threshold and class-wise NMS. The network returns either ``(N, K, 4 + num_classes)`` (xyxy box + class
   logits per anchor) or torchvision-style lists of dicts with ``boxes``, ``scores``, ``labels``;
+- ``instances``: a list (one per image) of ``{"boxes": (K, 4) xyxy, "scores": (K,), "labels": (K,),
+  "masks": (K, H, W) bool}`` with ``score >= score_threshold`` (default 0.5), masks binarised at
+  ``mask_threshold`` (0.5), at most ``max_detections``. The network returns torchvision Mask R-CNN style lists of
+  dicts (masks ``(K, 1, H, W)`` or ``(K, H, W)``) or a tuple ``(boxes (N, K, 4), scores (N, K), labels (N, K),
+  masks (N, K, H, W))``;
+- ``anomaly``: ``{"scores": float32 (N,)}`` plus ``"maps": float32 (N, H, W)`` when the network returns maps.
+  The network returns scores ``(N,)``, a map ``(N, H, W)`` / ``(N, 1, H, W)`` (the score is the map's maximum), a
+  tuple ``(scores, maps)`` or a dict with ``scores`` (and ``maps``);
+- ``depth``: ``float32`` ``(N, H, W)`` depth maps (from ``(N, 1, H, W)`` or ``(N, H, W)``);
 - ``none``: the network output as is.
 """
 
@@ -33,7 +42,7 @@ import mlflow.pyfunc
 import numpy as np
 import torch
 
-POSTPROCESS = ("softmax", "sigmoid", "masks", "boxes", "none")
+POSTPROCESS = ("softmax", "sigmoid", "masks", "boxes", "instances", "anomaly", "depth", "none")
 LAYOUTS = ("NHWC", "NCHW")
 CONFIG_FILE = "preprocess.json"
 
@@ -127,6 +136,56 @@ def decode_boxes(
     return results
 
 
+def decode_instances(
+    out: Any, score_threshold: float = 0.5, mask_threshold: float = 0.5, max_detections: int = 100
+) -> list[dict[str, np.ndarray]]:
+    """Instance segmentation output -> per-image ``boxes``/``scores``/``labels``/``masks`` (see the module docstring)."""
+    if isinstance(out, (tuple, list)) and len(out) == 4 and all(isinstance(t, torch.Tensor) and t.ndim >= 2 for t in out):
+        boxes, scores, labels, masks = out
+        items = [{"boxes": b, "scores": s, "labels": lab, "masks": m} for b, s, lab, m in zip(boxes, scores, labels, masks)]
+    else:
+        items = list(out)
+    results = []
+    for d in items:
+        masks = d["masks"]
+        if masks.ndim == 4:
+            masks = masks[:, 0]
+        scores = d["scores"].float()
+        keep = torch.nonzero(scores >= score_threshold).flatten()
+        keep = keep[scores[keep].argsort(descending=True)][:max_detections]
+        m = masks[keep]
+        results.append(
+            {
+                "boxes": d["boxes"][keep].float().numpy().astype(np.float32),
+                "scores": scores[keep].numpy().astype(np.float32),
+                "labels": d["labels"][keep].long().numpy().astype(np.int64),
+                "masks": (m > mask_threshold if m.is_floating_point() else m.bool()).numpy(),
+            }
+        )
+    return results
+
+
+def decode_anomaly(out: Any) -> dict[str, np.ndarray]:
+    """Anomaly output -> ``{"scores": (N,)}`` (+ ``"maps": (N, H, W)``), see the module docstring."""
+    maps = None
+    if isinstance(out, dict):
+        scores, maps = out.get("scores"), out.get("maps")
+    elif isinstance(out, (tuple, list)):
+        scores, maps = (out[0], out[1]) if len(out) > 1 else (out[0], None)
+    else:
+        scores = out
+    if scores is not None and scores.ndim >= 3:  # a map: the score is its maximum
+        maps, scores = scores, None
+    if maps is not None and maps.ndim == 4:
+        maps = maps[:, 0]
+    if scores is None:
+        scores = maps.flatten(1).amax(1)
+    result = {"scores": scores.reshape(scores.shape[0], -1)[:, 0].float().numpy().astype(np.float32)}
+    if maps is not None:
+        result["maps"] = maps.float().numpy().astype(np.float32)
+    return result
+
+
 def postprocess(out: Any, kind: str, cfg: dict[str, Any] | None = None) -> Any:
     """Network output -> what ``predict`` returns for ``kind`` (see the module docstring)."""
     cfg = cfg or {}
@@ -134,6 +193,12 @@ def postprocess(out: Any, kind: str, cfg: dict[str, Any] | None = None) -> Any:
         return decode_boxes(
             out, cfg.get("score_threshold", 0.05), cfg.get("iou_threshold", 0.5), cfg.get("max_detections", 100)
         )
+    if kind == "instances":
+        return decode_instances(
+            out, cfg.get("score_threshold", 0.5), cfg.get("mask_threshold", 0.5), cfg.get("max_detections", 100)
+        )
+    if kind == "anomaly":
+        return decode_anomaly(out)
     if isinstance(out, (list, tuple)):
         out = out[0]
     if kind == "softmax":
@@ -142,6 +207,8 @@ def postprocess(out: Any, kind: str, cfg: dict[str, Any] | None = None) -> Any:
         return out.float().sigmoid().numpy().astype(np.float32)
     if kind == "masks":
         return out.argmax(1).numpy().astype(np.int64)
+    if kind == "depth":
+        return (out[:, 0] if out.ndim == 4 else out).float().numpy().astype(np.float32)
     return out.numpy()
 
 
@@ -174,11 +241,11 @@ with warnings.catch_warnings():  # MLflow warns at class creation that predict h
     class CVPythonModel(mlflow.pyfunc.PythonModel):
         """pre-processing + network + post-processing, configured by the ``config`` artifact (``preprocess.json``)."""
 
-        def load_context(self, context):  # noqa: ANN001, ANN201 - MLflow reads these hints; none is right
+        def load_context(self, context):
             self.config = json.loads(Path(context.artifacts["config"]).read_text())
             self.network = Network(context.artifacts["network"])
 
-        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - see load_context
+        def predict(self, context, model_input, params=None):
             cfg = self.config
             x = preprocess(model_input, cfg["mean"], cfg["std"], cfg.get("size"), cfg["layout"], cfg["channels"])
             return postprocess(self.network(x), cfg["postprocess"], cfg)

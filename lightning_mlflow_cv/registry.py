@@ -521,7 +521,7 @@ def evaluate(
     model_uri: str,
     dataloader: Iterable[Any],
     *,
-    task: Literal["classification", "segmentation", "detection"] = "classification",
+    task: str = "classification",
     class_names: Sequence[str] | None = None,
     run_id: str | None = None,
     experiment_name: str | None = None,
@@ -539,6 +539,13 @@ def evaluate(
       evaluation view linked to the model. Adds ``roc_auc_macro`` (torchmetrics) from the probabilities.
     - ``segmentation``: mean IoU and pixel accuracy (torchmetrics) of the predicted masks.
     - ``detection``: mAP and mAP50 (torchmetrics ``MeanAveragePrecision``; targets are lists of dicts).
+    - ``instance-segmentation``: ``mask_AP``, ``bbox_AP``, ``mask_AP50``, ``bbox_AP50`` (targets: lists of dicts
+      with ``boxes``, ``labels``, ``masks``).
+    - ``anomaly-detection``: ``AUROC``, ``AUPRC``, ``F1_at_best_threshold``, ``best_threshold`` (targets ``(N,)``).
+    - ``depth-estimation``: ``AbsRel``, ``SqRel``, ``RMSE``, ``RMSE_log``, ``delta_1..3`` (targets: depth maps,
+      0/NaN invalid; predictions are resized to the targets' size).
+
+    Every task of :mod:`lightning_mlflow_cv.tasks` is accepted, by its name or short name.
 
     Args:
         model_uri: ``models:/NAME@alias``, ``models:/NAME/VERSION``, ``models:/<model_id>`` or ``runs:/...``.
@@ -566,10 +573,9 @@ def evaluate(
     import numpy as np
     import torch
 
-    if task not in ("classification", "segmentation", "detection"):
-        raise ValueError(
-            f"evaluate: `task` must be 'classification', 'segmentation' or 'detection', got {task!r}."
-        )
+    from lightning_mlflow_cv import tasks as _tasks
+
+    cv_task = _tasks.get_task(task, "evaluate")
     previous_uri = mlflow.get_tracking_uri()
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
@@ -597,14 +603,9 @@ def evaluate(
         if run_id is None:
             exp = mlflow.set_experiment(experiment_name or "evaluation")
             run_id = client.create_run(exp.experiment_id, run_name="evaluate").info.run_id
-        if task == "classification":
-            return _evaluate_classifier(
-                client, run_id, model_id, np.concatenate(preds), torch.cat([torch.as_tensor(t) for t in ys]), class_names
-            )
-        if task == "segmentation":
-            metrics = _segmentation_metrics(np.concatenate(preds), torch.cat([torch.as_tensor(t) for t in ys]))
-        else:
-            metrics = _detection_metrics([p for b in preds for p in b], [t for b in ys for t in b])
+        if cv_task.name == "classification":
+            return _evaluate_classifier(client, run_id, model_id, np.concatenate(preds), torch.cat([torch.as_tensor(t) for t in ys]), class_names)
+        metrics = cv_task.served_metrics(preds, ys, class_names)
         client.log_batch(run_id, metrics=_metric_entities(metrics))
         return metrics
     finally:
@@ -712,30 +713,3 @@ def _log_table_file(client: Any, run_id: str, df: Any, artifact_file: str) -> No
     if entry not in current:
         client.set_tag(run_id, tag, json.dumps(current + [entry]))
 
-
-def _segmentation_metrics(masks: Any, targets: Any) -> dict[str, float]:
-    """Mean IoU over the whole dataset (one confusion matrix, then the mean over the classes present in targets
-    or predictions, as CVMetricsCallback's ``val/mIoU``), not a mean of per-image scores; pixel accuracy."""
-    import torch
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-
-    from lightning_mlflow_cv.callbacks.cv_metrics import confusion_stats
-
-    pred, target = torch.from_numpy(masks).long(), targets.long()
-    num_classes = int(max(pred.max(), target.max())) + 1
-    iou = confusion_stats(multiclass_confusion_matrix(pred.flatten(), target.flatten(), num_classes))["iou"]
-    miou = iou[~torch.isnan(iou)].mean()
-    return {"mean_iou": float(miou), "pixel_accuracy": float((pred == target).float().mean())}
-
-
-def _detection_metrics(preds: list[Mapping[str, Any]], targets: list[Mapping[str, Any]]) -> dict[str, float]:
-    import torch
-    from torchmetrics.detection import MeanAveragePrecision
-
-    metric = MeanAveragePrecision(iou_type="bbox")
-    metric.update(
-        [{k: torch.as_tensor(v) for k, v in p.items()} for p in preds],
-        [{k: torch.as_tensor(v) for k, v in t.items()} for t in targets],
-    )
-    out = metric.compute()
-    return {"map": float(out["map"]), "map_50": float(out["map_50"])}

@@ -5,18 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_mlflow_cv._adapters import (
-    EXPECTED_FORMAT,
-    TASKS,
-    ClassificationOutput,
-    DetectionOutput,
-    SegmentationOutput,
+from lightning_mlflow_cv.tasks import (
     adapt_outputs,
     check_outputs,
     describe,
+    get_task,
     load_output_fn,
     normalize_task,
 )
+from lightning_mlflow_cv.tasks.classification import ClassificationOutput
+from lightning_mlflow_cv.tasks.object_detection import DetectionOutput
+from lightning_mlflow_cv.tasks.semantic_segmentation import SegmentationOutput
 
 WHO = "CVMetricsCallback"
 
@@ -35,6 +34,8 @@ def det_out(n=2):
     return {"preds": [dict(pred) for _ in range(n)], "targets": [dict(tgt) for _ in range(n)]}
 
 
+TASKS = ("classification", "object-detection", "semantic-segmentation")
+EXPECTED_FORMAT = {t: get_task(t).expected_format for t in TASKS}
 VALID = {"classification": cls_out, "object-detection": det_out, "semantic-segmentation": seg_out}
 TYPES = {
     "classification": ClassificationOutput,
@@ -138,10 +139,12 @@ def test_output_fn_by_import_path_or_callable(spec):
 
 
 def test_logits_and_batch_targets_ready_made_output_fn():
-    from lightning_mlflow_cv._adapters import logits_and_batch_targets
+    from lightning_mlflow_cv.tasks import logits_and_batch_targets
 
-    fn = load_output_fn("lightning_mlflow_cv._adapters:logits_and_batch_targets", WHO)
+    fn = load_output_fn("lightning_mlflow_cv.tasks:logits_and_batch_targets", WHO)
     assert fn is logits_and_batch_targets
+    # the old import path of YAML files keeps working
+    assert load_output_fn("lightning_mlflow_cv._adapters:logits_and_batch_targets", WHO) is logits_and_batch_targets
     logits, y = torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
     for outputs, batch in [(logits, (None, y)), ({"logits": logits}, {"image": None, "mask": y})]:
         out = adapt_outputs("semantic-segmentation", outputs, batch, fn, who=WHO)

@@ -100,8 +100,10 @@ def test_check_targets(task, good, bad):
 # arguments
 # ------------------------------------------------------------------------------------------------
 def test_argument_checks():
-    with pytest.raises(ValueError, match=r"SomeCallback: `task` must be one of .*'classification'.*got 'detection'"):
-        _grid.check_task(WHO, "detection")
+    with pytest.raises(ValueError, match=r"SomeCallback: `task` must be one of .*'classification'.*got 'detect'"):
+        _grid.check_task(WHO, "detect")
+    # one registry of task names: the short names work in every callback
+    assert _grid.check_task(WHO, "detection") == "object-detection"
     for bad in (0, -1, 2.0, True, "3"):
         with pytest.raises(ValueError, match=r"SomeCallback: `n` must be an int >= 1, got"):
             _grid.check_positive_int(WHO, "n", bad)

@@ -23,8 +23,6 @@ from lightning_mlflow_cv.registry import (
 )
 
 
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """One real SQLite store for the module (creating one costs seconds); each test has its own model name."""
@@ -440,8 +438,31 @@ def test_evaluate_detection_matches_pycocotools(tmp_path):
         assert logged[f"eval/{k}"] == pytest.approx(v, abs=1e-4), k
 
 
+def test_evaluate_new_task_metrics_from_served_outputs():
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from lightning_mlflow_cv.tasks import get_task
+
+    scores = [{"scores": np.array([0.1, 0.8, 0.4], np.float32)}, {"scores": np.array([0.3], np.float32)}]
+    ys = [torch.tensor([0, 1, 1]), torch.tensor([0])]
+    an = get_task("anomaly").served_metrics(scores, ys, None)
+    assert an["AUROC"] == pytest.approx(roc_auc_score([0, 1, 1, 0], [0.1, 0.8, 0.4, 0.3]))
+    depth = get_task("depth").served_metrics([np.full((1, 4, 4), 2.0, np.float32)], [torch.tensor([[[[2.0, 0, 4.0, 2.0]] * 4]])], None)
+    assert depth["AbsRel"] == pytest.approx((0 + 0.5 + 0) / 3) and depth["delta_1"] == pytest.approx(2 / 3)
+    m = np.zeros((1, 8, 8), bool)
+    m[0, 2:6, 2:6] = True
+    inst = get_task("instance").served_metrics(
+        [[{"boxes": np.array([[2, 2, 6, 6]], np.float32), "scores": np.array([0.9], np.float32), "labels": np.array([1]), "masks": m}]],
+        [[{"boxes": torch.tensor([[2.0, 2, 6, 6]]), "labels": torch.tensor([1]), "masks": torch.from_numpy(m)}]],
+        None,
+    )
+    assert inst["mask_AP"] == pytest.approx(1.0) and inst["bbox_AP50"] == pytest.approx(1.0)
+
+
 def test_evaluate_rejects_unknown_task():
     from lightning_mlflow_cv.registry import evaluate
 
-    with pytest.raises(ValueError, match="`task` must be 'classification', 'segmentation' or 'detection', got 'ocr'"):
-        evaluate("models:/m@champion", [], task="ocr")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"evaluate: `task` must be one of \['classification', .*'depth-estimation'\].*got 'ocr'"):
+        evaluate("models:/m@champion", [], task="ocr")

@@ -13,20 +13,21 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch import Tensor
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_mlflow_cv._adapters import (
-    ClassificationOutput,
-    DetectionOutput,
-    SegmentationOutput,
-    Task,
-    adapt_outputs,
-    load_output_fn,
-    normalize_task,
-)
+from lightning_mlflow_cv import tasks as _tasks
 from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv.tasks import adapt_outputs, load_output_fn
+
+# pure helpers that moved to the task modules, importable from here as before
+from lightning_mlflow_cv.tasks._dense import confusion_stats
+from lightning_mlflow_cv.tasks.object_detection import (
+    DetectionMatchCounts,
+    match_detections,
+)
+
+__all__ = ["CVMetricsCallback", "DetectionMatchCounts", "confusion_stats", "match_detections", "table_csv"]
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -41,132 +42,6 @@ ARTIFACT_DIR = "cv_metrics"
 # ----------------------------------------------------------------------------------------------
 # pure helpers (tested without a Trainer)
 # ----------------------------------------------------------------------------------------------
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    num, den = num.double(), den.double()
-    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.full_like(num, float("nan")))
-
-
-def confusion_stats(confmat: Tensor) -> dict[str, Tensor]:
-    """Per-class statistics of a confusion matrix (rows: true class, columns: predicted class).
-
-    Returns ``support``, ``precision``, ``recall``, ``f1``, ``iou`` (NaN where undefined) per class and the
-    overall ``accuracy``.
-
-    Example::
-
-        >>> s = confusion_stats(torch.tensor([[3, 1], [0, 4]]))
-        >>> [round(v, 3) for v in s["iou"].tolist()], round(float(s["accuracy"]), 3)
-        ([0.75, 0.8], 0.875)
-    """
-    cm = confmat.double()
-    tp = cm.diag()
-    support = cm.sum(1)
-    predicted = cm.sum(0)
-    precision = _safe_div(tp, predicted)
-    recall = _safe_div(tp, support)
-    f1 = _safe_div(2 * tp, support + predicted)
-    iou = _safe_div(tp, support + predicted - tp)
-    accuracy = _safe_div(tp.sum(), cm.sum())
-    return {"support": support, "precision": precision, "recall": recall, "f1": f1, "iou": iou, "accuracy": accuracy}
-
-
-def match_detections(
-    pred_boxes: Tensor,
-    pred_scores: Tensor,
-    pred_labels: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    num_classes: int,
-    iou_threshold: float = 0.5,
-    score_threshold: float = 0.5,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-class true positives, false positives and false negatives of one image's detections.
-
-    Predictions with ``score >= score_threshold`` are taken in descending score order; each matches the
-    unmatched ground-truth box of its class with the highest IoU if that IoU is ``>= iou_threshold`` (a true
-    positive), else it is a false positive. Ground-truth boxes left unmatched are false negatives.
-
-    Returns:
-        ``(tp, fp, fn)``, each a ``(num_classes,)`` long tensor.
-
-    Example::
-
-        >>> b = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-        >>> match_detections(b, torch.tensor([0.9]), torch.tensor([1]), b, torch.tensor([1]), num_classes=2)
-        (tensor([0, 1]), tensor([0, 0]), tensor([0, 0]))
-    """
-    from torchvision.ops import box_iou
-
-    tp = torch.zeros(num_classes, dtype=torch.long)
-    fp = torch.zeros(num_classes, dtype=torch.long)
-    fn = torch.zeros(num_classes, dtype=torch.long)
-    keep = pred_scores >= score_threshold
-    pred_boxes, pred_scores, pred_labels = pred_boxes[keep].cpu(), pred_scores[keep].cpu(), pred_labels[keep].cpu()
-    gt_boxes, gt_labels = gt_boxes.cpu(), gt_labels.cpu()
-    for c in torch.unique(torch.cat([pred_labels, gt_labels])).tolist():
-        p = pred_labels == c
-        g = gt_labels == c
-        pb = pred_boxes[p][pred_scores[p].argsort(descending=True, stable=True)]
-        gb = gt_boxes[g]
-        if len(gb) == 0:
-            fp[c] += len(pb)
-            continue
-        if len(pb) == 0:
-            fn[c] += len(gb)
-            continue
-        iou = box_iou(pb.double(), gb.double())
-        matched = torch.zeros(len(gb), dtype=torch.bool)
-        for i in range(len(pb)):
-            cand = iou[i].masked_fill(matched, -1.0)
-            j = int(cand.argmax())
-            if cand[j] >= iou_threshold:
-                matched[j] = True
-                tp[c] += 1
-            else:
-                fp[c] += 1
-        fn[c] += int((~matched).sum())
-    return tp, fp, fn
-
-
-class DetectionMatchCounts(Metric):
-    """True/false positives and false negatives per class at one IoU and score threshold (DDP: summed).
-
-    Args:
-        num_classes: Number of classes (label values ``0 .. num_classes - 1``).
-        iou_threshold: Minimum IoU of a true positive.
-        score_threshold: Predictions below this score are ignored.
-
-    Example::
-
-        m = DetectionMatchCounts(num_classes=3)
-        m.update(preds, targets)
-        tp, fp, fn = m.compute()
-    """
-
-    full_state_update = False
-
-    def __init__(self, num_classes: int, iou_threshold: float = 0.5, score_threshold: float = 0.5, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.num_classes = num_classes
-        self.iou_threshold = iou_threshold
-        self.score_threshold = score_threshold
-        for name in ("tp", "fp", "fn"):
-            self.add_state(name, torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> None:
-        for p, t in zip(preds, targets):
-            tp, fp, fn = match_detections(
-                p["boxes"], p["scores"], p["labels"], t["boxes"], t["labels"],
-                self.num_classes, self.iou_threshold, self.score_threshold,
-            )
-            self.tp += tp.to(self.device)
-            self.fp += fp.to(self.device)
-            self.fn += fn.to(self.device)
-
-    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.tp, self.fp, self.fn
-
-
 @contextmanager
 def _integer_bincount_allowed() -> Iterator[None]:
     """Let torchmetrics use ``torch.bincount`` while ``torch.use_deterministic_algorithms(True)`` is on.
@@ -185,12 +60,6 @@ def _integer_bincount_allowed() -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(True, warn_only=warn_only)
-
-
-def _num(v: Any) -> float | None:
-    """A finite float, or None (for tables: NaN and -1 'not present' become None)."""
-    f = float(v)
-    return None if math.isnan(f) or math.isinf(f) else f
 
 
 def table_csv(rows: list[dict[str, Any]]) -> str:
@@ -221,7 +90,15 @@ class CVMetricsCallback(Callback):
       ``precision`` and ``recall`` (macro over classes seen, from greedy matching at ``iou_threshold`` of the
       predictions scoring at least ``score_threshold``);
     - **semantic-segmentation**: ``mIoU`` (mean over classes present in targets or predictions),
-      ``pixel_acc`` and ``per_class_IoU/<class>``.
+      ``pixel_acc`` and ``per_class_IoU/<class>``;
+    - **instance-segmentation**: ``mask_AP``, ``bbox_AP`` (COCO AP over IoU 0.50:0.95), ``mask_AP50``,
+      ``bbox_AP50`` (``MeanAveragePrecision(iou_type=("bbox", "segm"))``), per-class mask/box AP in the table;
+    - **anomaly-detection** (no classes): ``AUROC``, ``AUPRC``, ``F1_at_best_threshold`` and ``best_threshold``
+      (exact, on the raw scores), PR and ROC curve plots;
+    - **depth-estimation** (no classes): ``AbsRel``, ``SqRel``, ``RMSE``, ``RMSE_log``, ``delta_1``,
+      ``delta_2``, ``delta_3`` over valid target pixels (finite and > 0; sum states, exact under DDP).
+
+    The output conventions and presets live in :mod:`lightning_mlflow_cv.tasks`, one module per task.
 
     Scalars are logged every validation epoch (not during the sanity check) with ``pl_module.log``, so
     ``ModelCheckpoint``/``EarlyStopping`` can monitor them (e.g. ``monitor="val/mAP50"``); the step is the
@@ -234,7 +111,8 @@ class CVMetricsCallback(Callback):
     - ``confusion_matrix.png``, ``confusion_matrix_normalized.png`` (rows sum to 1),
       ``confusion_matrix.json`` (classification, segmentation);
     - ``pr_curve.png`` and ``roc_curve.png`` with per-class AP/AUC in the legend (classification);
-    - ``per_class.json`` and ``per_class.csv``: per-class precision/recall/F1/AUC, IoU, or AP50-95/AP50/AR100.
+    - ``per_class.json`` and ``per_class.csv``: per-class precision/recall/F1/AUC, IoU, AP50-95/AP50/AR100 or
+      mask/box AP (tasks with classes); ``summary.json`` (anomaly detection, depth estimation).
 
     At fit end the summary metrics ``best/<monitor>``, ``best/epoch`` and ``time/train_hrs`` are logged.
 
@@ -243,10 +121,13 @@ class CVMetricsCallback(Callback):
     which then count twice.
 
     Args:
-        task: ``"classification"``, ``"object-detection"`` or ``"semantic-segmentation"`` (``"detection"``
-            and ``"segmentation"`` are accepted too).
+        task: A task of :mod:`lightning_mlflow_cv.tasks`: ``"classification"``, ``"object-detection"``,
+            ``"semantic-segmentation"``, ``"instance-segmentation"``, ``"anomaly-detection"``,
+            ``"depth-estimation"`` (short names ``"detection"``, ``"segmentation"``, ``"instance"``,
+            ``"anomaly"``, ``"depth"``).
         num_classes: Number of classes (for detection: label values are ``0 .. num_classes - 1``, a
-            background class included if the model has one).
+            background class included if the model has one). Only for tasks with classes: leave it out for
+            anomaly detection and depth estimation.
         class_names: One name per class (default ``"0"``, ``"1"``, ...), used in metric keys and plots.
         stages: Where to compute: any of ``"val"``, ``"test"``.
         output_fn: ``fn(outputs, batch) -> dict`` in the task's format, or its import path
@@ -288,8 +169,8 @@ class CVMetricsCallback(Callback):
 
     def __init__(
         self,
-        task: Task | Literal["detection", "segmentation"],
-        num_classes: int,
+        task: str,
+        num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
         stages: Sequence[Stage] = ("val", "test"),
         output_fn: str | Callable[[Any, Any], Any] | None = None,
@@ -304,13 +185,22 @@ class CVMetricsCallback(Callback):
         max_plot_classes: int = 30,
     ) -> None:
         super().__init__()
-        self.task: str = normalize_task(task, WHO)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        self._task = _tasks.get_task(task, WHO)
+        self.task: str = self._task.name
+        if not self._task.has_classes:
+            if num_classes is not None or class_names is not None:
+                raise ValueError(
+                    f"{WHO}: task={self.task!r} has no classes, got num_classes={num_classes!r}, "
+                    f"class_names={class_names!r}. Fix: leave both out, e.g. CVMetricsCallback(task={self.task!r})."
+                )
+            num_classes = 0
+        elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(
                 f"{WHO}: `num_classes` must be an int >= 2, got {num_classes!r}. "
                 "Fix: pass the number of classes the model predicts (binary tasks: 2)."
             )
-        self.num_classes = num_classes
+        #: Number of classes (0 for tasks without classes: anomaly detection, depth estimation).
+        self.num_classes: int = num_classes
         if class_names is None:
             names = [str(i) for i in range(num_classes)]
         elif isinstance(class_names, str) or not isinstance(class_names, Sequence):
@@ -341,7 +231,7 @@ class CVMetricsCallback(Callback):
         self.output_fn = load_output_fn(output_fn, WHO)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"{WHO}: `top_k` must be an int >= 1, got {top_k!r}. Fix: e.g. top_k=5.")
-        self.top_k = min(top_k, num_classes)
+        self.top_k = min(top_k, num_classes) if num_classes else top_k
         if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
             raise ValueError(f"{WHO}: `ignore_index` must be an int or None, got {ignore_index!r}. Fix: e.g. 255.")
         self.ignore_index = ignore_index
@@ -391,45 +281,7 @@ class CVMetricsCallback(Callback):
     # metrics
     # ------------------------------------------------------------------------------------------
     def _build(self) -> dict[str, Metric]:
-        from torchmetrics import classification as C
-
-        n = self.num_classes
-        if self.task == "classification":
-            return {
-                "scalars": MetricCollection(
-                    {
-                        "top1_acc": C.MulticlassAccuracy(n, top_k=1, average="micro"),
-                        "top5_acc": C.MulticlassAccuracy(n, top_k=self.top_k, average="micro"),
-                        "precision": C.MulticlassPrecision(n, average="macro"),
-                        "recall": C.MulticlassRecall(n, average="macro"),
-                        "f1": C.MulticlassF1Score(n, average="macro"),
-                        "per_class_f1": C.MulticlassF1Score(n, average=None),
-                    },
-                    compute_groups=False,
-                ),
-                "confmat": C.MulticlassConfusionMatrix(n),
-                "pr": C.MulticlassPrecisionRecallCurve(n, thresholds=self.curve_thresholds),
-                "roc": C.MulticlassROC(n, thresholds=self.curve_thresholds),
-            }
-        if self.task == "semantic-segmentation":
-            return {"confmat": C.MulticlassConfusionMatrix(n, ignore_index=self.ignore_index)}
-        from torchmetrics.detection import MeanAveragePrecision
-
-        try:
-            mean_ap = MeanAveragePrecision(
-                box_format="xyxy", iou_type="bbox", class_metrics=True, extended_summary=True,
-                backend=self.detection_backend,
-            )
-        except ModuleNotFoundError as err:
-            extra = "pycocotools" if self.detection_backend == "pycocotools" else "faster-coco-eval"
-            raise ModuleNotFoundError(
-                f"{WHO}: task='object-detection' needs {extra} for MeanAveragePrecision ({err}). "
-                f"Fix: pip install {extra}  (or: pip install 'lightning-mlflow-cv[detection]')"
-            ) from err
-        return {
-            "map": mean_ap,
-            "counts": DetectionMatchCounts(n, self.iou_threshold, self.score_threshold),
-        }
+        return self._task.build_metrics(self)
 
     def _metrics_for(self, stage: str, device: torch.device) -> dict[str, Metric]:
         metrics = self._metrics.get(stage)
@@ -442,135 +294,24 @@ class CVMetricsCallback(Callback):
         return metrics
 
     def _update(self, stage: str, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
-        out = adapt_outputs(self.task, outputs, batch, self.output_fn, self.num_classes, WHO)
+        out = adapt_outputs(self.task, outputs, batch, self.output_fn, self.num_classes or None, WHO)
         metrics = self._metrics_for(stage, pl_module.device)
         self._updated[stage] = True
         with _integer_bincount_allowed():
             self._update_metrics(metrics, out)
 
-    @staticmethod
-    def _update_metrics(metrics: dict[str, Metric], out: Any) -> None:
-        if isinstance(out, ClassificationOutput):
-            logits, targets = out.logits.detach().float(), out.targets
-            metrics["scalars"].update(logits, targets)
-            metrics["confmat"].update(logits.argmax(1), targets)
-            probs = logits.softmax(1)
-            metrics["pr"].update(probs, targets)
-            metrics["roc"].update(probs, targets)
-        elif isinstance(out, SegmentationOutput):
-            metrics["confmat"].update(out.logits.detach().argmax(1), out.targets)
-        elif isinstance(out, DetectionOutput):
-            preds = [{k: v.detach() for k, v in d.items()} for d in out.preds]
-            metrics["map"].update(preds, out.targets)
-            metrics["counts"].update(preds, out.targets)
+    def _update_metrics(self, metrics: dict[str, Metric], out: Any) -> None:
+        self._task.update_metrics(metrics, out)
 
     def _compute(self, stage: str) -> tuple[dict[str, float], dict[str, Any]]:
         """Synchronised results: (scalars without the stage prefix, snapshot for plots and tables). Resets."""
         metrics = self._metrics[stage]
-        names = self.class_names
-        scalars: dict[str, float] = {}
-        snap: dict[str, Any] = {"task": self.task}
-        if self.task == "classification":
-            res = metrics["scalars"].compute()
-            for k in ("top1_acc", "top5_acc", "precision", "recall", "f1"):
-                scalars[k] = float(res[k])
-            per_f1 = res["per_class_f1"].cpu()
-            for i, name in enumerate(names):
-                scalars[f"per_class_f1/{name}"] = float(per_f1[i])
-            confmat = metrics["confmat"].compute().cpu()
-            pr = self._curve_cpu(metrics["pr"].compute())
-            roc = self._curve_cpu(metrics["roc"].compute())
-            from torchmetrics.functional.classification.auroc import _reduce_auroc
-            from torchmetrics.functional.classification.average_precision import _reduce_average_precision
-
-            auc = _reduce_auroc(roc[0], roc[1], average=None).cpu()
-            ap = _reduce_average_precision(pr[0], pr[1], average=None).cpu()
-            stats = confusion_stats(confmat)
-            snap.update(confmat=confmat, pr=pr, roc=roc, auc=auc, ap=ap)
-            snap["table"] = [
-                {
-                    "class": name,
-                    "support": int(stats["support"][i]),
-                    "precision": _num(stats["precision"][i]),
-                    "recall": _num(stats["recall"][i]),
-                    "f1": _num(per_f1[i]),
-                    "roc_auc": _num(auc[i]),
-                    "average_precision": _num(ap[i]),
-                }
-                for i, name in enumerate(names)
-            ]
-        elif self.task == "semantic-segmentation":
-            confmat = metrics["confmat"].compute().cpu()
-            stats = confusion_stats(confmat)
-            iou = stats["iou"]
-            valid = ~torch.isnan(iou)
-            scalars["mIoU"] = float(iou[valid].mean()) if bool(valid.any()) else float("nan")
-            scalars["pixel_acc"] = float(stats["accuracy"])
-            for i, name in enumerate(names):
-                if bool(valid[i]):
-                    scalars[f"per_class_IoU/{name}"] = float(iou[i])
-            snap["confmat"] = confmat
-            snap["table"] = [
-                {
-                    "class": name,
-                    "support_pixels": int(stats["support"][i]),
-                    "iou": _num(iou[i]),
-                    "pixel_acc": _num(stats["recall"][i]),
-                    "precision": _num(stats["precision"][i]),
-                }
-                for i, name in enumerate(names)
-            ]
-        else:
-            res = metrics["map"].compute()
-            tp, fp, fn = (t.cpu() for t in metrics["counts"].compute())
-            scalars["mAP50"] = float(res["map_50"])
-            scalars["mAP50-95"] = float(res["map"])
-            seen = (tp + fp + fn) > 0
-            prec = _safe_div(tp, tp + fp).nan_to_num(0.0)
-            rec = _safe_div(tp, tp + fn).nan_to_num(0.0)
-            scalars["precision"] = float(prec[seen].mean()) if bool(seen.any()) else 0.0
-            scalars["recall"] = float(rec[seen].mean()) if bool(seen.any()) else 0.0
-            classes = [int(c) for c in torch.atleast_1d(res["classes"]).tolist()]
-            ap_all = torch.atleast_1d(res["map_per_class"]).cpu()
-            ar_all = torch.atleast_1d(res["mar_100_per_class"]).cpu()
-            precision = res.get("precision")  # (T, R, K, A, M), -1 where undefined
-            rows = []
-            for k, c in enumerate(classes):
-                ap50 = None
-                if isinstance(precision, Tensor) and precision.ndim == 5 and k < precision.shape[2]:
-                    p = precision[0, :, k, 0, -1]
-                    p = p[p > -1]
-                    ap50 = float(p.mean()) if p.numel() else None
-                name = names[c] if 0 <= c < len(names) else str(c)
-                rows.append(
-                    {
-                        "class": name,
-                        "ap50_95": _num(ap_all[k]) if k < ap_all.numel() else None,
-                        "ap50": ap50,
-                        "ar100": _num(ar_all[k]) if k < ar_all.numel() else None,
-                        "precision": _num(prec[c]) if 0 <= c < self.num_classes else None,
-                        "recall": _num(rec[c]) if 0 <= c < self.num_classes else None,
-                        "tp": int(tp[c]) if 0 <= c < self.num_classes else None,
-                        "fp": int(fp[c]) if 0 <= c < self.num_classes else None,
-                        "fn": int(fn[c]) if 0 <= c < self.num_classes else None,
-                    }
-                )
-            for r in rows:  # COCO reports -1 for classes without ground truth
-                for key in ("ap50_95", "ar100", "ap50"):
-                    if r[key] is not None and r[key] < 0:
-                        r[key] = None
-            snap["table"] = rows
+        scalars, snap = self._task.compute(metrics, self)
+        snap = {"task": self.task, **snap}
         for m in metrics.values():
             m.reset()
         self._updated[stage] = False
         return scalars, snap
-
-    @staticmethod
-    def _curve_cpu(curve: Any) -> tuple[Any, Any, Any]:
-        def cpu(x: Any) -> Any:
-            return [t.cpu() for t in x] if isinstance(x, (list, tuple)) else x.cpu()
-
-        return tuple(cpu(x) for x in curve)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------------
     # plots and tables (rank zero)
@@ -578,7 +319,9 @@ class CVMetricsCallback(Callback):
     def _log_artifacts(self, trainer: pl.Trainer, stage: str, snap: dict[str, Any], epoch: int | None) -> None:
         if not trainer.is_global_zero:
             return
-        from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+        from matplotlib.figure import (
+            Figure,  # no pyplot: no GUI backend, no global figure state
+        )
 
         logger = find_mlflow_logger(trainer, WHO)
         base = f"{ARTIFACT_DIR}/{stage}"
@@ -613,14 +356,16 @@ class CVMetricsCallback(Callback):
             from torchmetrics.utilities.plot import plot_curve
 
             p, r, t = snap["pr"]
+            labels = snap.get("curve_labels")
             for fname, curve, score, axes, title in (
                 ("pr_curve", (r, p, t), snap["ap"], ("Recall", "Precision"), "precision-recall (AP)"),
                 ("roc_curve", snap["roc"], snap["auc"], ("False positive rate", "True positive rate"), "ROC (AUC)"),
             ):
                 fig = Figure(figsize=(7, 6))
                 ax = fig.subplots()
-                plot_curve(curve, score=score, ax=ax, label_names=axes, name=f"{stage} {title}", labels=names)
-                ax.legend(fontsize=7, loc="lower right" if fname == "roc_curve" else "lower left")
+                plot_curve(curve, score=score, ax=ax, label_names=axes, name=f"{stage} {title}", labels=labels)
+                if labels is not None:
+                    ax.legend(fontsize=7, loc="lower right" if fname == "roc_curve" else "lower left")
                 logger.log_figure(f"{base}/{fname}.png", fig)
         elif "roc" in snap:
             warnings.warn(
@@ -629,9 +374,12 @@ class CVMetricsCallback(Callback):
                 UserWarning,
                 stacklevel=2,
             )
-        table = snap.get("table") or []
-        logger.log_dict({"stage": stage, "epoch": epoch, "task": self.task, "classes": table}, f"{base}/per_class.json")
-        logger.log_text(table_csv(table), f"{base}/per_class.csv")
+        if "table" in snap:
+            table = snap["table"] or []
+            logger.log_dict({"stage": stage, "epoch": epoch, "task": self.task, "classes": table}, f"{base}/per_class.json")
+            logger.log_text(table_csv(table), f"{base}/per_class.csv")
+        if "summary" in snap:
+            logger.log_dict({"stage": stage, "epoch": epoch, "task": self.task, **snap["summary"]}, f"{base}/summary.json")
 
     # ------------------------------------------------------------------------------------------
     # hooks
@@ -752,6 +500,12 @@ class CVMetricsCallback(Callback):
         if use_best and self.best_score is not None:
             summary[f"best/{self.monitor}"] = self.best_score
         logger.log_metrics(summary, step=trainer.global_step)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # one callback per task may share a Trainer (e.g. a multi-task model), each with its own state
+        return self._generate_state_key(task=self.task)
 
     @override
     def state_dict(self) -> dict[str, Any]:

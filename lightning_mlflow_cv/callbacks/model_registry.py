@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_mlflow_cv import _compat, _export, _http, _pyfunc
+from lightning_mlflow_cv import tasks as _tasks
 from lightning_mlflow_cv._context import find_mlflow_logger
 from lightning_mlflow_cv._summary import NOTE_TAG, run_description
 from lightning_mlflow_cv.registry import Decision, parse_gates, promote, transition_stage
@@ -239,7 +240,9 @@ class ModelRegistryCallback(Callback):
         preprocess: ``{"mean": [...], "std": [...], "size": (H, W), "layout": "NHWC"}``; ``mean``/``std`` are
             those the training data was normalised with after scaling to [0, 1] (default: the datamodule's
             ``mean``/``std`` attributes); ``size`` defaults to the training images' size.
-        postprocess: ``"softmax"``, ``"sigmoid"``, ``"boxes"``, ``"masks"`` or ``"none"``.
+        postprocess: ``"softmax"``, ``"sigmoid"``, ``"boxes"``, ``"masks"``, ``"instances"``, ``"anomaly"``,
+            ``"depth"`` or ``"none"`` (see :mod:`lightning_mlflow_cv._pyfunc`); default: the post-processing of
+            ``task``, else ``"softmax"``.
         alias: Alias set on every new version.
         gates: ``{metric: "<op><number>"}``, e.g. ``{"val/acc": ">=0.9", "latency/torch/p95_ms": "<=50"}``.
         champion_alias: Alias of the champion.
@@ -253,7 +256,13 @@ class ModelRegistryCallback(Callback):
         class_names: Class names recorded in the model card and the pyfunc config (default: the datamodule's
             ``class_names`` attribute, when it has one).
         postprocess_options: For ``boxes``: ``score_threshold`` (0.05), ``iou_threshold`` (0.5),
+            ``max_detections`` (100); for ``instances``: ``score_threshold`` (0.5), ``mask_threshold`` (0.5),
             ``max_detections`` (100).
+        task: A task of :mod:`lightning_mlflow_cv.tasks` (or a short name): its served post-processing is the
+            default ``postprocess`` (classification: softmax probabilities; detection: boxes; segmentation:
+            class-id masks; instance segmentation: instances with masks; anomaly detection: scores (and maps);
+            depth estimation: depth maps). Gates name its metrics, e.g. ``{"val/mask_AP": ">=0.5"}`` or
+            ``{"val/AbsRel": "<=0.1"}``.
 
     Raises:
         ValueError: on an invalid argument (at construction) or, at fit start, when no ``mean``/``std`` is
@@ -282,7 +291,7 @@ class ModelRegistryCallback(Callback):
         self,
         registered_model_name: str,
         preprocess: Mapping[str, Any] | None = None,
-        postprocess: Literal["softmax", "sigmoid", "boxes", "masks", "none"] = "softmax",
+        postprocess: Literal["softmax", "sigmoid", "boxes", "masks", "instances", "anomaly", "depth", "none"] | None = None,
         alias: str = "challenger",
         gates: Mapping[str, str] | None = None,
         champion_alias: str = "champion",
@@ -295,6 +304,7 @@ class ModelRegistryCallback(Callback):
         network_format: Literal["pt2", "onnx"] = "pt2",
         class_names: Sequence[str] | None = None,
         postprocess_options: Mapping[str, float] | None = None,
+        task: str | None = None,
     ) -> None:
         if not isinstance(registered_model_name, str) or not registered_model_name.strip():
             raise ValueError(
@@ -307,6 +317,10 @@ class ModelRegistryCallback(Callback):
                 f"{registered_model_name!r}. Example: 'team-digits-cnn'."
             )
         self.preprocess = self._check_preprocess(preprocess)
+        #: The CV task (canonical name) whose served post-processing is the default ``postprocess``.
+        self.task = None if task is None else _tasks.normalize_task(task, _NAME)
+        if postprocess is None:
+            postprocess = _tasks.get_task(self.task).postprocess if self.task is not None else "softmax"
         if postprocess not in _pyfunc.POSTPROCESS:
             raise ValueError(
                 f"{_NAME}: `postprocess` must be one of {_pyfunc.POSTPROCESS}, got {postprocess!r}. Use 'softmax' for "
@@ -407,7 +421,7 @@ class ModelRegistryCallback(Callback):
                 "training images were normalised with after scaling to [0, 1]), or give the datamodule `mean` and "
                 f"`std` attributes (found datamodule {type(dm).__name__ if dm is not None else None})."
             )
-        as_list = lambda v: [float(x) for x in (v if isinstance(v, Sequence) else [v])]  # noqa: E731
+        as_list = lambda v: [float(x) for x in (v if isinstance(v, Sequence) else [v])]
         return as_list(mean), as_list(std)
 
     def _class_names(self, trainer: pl.Trainer) -> list[str] | None:
@@ -478,7 +492,9 @@ class ModelRegistryCallback(Callback):
         if self._done_key == key:
             return self.decision
         self._done_key = key
-        from lightning_mlflow_cv.callbacks.inference_latency import InferenceLatencyCallback
+        from lightning_mlflow_cv.callbacks.inference_latency import (
+            InferenceLatencyCallback,
+        )
         from lightning_mlflow_cv.callbacks.onnx_export import ONNXExportCallback
 
         logger = find_mlflow_logger(trainer, _NAME)
@@ -592,6 +608,9 @@ class ModelRegistryCallback(Callback):
             outputs = infer_signature(raw_np, pred).outputs
             spec = outputs.inputs[0]
             outputs = Schema([TensorSpec(spec.type, (-1, *spec.shape[1:]))])
+        elif isinstance(pred, dict) and pred and all(isinstance(v, np.ndarray) for v in pred.values()):
+            # task outputs with named arrays (anomaly: scores and maps)
+            outputs = Schema([TensorSpec(v.dtype, (-1, *v.shape[1:]), name=k) for k, v in pred.items()])
         else:
             outputs = None
         code = work / "model_code.py"

@@ -11,8 +11,9 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_mlflow_cv import _grid
+from lightning_mlflow_cv import tasks as _tasks
 from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._grid import Task
+from lightning_mlflow_cv.tasks import PanelOptions
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -33,7 +34,8 @@ class PredictionGridCallback(Callback):
     model runs on them in eval mode without gradients; the grid is logged with
     ``MLflowCVLogger.log_image(key, grid, step=epoch)``, so the MLflow UI shows its history by epoch.
 
-    What a panel shows, by ``task`` (output conventions of DESIGN.md):
+    What a panel shows, by ``task`` (output conventions of :mod:`lightning_mlflow_cv.tasks`; short names such as
+    ``"detection"`` work too):
 
     - ``"classification"``: logits ``(N, C)``, targets ``(N,)``: predicted label and probability, true label;
       wrong predictions get a red frame and red text.
@@ -42,13 +44,21 @@ class PredictionGridCallback(Callback):
       ``score >= score_threshold``.
     - ``"semantic-segmentation"``: logits ``(N, C, H, W)`` (upsampled to the image size when smaller), masks
       ``(N, H, W)``: image, ground-truth overlay, predicted overlay.
+    - ``"instance-segmentation"``: like detection plus ``masks`` ``(K, H, W)``: ground-truth instances beside
+      predicted instances (``score >= score_threshold``), one colour per instance, with boxes and labels.
+    - ``"anomaly-detection"``: scores ``(N,)`` (or ``{"scores": (N,), "maps": (N, H, W)}``), targets ``(N,)`` in
+      {0, 1}: the anomaly map as a heatmap over the image, with the score and the label.
+    - ``"depth-estimation"``: depth ``(N, 1, H, W)``, targets the same (0/NaN invalid): prediction and target
+      colour-mapped on one shared scale, and the absolute error, side by side.
 
     Images are de-normalised with ``mean``/``std``, tiny images are enlarged (whole factors, crisp pixels) so
     labels stay readable and large ones are shrunk, so the cost per epoch is bounded by ``num_samples`` whatever
     the dataset size.
 
     Args:
-        task: ``"classification"``, ``"object-detection"`` or ``"semantic-segmentation"``.
+        task: A task of :mod:`lightning_mlflow_cv.tasks` (``"classification"``, ``"object-detection"``,
+            ``"semantic-segmentation"``, ``"instance-segmentation"``, ``"anomaly-detection"``,
+            ``"depth-estimation"``, or a short name).
         num_samples: How many validation samples the grid shows.
         every_n_epochs: Log when ``(epoch + 1) % every_n_epochs == 0``.
         class_names: Names for class ids; default ``trainer.datamodule.class_names`` when it exists, else ids.
@@ -58,8 +68,12 @@ class PredictionGridCallback(Callback):
         score_threshold: Detection: draw predicted boxes with at least this score.
         key: Image series name in MLflow.
         seed: Seed of the sample choice.
+        output_fn: The mapping hook shared by every callback: ``fn(outputs, batch) -> dict`` in the task's
+            step-output format (predictions and targets), or its import path ``"pkg.module:fn"``; here
+            ``outputs`` is what ``forward`` returned on the batch's images. Replaces ``output_transform`` and
+            ``batch_transform``' target part.
         output_transform: A callable, or its import path ``"pkg.module:function"``, mapping the model output to
-            the task's format.
+            the task's prediction format (targets then come from the batch).
         batch_transform: A callable, or its import path, mapping a validation batch to ``(images, targets)``;
             default: the first two items of a tuple batch, or the image/target keys of a dict batch.
         dataloader_idx: Which validation dataloader to take samples from.
@@ -86,7 +100,7 @@ class PredictionGridCallback(Callback):
 
     def __init__(
         self,
-        task: Task,
+        task: str,
         num_samples: int = 8,
         every_n_epochs: int = 1,
         class_names: Sequence[str] | None = None,
@@ -102,6 +116,7 @@ class PredictionGridCallback(Callback):
         background_class: int | None = None,
         display_min_size: int = 96,
         display_max_size: int = 256,
+        output_fn: str | Callable[[Any, Any], Any] | None = None,
     ) -> None:
         super().__init__()
         self.task = _grid.check_task(_WHO, task)
@@ -135,10 +150,16 @@ class PredictionGridCallback(Callback):
         self.seed = int(seed)
         self.output_transform = _grid.resolve_callable(_WHO, "output_transform", output_transform)
         self.batch_transform = _grid.resolve_callable(_WHO, "batch_transform", batch_transform)
+        self.output_fn = _tasks.load_output_fn(output_fn, _WHO)
+        if self.output_fn is not None and self.output_transform is not None:
+            raise ValueError(
+                f"{_WHO}: pass `output_fn` or `output_transform`, not both. Fix: keep `output_fn` (it maps "
+                "(outputs, batch) to the task's dict with predictions and targets)."
+            )
         self.dataloader_idx = dataloader_idx
         self.background_class = background_class
         self.indices: list[int] | None = None
-        self._samples: tuple[Any, Any] | None = None
+        self._samples: tuple[Any, Any, Any] | None = None
 
     # -----------------------------------------------------------------------------------------
     # state: the chosen samples survive a resume
@@ -188,16 +209,17 @@ class PredictionGridCallback(Callback):
             return list(loaders.values())[self.dataloader_idx]
         return loaders
 
-    def samples(self, trainer: pl.Trainer) -> tuple[Any, Any] | None:
-        """The fixed ``(images, targets)`` (picked on first use, then cached on the CPU)."""
+    def samples(self, trainer: pl.Trainer) -> tuple[Any, Any, Any] | None:
+        """The fixed ``(images, targets, batch)`` (picked on first use, then cached on the CPU)."""
         if self._samples is None:
             loader = self._loader(trainer)
             if loader is None:
                 return None
-            x, y, self.indices = _grid.fixed_samples(
-                _WHO, loader, self.num_samples, self.seed, self.indices, self.batch_transform
-            )
-            self._samples = (x, y)
+            batch, self.indices = _grid.fixed_batch(loader, self.num_samples, self.seed, self.indices)
+            x, y = _grid.split_batch(_WHO, self.batch_transform(batch) if self.batch_transform else batch)
+            if self.indices is None and self.output_fn is None:
+                x, y = x[: self.num_samples], y[: self.num_samples]
+            self._samples = (x, y, batch)
         return self._samples
 
     def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor | None:
@@ -205,7 +227,7 @@ class PredictionGridCallback(Callback):
         got = self.samples(trainer)
         if got is None:
             return None
-        x, y = got
+        x, y, batch = got
         images = _grid.images_of(x)
         n = len(images)
         was_training = pl_module.training
@@ -215,29 +237,22 @@ class PredictionGridCallback(Callback):
                 out = pl_module(move_data_to_device(x, pl_module.device))
         finally:
             pl_module.train(was_training)
-        if self.output_transform is not None:
-            out = self.output_transform(out)
-        out = _grid.check_outputs(_WHO, self.task, out, n)
-        y = _grid.check_targets(_WHO, self.task, y, n)
+        task = _tasks.get_task(self.task, _WHO)
+        if self.output_fn is not None:
+            out = _tasks.adapt_outputs(self.task, out, batch, self.output_fn, None, _WHO)
+        else:
+            if self.output_transform is not None:
+                out = self.output_transform(out)
+            out = _tasks.check_model_outputs(self.task, out, y, n, _WHO)
+        out = task.to_cpu(out)
         mean = self.mean if self.mean is not None else _datamodule_attr(trainer, "mean")
         std = self.std if self.std is not None else _datamodule_attr(trainer, "std")
         if (mean is None) != (std is None):
             mean = std = None
         names = self.class_names if self.class_names is not None else _datamodule_attr(trainer, "class_names")
-        panels = [self._panel(i, images[i], out, y, mean, std, names) for i in range(n)]
+        opts = PanelOptions(names, self.score_threshold, self.background_class)
+        panels = []
+        for i in range(min(n, self.num_samples)):
+            img = _grid.to_display(images[i], mean, std, self.display_min_size, self.display_max_size)
+            panels.append(task.panel(img, tuple(images[i].shape[-2:]), out, i, opts))
         return _grid.make_image_grid(panels, nrow=self.nrow)
-
-    def _panel(self, i: int, x: torch.Tensor, out: Any, y: Any, mean: Any, std: Any, names: Any) -> torch.Tensor:
-        img = _grid.to_display(x, mean, std, self.display_min_size, self.display_max_size)
-        if self.task == "classification":
-            prob = out[i].softmax(-1)
-            pred = int(prob.argmax())
-            return _grid.classification_panel(img, int(y[i]), pred, float(prob[pred]), names)
-        if self.task == "object-detection":
-            return _grid.detection_panel(img, tuple(x.shape[-2:]), y[i], out[i], self.score_threshold, names)
-        logits = out[i]
-        if tuple(logits.shape[-2:]) != tuple(x.shape[-2:]):
-            logits = torch.nn.functional.interpolate(
-                logits[None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False
-            )[0]
-        return _grid.segmentation_panel(img, y[i], logits.argmax(0), logits.shape[0], self.background_class)

@@ -185,7 +185,7 @@ def test_bad_batch_and_targets(store, dm):
         ({"num_samples": 0}, r"`num_samples` must be an int >= 1, got 0"),
         ({"mean": (0.5,)}, r"pass both `mean` and `std` or neither"),
         ({"artifact_file": "aug/samples.jpg"}, r"`artifact_file` must be a path ending in \.png, got 'aug/samples.jpg'"),
-        ({"task": "detection"}, r"`task` must be one of .* got 'detection'"),
+        ({"task": "detect"}, r"`task` must be one of .* got 'detect'"),
         ({"num_classes": 0}, r"`num_classes` must be an int >= 1 or None, got 0"),
         ({"class_names": "abc"}, r"`class_names` must be a list of names or None"),
         ({"batch_transform": "nocolon"}, r"`batch_transform` must be a callable or an import path"),

@@ -221,7 +221,7 @@ def test_table_csv():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"task": "keypoints"}, r"`task` must be one of \['classification', 'object-detection', 'semantic-segmentation'\].*'keypoints'"),
+        ({"task": "keypoints"}, r"`task` must be one of \['classification', 'object-detection', 'semantic-segmentation', 'instance-segmentation', 'anomaly-detection', 'depth-estimation'\].*'keypoints'"),
         ({"num_classes": 1}, r"`num_classes` must be an int >= 2, got 1"),
         ({"num_classes": "3"}, r"`num_classes` must be an int >= 2, got '3'"),
         ({"class_names": ["a", "b"]}, r"`class_names` has 2 names but num_classes=3.*one name per class"),
@@ -518,6 +518,20 @@ def test_ddp_confusion_matrix_equals_single_process(tracking_uri, tmp_path):
     assert metrics["val/top1_acc"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-6)
     assert metrics["val/f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-6)
     assert len(client.get_metric_history(info["run_id"], "val/top1_acc")) == 1  # rank 0 only
+    # the new tasks' metrics (sum states, cat states, COCO lists) equal one process over the whole set
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from ddp_cv_metrics import task_callbacks
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    x, yy = val_dataset().tensors
+    for cb in task_callbacks():
+        for i in range(0, 400, 64):
+            cb._update("val", CPU, {"logits": logits[i : i + 64], "targets": y[i : i + 64]}, (x[i : i + 64], yy[i : i + 64]))
+        scalars, _ = cb._compute("val")
+        for k, v in scalars.items():
+            assert metrics[f"val/{k}"] == pytest.approx(v, abs=1e-6, nan_ok=True), (cb.task, k)
+    assert {"val/AUROC", "val/AbsRel", "val/delta_1", "val/mask_AP", "val/bbox_AP50"} <= set(metrics)
 
 
 def test_deterministic_mode_is_restored_and_counts_stay_exact():

@@ -227,7 +227,7 @@ def test_needs_normalisation_before_training(uri):
     [
         ({"registered_model_name": ""}, r"`registered_model_name` must be a non-empty string"),
         ({"registered_model_name": "a/b"}, r"cannot contain '/' or ':' .* got 'a/b'"),
-        ({"postprocess": "argmax"}, r"`postprocess` must be one of \('softmax', 'sigmoid', 'masks', 'boxes', 'none'\), got 'argmax'"),
+        ({"postprocess": "argmax"}, r"`postprocess` must be one of \('softmax', 'sigmoid', 'masks', 'boxes', 'instances', 'anomaly', 'depth', 'none'\), got 'argmax'"),
         ({"alias": "champion"}, r"`alias` and `champion_alias` must differ"),
         ({"alias": "a b"}, r"`alias` must be an alias of letters, digits"),
         ({"gates": {"val/acc": "0.9"}}, r"`gates`: gate for 'val/acc': cannot parse '0.9'"),

@@ -341,7 +341,7 @@ def test_needs_mlflow_cv_logger(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"task": "segmentation"}, r"`task` must be one of \('classification', 'object-detection', 'semantic-segmentation'\), got 'segmentation'"),
+        ({"task": "segm"}, r"`task` must be one of \['classification', 'object-detection', 'semantic-segmentation'.*got 'segm'"),
         ({"num_samples": 0}, r"`num_samples` must be an int >= 1, got 0"),
         ({"every_n_epochs": 1.5}, r"`every_n_epochs` must be an int >= 1, got 1.5"),
         ({"score_threshold": 1.5}, r"`score_threshold` must be a number in \[0, 1\], got 1.5"),
