@@ -41,7 +41,7 @@ def test_detection_example_yaml(tracking_uri):
     assert run.data.tags["task"] == "object-detection"
     m = run.data.metrics
     assert 0.0 <= m["val/mAP50"] <= 1.0 and 0.0 <= m["val/mAP50-95"] <= m["val/mAP50"]
-    assert "best_val/mAP50" in m and m["best_epoch"] == 0
+    assert "best/val/mAP50" in m and m["best/epoch"] == 0
     arts = artifact_paths(client, run_id)
     assert "configs/config.yaml" in arts
     assert any(p.startswith("images/") and p.endswith(".png") for p in arts), arts  # the prediction grid
@@ -56,7 +56,7 @@ def test_segmentation_example_yaml(tracking_uri):
     assert run.info.status == "FINISHED" and run.data.tags["task"] == "semantic-segmentation"
     m = run.data.metrics
     assert 0.0 <= m["val/mIoU"] <= 1.0 and 0.0 <= m["val/pixel_acc"] <= 1.0
-    assert "val/per_class_IoU/background" in m and m["best_epoch"] == 0
+    assert "val/per_class_IoU/background" in m and m["best/epoch"] == 0
     arts = artifact_paths(client, run_id)
     assert "configs/config.yaml" in arts
     assert any(p.startswith("images/") and p.endswith(".png") for p in arts), arts

@@ -181,7 +181,7 @@ def test_local_sqlite_store_with_remote_nodes_fails_fast(ray_cluster):
         ({"num_samples": 0}, ValueError, r"`num_samples` must be a positive int .* got 0"),
         ({"trainable": "train.py"}, TypeError, r"`trainable` must be a function"),
         ({"param_space": [1]}, TypeError, r"`param_space` must be a dict"),
-        ({"metric_name": "bad!"}, ValueError, r"`metric_name` must be a valid MLflow metric key"),
+        ({"metric_name": "bad!"}, ValueError, r"`metric_name` must be a valid metric key"),
     ],
 )
 def test_arguments_are_checked_before_anything_starts(kwargs, error, match, tmp_path):
