@@ -192,6 +192,18 @@ def candidates(directory: Path, skip: Iterable[str] = ()) -> list[Path]:
     return sorted(paths, key=mtime)
 
 
+def _first_record(path: Path) -> dict[str, Any]:
+    """The spool's first record (its ``run`` header), or ``{}``."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            rec = json.loads(fh.readline() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) and rec.get("t") == "run" else {}
+
+
 def scan(
     directory: str | os.PathLike[str],
     tracking_uri: str,
@@ -203,12 +215,16 @@ def scan(
     Stops at the first failure to reach the store (the rest waits for the next logger or ``sync``). Logs one line
     naming the runs it delivered. Returns a :class:`Report`.
     """
+    from lightning_mlflow_cv._redact import redact_text
     from lightning_mlflow_cv._spool import is_retryable
 
     report = Report()
     client = None
     for path in candidates(Path(directory), skip):
         key = path.stem
+        if not same_store(_first_record(path).get("tracking_uri"), tracking_uri):
+            report.other_store.append(key)  # left for a logger of that store, silently
+            continue
         with claim(path.parent, key) as lock:
             if lock is None:
                 report.busy.append(key)
@@ -229,7 +245,7 @@ def scan(
                 _warn(
                     str(path),
                     f"MLflowCVLogger: could not deliver the spool {path} left behind by an earlier fit "
-                    f"({type(err).__name__}: {str(err)[:300]}). It is left in place; inspect it and deliver it with "
+                    f"({type(err).__name__}: {redact_text(str(err))[:300]}). It is left in place; inspect it and deliver it with "
                     f"`lightning-mlflow-cv sync {path}`, or delete {path.with_suffix('')}.* if it is not needed.",
                 )
                 report.failed.append(key)
