@@ -64,7 +64,8 @@ def _contents(client: MlflowClient, run_id: str) -> dict:
     }
 
 
-def test_unreachable_for_the_whole_fit_then_sync_gives_the_same_run(tmp_path, capfd):
+def test_unreachable_for_the_whole_fit_then_sync_gives_the_same_run(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_MLFLOW_CV_AUTOSYNC", "0")  # the manual `sync` is under test (auto: test_autosync.py)
     port = free_port()
     server = MlflowServer(tmp_path, port=port)
     uri = server.uri
