@@ -62,14 +62,11 @@ def lock_path(directory: str | os.PathLike[str], key: str) -> Path:
 def _try_lock(path: Path, mode: int) -> IO[bytes] | None:
     """Open ``path`` and ``flock`` it without waiting; None when another process holds a conflicting lock.
 
-    Rechecks that the locked file is still the one at ``path`` (it may have been unlinked by a process that
+    Raises OSError when the lock file cannot be opened (read-only or missing directory). Rechecks that the locked file is still the one at ``path`` (it may have been unlinked by a process that
     removed a delivered spool meanwhile), so two processes never both believe they own the spool.
     """
     for _ in range(5):
-        try:
-            fh = open(path, "ab")  # noqa: SIM115 - held for the lock's lifetime
-        except OSError:
-            return None
+        fh = open(path, "ab")  # noqa: SIM115 - held for the lock's lifetime; OSError: the caller decides
         try:
             fcntl.flock(fh.fileno(), mode | fcntl.LOCK_NB)
         except OSError:
@@ -95,8 +92,11 @@ def hold(directory: str | os.PathLike[str], key: str, wait_s: float = HOLD_WAIT_
     deadline = time.monotonic() + wait_s
     noted = False
     while True:
-        fh = _try_lock(path, fcntl.LOCK_SH)
-        if fh is not None or time.monotonic() >= deadline or not Path(directory).is_dir():
+        try:
+            fh = _try_lock(path, fcntl.LOCK_SH)
+        except OSError:
+            return None  # an unwritable spool directory: the spool falls back to memory anyway
+        if fh is not None or time.monotonic() >= deadline:
             return fh
         if not noted:
             noted = True
@@ -118,7 +118,10 @@ def release(fh: IO[bytes] | None, unlink: str | os.PathLike[str] | None = None) 
 @contextlib.contextmanager
 def claim(directory: str | os.PathLike[str], key: str) -> Iterator[IO[bytes] | None]:
     """Exclusive lock for delivering a spool nobody has open; yields None (and holds nothing) when busy."""
-    fh = _try_lock(lock_path(directory, key), fcntl.LOCK_EX)
+    try:
+        fh = _try_lock(lock_path(directory, key), fcntl.LOCK_EX)
+    except OSError:
+        fh = None
     try:
         yield fh
     finally:
@@ -189,6 +192,18 @@ def candidates(directory: Path, skip: Iterable[str] = ()) -> list[Path]:
     return sorted(paths, key=mtime)
 
 
+def _first_record(path: Path) -> dict[str, Any]:
+    """The spool's first record (its ``run`` header), or ``{}``."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            rec = json.loads(fh.readline() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) and rec.get("t") == "run" else {}
+
+
 def scan(
     directory: str | os.PathLike[str],
     tracking_uri: str,
@@ -200,12 +215,16 @@ def scan(
     Stops at the first failure to reach the store (the rest waits for the next logger or ``sync``). Logs one line
     naming the runs it delivered. Returns a :class:`Report`.
     """
+    from lightning_mlflow_cv._redact import redact_text
     from lightning_mlflow_cv._spool import is_retryable
 
     report = Report()
     client = None
     for path in candidates(Path(directory), skip):
         key = path.stem
+        if not same_store(_first_record(path).get("tracking_uri"), tracking_uri):
+            report.other_store.append(key)  # left for a logger of that store, silently
+            continue
         with claim(path.parent, key) as lock:
             if lock is None:
                 report.busy.append(key)
@@ -226,7 +245,7 @@ def scan(
                 _warn(
                     str(path),
                     f"MLflowCVLogger: could not deliver the spool {path} left behind by an earlier fit "
-                    f"({type(err).__name__}: {str(err)[:300]}). It is left in place; inspect it and deliver it with "
+                    f"({type(err).__name__}: {redact_text(str(err))[:300]}). It is left in place; inspect it and deliver it with "
                     f"`lightning-mlflow-cv sync {path}`, or delete {path.with_suffix('')}.* if it is not needed.",
                 )
                 report.failed.append(key)

@@ -177,3 +177,47 @@ def test_two_processes_deliver_each_spool_once_and_leave_live_spools_alone(mlflo
 )
 def test_same_store(spooled, mine, same):
     assert _autosync.same_store(spooled, mine) is same
+
+
+def test_locks_live_holders_block_delivery_and_a_missing_directory_does_not_wait(tmp_path):
+    a, b = _autosync.hold(tmp_path, "k"), _autosync.hold(tmp_path, "k")  # logger and its writer process
+    assert a is not None and b is not None
+    with _autosync.claim(tmp_path, "k") as lock:
+        assert lock is None  # open in a live process: left alone
+    _autosync.release(a)
+    with _autosync.claim(tmp_path, "k") as lock:
+        assert lock is None
+    _autosync.release(b)
+    with _autosync.claim(tmp_path, "k") as lock:
+        assert lock is not None
+        with _autosync.claim(tmp_path, "k") as second:
+            assert second is None  # one deliverer at a time
+    start = time.monotonic()
+    assert _autosync.hold(tmp_path / "missing", "k") is None and time.monotonic() - start < 1
+
+
+def test_sqlite_store_left_behind_spool_and_the_opt_out(tracking_uri, spool_dir, monkeypatch):
+    left = Spool(spool_dir, "left-behind")  # what a fit killed before it could deliver leaves on disk
+    left.append(
+        {"t": "run", "tracking_uri": tracking_uri, "experiment_name": "sq", "run_name": "left"},
+        {"t": "m", "s": 0, "ts": 1000, "d": {"a": 1.0}},
+        {"t": "m", "s": 1, "ts": 2000, "d": {"a": 2.0}},
+        {"t": "status", "status": "FAILED", "end": 3000},
+    )
+    left.close()
+    monkeypatch.setenv(_autosync.ENV, "0")
+    off = MLflowCVLogger(tracking_uri=tracking_uri, experiment_name="sq")
+    off.log_metrics({"b": 1.0}, step=0)
+    off.finalize()
+    assert _autosync.join(60) == [] and left.path.is_file()  # opted out: left for `sync`
+    monkeypatch.delenv(_autosync.ENV)
+    on = MLflowCVLogger(tracking_uri=tracking_uri, experiment_name="sq")
+    on.log_metrics({"b": 1.0}, step=0)
+    [report] = _autosync.join(60)
+    on.finalize()
+    [delivered] = report.delivered
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(delivered.run_id)
+    assert run.info.run_name == "left" and run.info.status == "FAILED"
+    assert [(m.step, m.timestamp, m.value) for m in client.get_metric_history(run.info.run_id, "a")] == [(0, 1000, 1.0), (1, 2000, 2.0)]
+    assert not left.path.exists() and not (spool_dir / "left-behind.lock").exists()

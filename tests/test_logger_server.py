@@ -116,7 +116,9 @@ def _contents(client: MlflowClient, run_id: str) -> dict:
 
 
 @pytest.mark.server
-def test_unreachable_for_the_whole_fit_then_sync_gives_the_same_run(tmp_path, capfd):
+def test_unreachable_for_the_whole_fit_then_sync_gives_the_same_run(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_MLFLOW_CV_AUTOSYNC", "0")  # the manual `sync` is under test (auto: test_autosync.py)
+
     def fit(logger: MLflowCVLogger) -> None:
         pl.seed_everything(7)
         train, val = loaders()

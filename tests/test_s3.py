@@ -65,6 +65,8 @@ def test_full_callback_set_on_s3_survives_an_object_store_outage(s3_server, tmp_
             monkeypatch.setenv(k, v)
     server = _server(tmp_path, s3_server, mode)
     server.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", server.uri)  # MLflow's set_registry_uri leaves it behind otherwise
     try:
         _fit_and_check(server, s3_server, mode, tmp_path, recwarn)
     finally:
@@ -97,7 +99,7 @@ def _fit_and_check(server: MlflowServer, s3: S3Server, mode: str, tmp_path: Path
         assert "S3 artifact store" in warned[0] and s3.endpoint in warned[0], warned[0]
 
     # nothing lost: the run finished, every point and every artifact arrived, nothing is left in the spool
-    client = MlflowClient(server.uri)
+    client = MlflowClient(server.uri, registry_uri=server.uri)
     run = client.get_run(logger.run_id)
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(logger.run_id, "val/acc")) == 3
@@ -125,13 +127,11 @@ def _fit_and_check(server: MlflowServer, s3: S3Server, mode: str, tmp_path: Path
     assert mv.run_id == logger.run_id
     model_keys = [k for k in s3.keys(f"{mode}/{run.info.experiment_id}/models/")]
     assert any(k.endswith("/MLmodel") for k in model_keys), model_keys
-    mlflow.set_tracking_uri(server.uri)
-    mlflow.set_registry_uri(server.uri)
+    mlflow.set_tracking_uri(server.uri)  # what a serving process does (its registry URI follows; env restored by monkeypatch)
     try:
         served = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     finally:
         mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
     raw = dm.val_set.images[:4].permute(0, 2, 3, 1).numpy()
     probs = served.predict(raw)
     assert probs.shape == (4, 10) and np.allclose(probs.sum(1), 1, atol=1e-4)
