@@ -751,10 +751,10 @@ class ModelRegistryCallback(Callback):
                 raise
         if use_logged_model:
             mv = _create_version(client, uri, name, lm, run_id, tags=version_tags)
-        else:
+            _link_version(client, lm.model_id, name, mv.version)
+        else:  # no LoggedModel to link (MLflow 2.x client or server): the version's source is the run artifact
             mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=version_tags)
         self.version = str(mv.version)
-        _link_version(client, lm.model_id, name, mv.version)
         client.set_registered_model_alias(name, self.alias, mv.version)
         if self.use_stages:
             transition_stage(client, name, mv.version, "Staging")
