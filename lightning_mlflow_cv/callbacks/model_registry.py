@@ -833,6 +833,12 @@ class ModelRegistryCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _export.release(trainer)
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # one per (registered model, alias): each keeps its own version
+        return self._generate_state_key(registered_model_name=self.registered_model_name, alias=self.alias)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"version": self.version, "model_id": self.model_id}

@@ -841,6 +841,12 @@ class ReproducibilityCallback(Callback):
         logger.log_hyperparams(drop_repeated(params, getattr(logger, "_params", {})))
 
     # -- state ------------------------------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        # one per transform prefix: each keeps its own logged transforms and seed
+        return self._generate_state_key(transform_prefix=self.transform_prefix)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         """The seed and the runs already described, so a resumed fit of the same run does not log again
