@@ -5,8 +5,8 @@ The callbacks :class:`~lightning_mlflow_cv.callbacks.prediction_grid.PredictionG
 :class:`~lightning_mlflow_cv.callbacks.gradcam.GradCAMCallback` are a guard plus calls into this module:
 
 - :func:`pick_indices`: a fixed, seeded sample set.
-- :func:`split_batch`, :func:`check_outputs`, :func:`check_targets`: the output conventions of DESIGN.md, with
-  one error message format (callback, expected format, what arrived).
+- :func:`split_batch`, :func:`check_outputs`, :func:`check_targets`: the output conventions of
+  :mod:`lightning_mlflow_cv.tasks`, with one error message format (callback, expected format, what arrived).
 - :func:`denormalize`, :func:`to_display`, :func:`display_size`: tensors as the user sees them.
 - :func:`classification_panel`, :func:`detection_panel`, :func:`segmentation_panel`, :func:`make_image_grid`.
 
