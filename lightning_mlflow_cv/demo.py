@@ -275,7 +275,7 @@ def run_demo(
     trainer.fit(model, datamodule=dm)
     test = trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)
     logger.flush()
-    client = MlflowClient(logger._tracking_uri)
+    client = MlflowClient(logger.tracking_uri)
     run = client.get_run(logger.run_id)
     stored = run.data.metrics
     metrics = {k: round(v, 4) for k, v in stored.items() if not k.endswith("_step") and "/per_class" not in k}
@@ -292,7 +292,7 @@ def run_demo(
     return {
         "run_id": logger.run_id,
         "experiment_id": run.info.experiment_id,
-        "tracking_uri": logger._tracking_uri,
+        "tracking_uri": logger.tracking_uri,
         "metrics": metrics,
         "test": test,
         "models": models,

@@ -838,7 +838,7 @@ class ReproducibilityCallback(Callback):
         if transform is not None:
             params.update(transform_params(transform, self.transform_prefix))
         # one key per value: what Lightning's hparams (or this run) already hold is not logged again
-        logger.log_hyperparams(drop_repeated(params, getattr(logger, "_params", {})))
+        logger.log_hyperparams(drop_repeated(params, getattr(logger, "logged_params", {})))
 
     # -- state ------------------------------------------------------------------------------
     @property
