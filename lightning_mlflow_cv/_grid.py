@@ -415,7 +415,7 @@ def draw_boxes(img: Tensor, boxes: Tensor, labels: Tensor, src_size: tuple[int, 
     b[:, 1::2] = b[:, 1::2].clamp(0, img.shape[-2] - 1)
     texts = [
         class_name(int(lbl), class_names) + (f" {float(s):.2f}" if scores is not None else "")
-        for lbl, s in zip(labels.tolist(), scores.tolist() if scores is not None else [None] * len(labels))
+        for lbl, s in zip(labels.tolist(), scores.tolist() if scores is not None else [None] * len(labels), strict=True)
     ]
     colors = [PALETTE[int(lbl) % len(PALETTE)] for lbl in labels.tolist()]
     try:  # white text on a filled label background (torchvision >= 0.20), readable on any image

@@ -157,7 +157,7 @@ class Spool:
         """Append records (never raises: a disk error switches to memory with one warning)."""
         lines = [_ENCODE(r) + "\n" for r in records]
         with self._lock:
-            for r, line in zip(records, lines):
+            for r, line in zip(records, lines, strict=True):
                 if r.get("t") in ("run", "bind"):
                     self._header.append(line)
             if self._memory is not None:

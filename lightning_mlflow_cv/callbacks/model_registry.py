@@ -421,7 +421,9 @@ class ModelRegistryCallback(Callback):
                 "training images were normalised with after scaling to [0, 1]), or give the datamodule `mean` and "
                 f"`std` attributes (found datamodule {type(dm).__name__ if dm is not None else None})."
             )
-        as_list = lambda v: [float(x) for x in (v if isinstance(v, Sequence) else [v])]
+        def as_list(v: Any) -> list[float]:
+            return [float(x) for x in (v if isinstance(v, Sequence) else [v])]
+
         return as_list(mean), as_list(std)
 
     def _class_names(self, trainer: pl.Trainer) -> list[str] | None:
