@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-compat bench bench-quick gpu-check wheel clean browser-deps browser-check
+.PHONY: install demo lint test test-fast test-compat bench bench-quick gpu-check wheel clean browser-deps browser-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lightning-mlflow-cv demo
 
-test: $(STAMP)
+lint: $(STAMP)  ## ruff (pyproject's [tool.ruff]) and the docstring examples; `make test` runs it first
+	$(VENV)/bin/ruff check lightning_mlflow_cv
+	$(PY) -m pytest -q --doctest-modules lightning_mlflow_cv
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -5,8 +5,8 @@ The callbacks :class:`~lightning_mlflow_cv.callbacks.prediction_grid.PredictionG
 :class:`~lightning_mlflow_cv.callbacks.gradcam.GradCAMCallback` are a guard plus calls into this module:
 
 - :func:`pick_indices`: a fixed, seeded sample set.
-- :func:`split_batch`, :func:`check_outputs`, :func:`check_targets`: the output conventions of DESIGN.md, with
-  one error message format (callback, expected format, what arrived).
+- :func:`split_batch`, :func:`check_outputs`, :func:`check_targets`: the output conventions of
+  :mod:`lightning_mlflow_cv.tasks`, with one error message format (callback, expected format, what arrived).
 - :func:`denormalize`, :func:`to_display`, :func:`display_size`: tensors as the user sees them.
 - :func:`classification_panel`, :func:`detection_panel`, :func:`segmentation_panel`, :func:`make_image_grid`.
 
@@ -415,7 +415,7 @@ def draw_boxes(img: Tensor, boxes: Tensor, labels: Tensor, src_size: tuple[int, 
     b[:, 1::2] = b[:, 1::2].clamp(0, img.shape[-2] - 1)
     texts = [
         class_name(int(lbl), class_names) + (f" {float(s):.2f}" if scores is not None else "")
-        for lbl, s in zip(labels.tolist(), scores.tolist() if scores is not None else [None] * len(labels))
+        for lbl, s in zip(labels.tolist(), scores.tolist() if scores is not None else [None] * len(labels), strict=True)
     ]
     colors = [PALETTE[int(lbl) % len(PALETTE)] for lbl in labels.tolist()]
     try:  # white text on a filled label background (torchvision >= 0.20), readable on any image

@@ -142,7 +142,7 @@ def decode_instances(
     """Instance segmentation output -> per-image ``boxes``/``scores``/``labels``/``masks`` (see the module docstring)."""
     if isinstance(out, (tuple, list)) and len(out) == 4 and all(isinstance(t, torch.Tensor) and t.ndim >= 2 for t in out):
         boxes, scores, labels, masks = out
-        items = [{"boxes": b, "scores": s, "labels": lab, "masks": m} for b, s, lab, m in zip(boxes, scores, labels, masks)]
+        items = [{"boxes": b, "scores": s, "labels": lab, "masks": m} for b, s, lab, m in zip(boxes, scores, labels, masks, strict=False)]
     else:
         items = list(out)
     results = []

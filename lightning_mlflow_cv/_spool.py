@@ -157,7 +157,7 @@ class Spool:
         """Append records (never raises: a disk error switches to memory with one warning)."""
         lines = [_ENCODE(r) + "\n" for r in records]
         with self._lock:
-            for r, line in zip(records, lines):
+            for r, line in zip(records, lines, strict=True):
                 if r.get("t") in ("run", "bind"):
                     self._header.append(line)
             if self._memory is not None:
@@ -318,13 +318,15 @@ class Spool:
 
     @property
     def pending(self) -> int:
-        """Bytes (or lines, in memory) not yet delivered."""
+        """Bytes of journal (UTF-8 JSON lines with their newlines) not yet delivered, on disk and in memory alike."""
         if self._memory is None:
             try:
                 return os.path.getsize(self.path) - self.acked
             except OSError:
                 return self._end - self.acked
-        return self._end - self.acked
+        with self._lock:  # in memory offsets count lines: measure the undelivered ones
+            start = max(self.acked - self._memory_base, 0)
+            return sum(len(line.encode("utf-8")) for line in self._memory[start:])
 
     def remove(self) -> None:
         """Delete the journal and its files (after everything was delivered)."""
@@ -978,12 +980,15 @@ class Writer(threading.Thread):
 def sync(spool_path: str | os.PathLike[str], tracking_uri: str | None = None) -> dict[str, Any]:
     """Replay a spool file into its run (creating the run if the fit never reached the store).
 
-    Idempotent: replaying twice adds nothing. Uses MLflow's normal retries. Returns a summary.
+    Idempotent: replaying twice adds nothing. Uses MLflow's normal retries. Returns a summary: the run, the
+    number of journal records replayed (``records``: lines, the run header and binding included) and their size
+    (``bytes``), the store (credentials masked) and how many points MLflow rejected (kept in
+    ``<spool>.rejected.jsonl``).
 
     Example::
 
         >>> sync("~/.cache/lightning_mlflow_cv/spool/offline-123.jsonl")  # doctest: +SKIP
-        {'run_id': '...', 'records': 1200, 'tracking_uri': 'http://mlflow:5000'}
+        {'run_id': '...', 'records': 1200, 'bytes': 96712, 'tracking_uri': 'http://mlflow:5000', 'rejected': 0}
     """
     from mlflow import MlflowClient
 
@@ -1005,4 +1010,12 @@ def sync(spool_path: str | os.PathLike[str], tracking_uri: str | None = None) ->
         deliverer.close()
     spool.ack(end)
     spool.close()
-    return {"run_id": deliverer.run_id, "records": end, "tracking_uri": safe_uri(uri), "rejected": deliverer.rejected}
+    with open(path, "rb") as fh:  # every line up to the delivered offset is a complete record
+        records = fh.read(end).count(b"\n")
+    return {
+        "run_id": deliverer.run_id,
+        "records": records,
+        "bytes": end,
+        "tracking_uri": safe_uri(uri),
+        "rejected": deliverer.rejected,
+    }

@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 #: Normalisation of the digits images after scaling to [0, 1].
 DIGITS_MEAN = (0.2662,)
@@ -275,7 +275,7 @@ def run_demo(
     trainer.fit(model, datamodule=dm)
     test = trainer.test(model, datamodule=dm, ckpt_path="best", verbose=False)
     logger.flush()
-    client = MlflowClient(logger._tracking_uri)
+    client = MlflowClient(logger.tracking_uri)
     run = client.get_run(logger.run_id)
     stored = run.data.metrics
     metrics = {k: round(v, 4) for k, v in stored.items() if not k.endswith("_step") and "/per_class" not in k}
@@ -292,7 +292,7 @@ def run_demo(
     return {
         "run_id": logger.run_id,
         "experiment_id": run.info.experiment_id,
-        "tracking_uri": logger._tracking_uri,
+        "tracking_uri": logger.tracking_uri,
         "metrics": metrics,
         "test": test,
         "models": models,

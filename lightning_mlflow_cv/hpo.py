@@ -18,11 +18,10 @@ from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH, metric_key, validate_t
 from lightning_mlflow_cv._ray_sweep import RaySweep, ray_sweep  # noqa: F401 - public names of this module
 from lightning_mlflow_cv._redact import redact_text
 from lightning_mlflow_cv._spool import set_run_status
-from lightning_mlflow_cv._sweep import TRIAL_STATE_TAG, Best, new_params, write_summary
+from lightning_mlflow_cv._sweep import TRIAL_STATE_TAG, Best, new_params, warn_tracking, write_summary
 from lightning_mlflow_cv._sweep import experiment_id as _experiment_id
 from lightning_mlflow_cv._sweep import log_batch as _log_batch
 from lightning_mlflow_cv._sweep import param as _param
-from lightning_mlflow_cv._sweep import warn_tracking
 
 if TYPE_CHECKING:
     import optuna

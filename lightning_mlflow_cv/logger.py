@@ -18,6 +18,7 @@ import weakref
 from argparse import Namespace
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.fabric.utilities.logger import _add_prefix, _convert_params, _flatten_dict
@@ -554,6 +555,22 @@ class MLflowCVLogger(MLFlowLogger):
         if self._tracking_uri.startswith("file:"):
             return super().save_dir
         return self._save_dir_arg or self._root_dir
+
+    @property
+    def tracking_uri(self) -> str:
+        """The tracking store this logger writes to, as resolved at construction (may carry credentials: mask it
+        with ``safe_uri`` before printing)."""
+        return self._tracking_uri
+
+    @property
+    def request_timeout_s(self) -> float:
+        """Per-request timeout in seconds of the background writer (callbacks bound their own MLflow calls by it)."""
+        return self._request_timeout_s
+
+    @property
+    def logged_params(self) -> Mapping[str, str]:
+        """The params the run holds so far (read-only): those logged by this logger and, on resume, the run's own."""
+        return MappingProxyType(self._params)
 
     @property
     def spool_path(self) -> Path | None:

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_mlflow_cv._spool import set_run_status
 from lightning_mlflow_cv._keys import validate_tags
+from lightning_mlflow_cv._spool import set_run_status
 
 #: The stage a default-configured MLflowCVLogger logs into (set by ``Pipeline.stage``).
 ACTIVE_STAGE: contextvars.ContextVar[Stage | None] = contextvars.ContextVar("lmc_active_stage", default=None)

@@ -583,6 +583,12 @@ class DatasetLineageCallback(Callback):
         return meta_dataset(source, name=name or desc.name), None
 
     # -- state --------------------------------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        # one per set of contexts: each keeps what it logged
+        return self._generate_state_key(contexts=tuple(self.contexts))
+
     @override
     def state_dict(self) -> dict[str, Any]:
         """What was logged per context (run id, name, digest, sha256), so a resumed fit does not log it again."""

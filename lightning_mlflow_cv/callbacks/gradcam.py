@@ -125,6 +125,12 @@ class GradCAMCallback(Callback):
         self.indices: list[int] | None = None
         self._samples: tuple[Any, Any] | None = None
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # one per (layer, key, sample count): two Grad-CAM grids in one Trainer keep their own samples
+        return self._generate_state_key(target_layer=self.target_layer, key=self.key, num_samples=self.num_samples)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"indices": self.indices, "num_samples": self.num_samples}

@@ -188,6 +188,12 @@ class InferenceLatencyCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _export.release(trainer)
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # one per (when, batch size, threads): each measurement keeps its own results
+        return self._generate_state_key(when=self.when, batch_size=self.batch_size, num_threads=self.num_threads)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"results": dict(self.results)}

@@ -191,13 +191,13 @@ def _registry_client(logger: Any) -> MlflowClient:
     """A client on the logger's store, used as the registry too."""
     from mlflow import MlflowClient
 
-    uri = logger._tracking_uri
+    uri = logger.tracking_uri
     return MlflowClient(uri, registry_uri=uri)
 
 
 def _fail_fast(logger: Any) -> Any:
     """MLflow calls without minutes of retries: a down store fails in seconds (the logger's timeout, >= 5 s)."""
-    return _http.fail_fast(max(float(getattr(logger, "_request_timeout_s", 10.0)), 5.0))
+    return _http.fail_fast(max(float(getattr(logger, "request_timeout_s", 10.0)), 5.0))
 
 
 class ModelRegistryCallback(Callback):
@@ -421,7 +421,9 @@ class ModelRegistryCallback(Callback):
                 "training images were normalised with after scaling to [0, 1]), or give the datamodule `mean` and "
                 f"`std` attributes (found datamodule {type(dm).__name__ if dm is not None else None})."
             )
-        as_list = lambda v: [float(x) for x in (v if isinstance(v, Sequence) else [v])]
+        def as_list(v: Any) -> list[float]:
+            return [float(x) for x in (v if isinstance(v, Sequence) else [v])]
+
         return as_list(mean), as_list(std)
 
     def _class_names(self, trainer: pl.Trainer) -> list[str] | None:
@@ -534,7 +536,7 @@ class ModelRegistryCallback(Callback):
             if _compat.is_endpoint_not_found(err):  # the store is up but lacks an API: waiting will not help
                 from lightning_mlflow_cv._spool import safe_uri
 
-                uri = getattr(logger, "_tracking_uri", "")
+                uri = getattr(logger, "tracking_uri", "")
                 version = _compat.server_version(uri) if uri else None
                 then = (
                     f"the store {safe_uri(uri)} (MLflow {version or 'version unknown'}) does not support this call; "
@@ -691,7 +693,7 @@ class ModelRegistryCallback(Callback):
 
         if run_id.startswith("offline-"):
             raise RuntimeError("the MLflow run was never created (the logger is offline)")
-        uri = logger._tracking_uri
+        uri = logger.tracking_uri
         client = _registry_client(logger)
         with _fail_fast(logger):
             run = client.get_run(run_id)  # a down store fails here in seconds, not after minutes of retries
@@ -832,6 +834,12 @@ class ModelRegistryCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _export.release(trainer)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # one per (registered model, alias): each keeps its own version
+        return self._generate_state_key(registered_model_name=self.registered_model_name, alias=self.alias)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -240,6 +240,12 @@ class ONNXExportCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _export.release(trainer)
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # one per (opset, exporter): each export keeps its own file and error
+        return self._generate_state_key(opset=self.opset, dynamo=self.dynamo)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"onnx_path": str(self.onnx_path) if self.onnx_path else None, "max_abs_err": self.max_abs_err}

@@ -164,6 +164,14 @@ class PredictionGridCallback(Callback):
     # -----------------------------------------------------------------------------------------
     # state: the chosen samples survive a resume
     # -----------------------------------------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        # one grid per (task, key, dataloader, sample count): two grids in one Trainer keep their own samples
+        return self._generate_state_key(
+            task=self.task, key=self.key, dataloader_idx=self.dataloader_idx, num_samples=self.num_samples
+        )
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"indices": self.indices, "seed": self.seed, "num_samples": self.num_samples}

@@ -838,9 +838,15 @@ class ReproducibilityCallback(Callback):
         if transform is not None:
             params.update(transform_params(transform, self.transform_prefix))
         # one key per value: what Lightning's hparams (or this run) already hold is not logged again
-        logger.log_hyperparams(drop_repeated(params, getattr(logger, "_params", {})))
+        logger.log_hyperparams(drop_repeated(params, getattr(logger, "logged_params", {})))
 
     # -- state ------------------------------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        # one per transform prefix: each keeps its own logged transforms and seed
+        return self._generate_state_key(transform_prefix=self.transform_prefix)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         """The seed and the runs already described, so a resumed fit of the same run does not log again

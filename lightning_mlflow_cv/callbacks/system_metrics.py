@@ -174,6 +174,12 @@ class SystemMetricsCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.stop()
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # one per (disk, gpu) setting: each sampler keeps its own step
+        return self._generate_state_key(disk_path=self.disk_path, gpu=self.gpu)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}

@@ -41,7 +41,7 @@ def anomaly_scores(scores: Tensor, targets: Tensor) -> dict[str, Any]:
     Example::
 
         >>> r = anomaly_scores(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
-        >>> round(float(r["AUROC"]), 4), float(r["best_threshold"])
+        >>> round(float(r["AUROC"]), 4), round(float(r["best_threshold"]), 4)
         (0.75, 0.35)
     """
     import warnings

@@ -187,7 +187,7 @@ class DepthEstimation(CVTask):
         import numpy as np
 
         m = DepthMetrics()
-        for p, t in zip(preds, targets):
+        for p, t in zip(preds, targets, strict=False):
             t = _squeeze_channel(torch.as_tensor(t).float())
             p = torch.from_numpy(np.asarray(p)).float()
             if tuple(p.shape[-2:]) != tuple(t.shape[-2:]):

@@ -46,7 +46,7 @@ def _mask_check(key: str) -> Any:
 
 
 def per_image_masks_match(preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> None:
-    for i, (p, t) in enumerate(zip(preds, targets)):
+    for i, (p, t) in enumerate(zip(preds, targets, strict=False)):
         if tuple(p["masks"].shape[-2:]) != tuple(t["masks"].shape[-2:]):
             raise FormatProblem(
                 "targets",

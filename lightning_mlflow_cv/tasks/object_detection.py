@@ -156,7 +156,7 @@ class DetectionMatchCounts(Metric):
             self.add_state(name, torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> None:
-        for p, t in zip(preds, targets):
+        for p, t in zip(preds, targets, strict=False):
             tp, fp, fn = match_detections(
                 p["boxes"], p["scores"], p["labels"], t["boxes"], t["labels"],
                 self.num_classes, self.iou_threshold, self.score_threshold,

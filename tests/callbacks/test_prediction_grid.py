@@ -386,3 +386,28 @@ def test_yaml_config_names_the_callbacks_and_an_adapter(adapters):
     built = parser.instantiate_classes(parser.parse_object(config))
     assert built.grid.task == "semantic-segmentation" and built.grid.mean == (0.5, 0.5, 0.5)
     assert built.grid.output_transform({"seg": 1}) == 1 and built.aug.std == (0.25,)
+
+
+def test_two_grids_coexist_and_each_resumes_its_own_samples(store, tmp_path):
+    """Two grids (different sample counts and image series) in one Trainer: distinct state keys, no
+    duplicate-state error, and each gets its own samples back from the checkpoint."""
+    model, train, val = make_task("classification")
+
+    def grids(seed: int) -> tuple[PredictionGridCallback, PredictionGridCallback]:
+        return (
+            PredictionGridCallback("classification", num_samples=3, seed=seed),
+            PredictionGridCallback("classification", num_samples=5, seed=seed + 7, key="val/predictions_5"),
+        )
+
+    a, b = grids(1)
+    assert a.state_key != b.state_key
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    fit(store, model, train, val, [a, b, ckpt_cb], max_epochs=1, enable_checkpointing=True)
+    assert len(a.indices) == 3 and len(b.indices) == 5 and a.indices != b.indices[:3]
+    states = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["callbacks"]
+    assert states[a.state_key]["indices"] == a.indices and states[b.state_key]["indices"] == b.indices
+
+    a2, b2 = grids(12345)  # other seeds: only the checkpoint can give back the first fit's samples
+    model2, _, _ = make_task("classification")
+    fit(store, model2, train, val, [a2, b2], max_epochs=2, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert a2.indices == a.indices and b2.indices == b.indices
