@@ -10,8 +10,10 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_mlflow_cv import _grid
+from lightning_mlflow_cv import tasks as _tasks
 from lightning_mlflow_cv._context import find_mlflow_logger
 from lightning_mlflow_cv._grid import Task
+from lightning_mlflow_cv.tasks import PanelOptions
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -28,9 +30,11 @@ class AugmentationSamplesCallback(Callback):
     as soon as enough batches were seen (or at the end of the first epoch with what there is). Images are
     de-normalised with ``mean``/``std`` and tiny ones enlarged.
 
-    With ``task`` the targets are drawn too, which checks that geometric augmentations move labels with the
-    pixels: class names (classification), ground-truth boxes (object-detection) or mask overlays
-    (semantic-segmentation).
+    With ``task`` the targets are drawn too, as the task draws the ground truth in the prediction grid
+    (:meth:`lightning_mlflow_cv.tasks.CVTask.target_panel`), which checks that geometric augmentations move labels
+    with the pixels: class names (classification), ground-truth boxes (object-detection), mask overlays
+    (semantic-segmentation), instance masks and boxes (instance-segmentation), the normal/anomalous label
+    (anomaly-detection) or the colour-mapped depth target (depth-estimation).
 
     Args:
         num_samples: Images in the grid.
@@ -39,7 +43,7 @@ class AugmentationSamplesCallback(Callback):
         artifact_file: Artifact path of the PNG in the run.
         task: Draw targets as for this task; None shows images only.
         class_names: Names for class ids; default ``trainer.datamodule.class_names`` when it exists.
-        num_classes: Segmentation: number of classes for overlays (default: largest id in the masks + 1).
+        num_classes: Segmentation: number of classes for overlays (default: largest id in each mask + 1).
         background_class: Segmentation: a class id left uncoloured in overlays (e.g. 0 for background).
         batch_transform: A callable, or its import path ``"pkg.module:function"``, mapping a training batch to
             ``(images, targets)``.
@@ -142,20 +146,13 @@ class AugmentationSamplesCallback(Callback):
         if (mean is None) != (std is None):
             mean = std = None
         names = self.class_names if self.class_names is not None else getattr(dm, "class_names", None)
-        num_classes = self.num_classes
-        if self.task == "semantic-segmentation" and num_classes is None:
-            num_classes = max(int(m.max()) for m in self._targets) + 1 if self._targets else 1
+        task = _tasks.get_task(self.task, _WHO) if self.task is not None else None
+        opts = PanelOptions(class_names=names, background_class=self.background_class, num_classes=self.num_classes)
         panels = []
         for i, x in enumerate(self._images):
             img = _grid.to_display(x, mean, std, self.display_min_size, self.display_max_size)
-            if self.task == "classification":
-                img = _grid.classification_panel(img, int(self._targets[i]), class_names=names)
-            elif self.task == "object-detection":
-                img = _grid.detection_panel(img, tuple(x.shape[-2:]), self._targets[i], None, class_names=names)
-            elif self.task == "semantic-segmentation":
-                img = _grid.segmentation_panel(
-                    img, self._targets[i], None, int(num_classes or 1), self.background_class
-                )
+            if task is not None:  # the ground truth as the prediction grid draws it (lightning_mlflow_cv.tasks)
+                img = task.target_panel(img, tuple(x.shape[-2:]), self._targets[i], opts)
             panels.append(img)
         return _grid.make_image_grid(panels, nrow=self.nrow)
 

@@ -9,7 +9,8 @@ A task is one :class:`CVTask` subclass in its own module. It defines, once:
   :meth:`CVTask.check_targets`) whatever callback reads them;
 - its **metric preset** (torchmetrics states, synchronised under DDP): :meth:`CVTask.build_metrics`,
   :meth:`CVTask.update_metrics`, :meth:`CVTask.compute`;
-- its **prediction panel**: :meth:`CVTask.panel`;
+- its **prediction panel**: :meth:`CVTask.panel`, and the ground truth alone, :meth:`CVTask.target_panel`
+  (augmentation samples);
 - its **servable post-processing**: ``postprocess``, a kind understood by the self-contained
   :mod:`lightning_mlflow_cv._pyfunc` (which travels inside every logged model), and :meth:`CVTask.served_metrics`
   for :func:`~lightning_mlflow_cv.registry.evaluate`.
@@ -168,6 +169,8 @@ class PanelOptions:
     class_names: Sequence[str] | None = None
     score_threshold: float = 0.5
     background_class: int | None = None
+    #: Segmentation targets drawn alone: classes to colour (default: the largest id in the mask + 1).
+    num_classes: int | None = None
 
 
 class CVTask:
@@ -253,6 +256,11 @@ class CVTask:
     def panel(self, img: Tensor, src_size: tuple[int, int], out: Any, i: int, opts: PanelOptions) -> Tensor:
         """Panel of sample ``i`` of a checked CPU output: ``img`` is the display image (``uint8`` ``(3, h, w)``),
         ``src_size`` the model input's ``(H, W)``."""
+        raise NotImplementedError
+
+    def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
+        """Panel of one sample's checked CPU target alone (no prediction), drawn as :meth:`panel` draws the
+        ground truth: ``target`` is one item of :meth:`check_targets`' result."""
         raise NotImplementedError
 
     # -- servable model ---------------------------------------------------------------------------

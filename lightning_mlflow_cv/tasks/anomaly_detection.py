@@ -202,12 +202,18 @@ class AnomalyDetection(CVTask):
 
         label = int(out.targets[i])
         shown = _grid.heatmap_overlay(img, out.maps[i]) if out.maps is not None else img
-        color = _grid.RED if label == 1 else _grid.GREEN
-        lines = [f"score: {float(out.scores[i]):.4g}", f"label: {'anomalous' if label else 'normal'}"]
+        color = _label_color(label)
+        lines = [f"score: {float(out.scores[i]):.4g}", _label_line(label)]
         parts = [_grid.caption(img, ["image"]), _grid.caption(shown, lines, color=color)] if out.maps is not None else [
             _grid.caption(img, lines, color=color)
         ]
         return _grid.hstack(parts)
+
+    def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
+        from lightning_mlflow_cv import _grid
+
+        label = int(target)
+        return _grid.caption(img, [_label_line(label)], color=_label_color(label))
 
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         import numpy as np
@@ -216,6 +222,16 @@ class AnomalyDetection(CVTask):
         y = torch.cat([torch.as_tensor(t).reshape(-1) for t in targets])
         res = anomaly_scores(scores, y)
         return {k: float(res[k]) for k in ("AUROC", "AUPRC", "F1_at_best_threshold", "best_threshold")}
+
+
+def _label_line(label: int) -> str:
+    return f"label: {'anomalous' if label else 'normal'}"
+
+
+def _label_color(label: int) -> tuple[int, int, int]:
+    from lightning_mlflow_cv import _grid
+
+    return _grid.RED if label == 1 else _grid.GREEN
 
 
 TASK = register(AnomalyDetection)

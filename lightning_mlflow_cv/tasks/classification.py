@@ -126,6 +126,11 @@ class Classification(CVTask):
         pred = int(prob.argmax())
         return _grid.classification_panel(img, int(out.targets[i]), pred, float(prob[pred]), opts.class_names)
 
+    def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
+        from lightning_mlflow_cv import _grid
+
+        return _grid.classification_panel(img, int(target), class_names=opts.class_names)
+
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         raise NotImplementedError("classification is evaluated with mlflow.models.evaluate in registry.evaluate")
 

@@ -106,6 +106,19 @@ def colorize(values: Tensor, valid: Tensor, lo: float, hi: float, cmap: str) -> 
     return rgb * valid.to(torch.uint8)
 
 
+def _value_range(values: Tensor) -> tuple[float, float]:
+    """``(min, max)`` of the finite ``values``; ``(0, 1)`` when there are none."""
+    values = values[torch.isfinite(values)]
+    return (float(values.min()), float(values.max())) if values.numel() else (0.0, 1.0)
+
+
+def _target_view(t: Tensor, valid: Tensor, lo: float, hi: float, size: tuple[int, int], lines: list[str]) -> Tensor:
+    """The depth target ``(H, W)`` colour-mapped on ``[lo, hi]`` (invalid pixels black) at the display ``size``."""
+    from lightning_mlflow_cv import _grid
+
+    return _grid.caption(_grid.resize_image(colorize(t, valid, lo, hi, "viridis"), size), lines)
+
+
 class DepthEstimation(CVTask):
     """``"depth-estimation"`` (``"depth"``): ``{"preds": (N, 1, H, W) or (N, H, W) float, "targets": same}``;
     target pixels that are 0 or NaN are invalid and excluded from every metric."""
@@ -164,9 +177,7 @@ class DepthEstimation(CVTask):
 
         p, t = out.preds[i].float(), out.targets[i].float()
         valid = valid_mask(t)
-        both = torch.cat([t[valid], p[valid]]) if bool(valid.any()) else p.reshape(-1)
-        both = both[torch.isfinite(both)]
-        lo, hi = (float(both.min()), float(both.max())) if both.numel() else (0.0, 1.0)
+        lo, hi = _value_range(torch.cat([t[valid], p[valid]]) if bool(valid.any()) else p.reshape(-1))
         err = (p - t).abs()
         emax = float(err[valid].max()) if bool(valid.any()) else 1.0
         size = tuple(img.shape[-2:])
@@ -178,10 +189,19 @@ class DepthEstimation(CVTask):
         parts = [
             _grid.caption(img, ["image"]),
             _grid.caption(show(colorize(p, ones, lo, hi, "viridis")), ["pred", f"[{lo:.3g}, {hi:.3g}]"]),
-            _grid.caption(show(colorize(t, valid, lo, hi, "viridis")), ["target", "black: invalid"]),
+            _target_view(t, valid, lo, hi, size, ["target", "black: invalid"]),
             _grid.caption(show(colorize(err, valid, 0.0, emax, "magma")), ["|error|", f"max {emax:.3g}"]),
         ]
         return _grid.hstack(parts)
+
+    def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
+        from lightning_mlflow_cv import _grid
+
+        t = _squeeze_channel(target.float()[None])[0]
+        valid = valid_mask(t)
+        lo, hi = _value_range(t[valid])
+        view = _target_view(t, valid, lo, hi, tuple(img.shape[-2:]), [f"target [{lo:.3g}, {hi:.3g}]", "black: invalid"])
+        return _grid.hstack([_grid.caption(img, ["image"]), view])
 
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         import numpy as np

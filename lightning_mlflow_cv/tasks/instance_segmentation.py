@@ -114,23 +114,19 @@ class InstanceSegmentation(CVTask):
               opts: PanelOptions) -> Tensor:  # fmt: skip
         from lightning_mlflow_cv import _grid
 
-        def draw(d: Mapping[str, Tensor], keep: Tensor, scores: Tensor | None) -> Tensor:
-            from torchvision.utils import draw_segmentation_masks
-
-            masks = d["masks"][keep]
-            shown = img
-            if masks.numel():
-                m = torch.nn.functional.interpolate(masks[:, None].float(), size=tuple(img.shape[-2:]), mode="nearest")
-                colors = [_grid.PALETTE[j % len(_grid.PALETTE)] for j in range(masks.shape[0])]  # one per instance
-                shown = draw_segmentation_masks(img, m[:, 0] > 0.5, alpha=0.5, colors=colors)
-            return _grid.draw_boxes(shown, d["boxes"][keep], d["labels"][keep], src_size, scores, opts.class_names)
-
-        t, p = out.targets[i], out.preds[i]
-        left = _grid.caption(draw(t, torch.ones(len(t["boxes"]), dtype=torch.bool), None), [f"truth: {len(t['boxes'])}"])
+        p = out.preds[i]
+        left = self.target_panel(img, src_size, out.targets[i], opts)
         keep = p["scores"] >= opts.score_threshold
-        right = draw(p, keep, p["scores"][keep])
+        right = _draw_instances(img, p, keep, src_size, p["scores"][keep], opts.class_names)
         right = _grid.caption(right, [f"pred>={opts.score_threshold:g}: {int(keep.sum())}"])
         return _grid.hstack([left, right])
+
+    def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
+        from lightning_mlflow_cv import _grid
+
+        everything = torch.ones(len(target["boxes"]), dtype=torch.bool)
+        shown = _draw_instances(img, target, everything, src_size, None, opts.class_names)
+        return _grid.caption(shown, [f"truth: {len(target['boxes'])}"])
 
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         from torchmetrics.detection import MeanAveragePrecision
@@ -148,6 +144,22 @@ class InstanceSegmentation(CVTask):
             "mask_AP": float(res["segm_map"]), "bbox_AP": float(res["bbox_map"]),
             "mask_AP50": float(res["segm_map_50"]), "bbox_AP50": float(res["bbox_map_50"]),
         }  # fmt: skip
+
+
+def _draw_instances(img: Tensor, d: Mapping[str, Tensor], keep: Tensor, src_size: tuple[int, int],
+                    scores: Tensor | None, class_names: Sequence[str] | None) -> Tensor:  # fmt: skip
+    """The kept instances of ``d`` on the display image ``img``: masks in one colour per instance, then boxes."""
+    from torchvision.utils import draw_segmentation_masks
+
+    from lightning_mlflow_cv import _grid
+
+    masks = d["masks"][keep]
+    shown = img
+    if masks.numel():
+        m = torch.nn.functional.interpolate(masks[:, None].float(), size=tuple(img.shape[-2:]), mode="nearest")
+        colors = [_grid.PALETTE[j % len(_grid.PALETTE)] for j in range(masks.shape[0])]  # one per instance
+        shown = draw_segmentation_masks(img, m[:, 0] > 0.5, alpha=0.5, colors=colors)
+    return _grid.draw_boxes(shown, d["boxes"][keep], d["labels"][keep], src_size, scores, class_names)
 
 
 TASK = register(InstanceSegmentation)

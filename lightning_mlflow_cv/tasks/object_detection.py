@@ -279,6 +279,11 @@ class ObjectDetection(CVTask):
 
         return _grid.detection_panel(img, src_size, out.targets[i], out.preds[i], opts.score_threshold, opts.class_names)
 
+    def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
+        from lightning_mlflow_cv import _grid
+
+        return _grid.detection_panel(img, src_size, target, None, class_names=opts.class_names)
+
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         from torchmetrics.detection import MeanAveragePrecision
 

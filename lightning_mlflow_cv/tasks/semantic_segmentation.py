@@ -94,6 +94,12 @@ class SemanticSegmentation(CVTask):
         logits = out.logits[i]
         return _grid.segmentation_panel(img, out.targets[i], logits.argmax(0), logits.shape[0], opts.background_class)
 
+    def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
+        from lightning_mlflow_cv import _grid
+
+        n = opts.num_classes or (int(target.max()) + 1 if target.numel() else 1)
+        return _grid.segmentation_panel(img, target, None, n, opts.background_class)
+
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         """Mean IoU over the whole dataset (one confusion matrix, then the mean over the classes present in targets
         or predictions, as CVMetricsCallback's ``val/mIoU``), not a mean of per-image scores; pixel accuracy."""

@@ -194,3 +194,94 @@ def test_bad_batch_and_targets(store, dm):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=r"^AugmentationSamplesCallback: " + match):
         AugmentationSamplesCallback(**kwargs)
+
+
+def _image_and_target(task: str, i: int):
+    """A black 16x16 image and its target in the task's convention (target pixels at rows/cols 2..7)."""
+    if task == "instance":
+        masks = torch.zeros(1, 16, 16, dtype=torch.bool)
+        masks[0, 2:8, 2:8] = True
+        target = {"boxes": torch.tensor([[2.0, 2.0, 8.0, 8.0]]), "labels": torch.tensor([1]), "masks": masks}
+    elif task == "anomaly":
+        target = torch.tensor(1 - i)  # the first sample anomalous, the second normal
+    else:  # depth: left half invalid (0), right half 1..2 metres
+        target = torch.zeros(1, 16, 16)
+        target[:, :, 8:] = torch.linspace(1.0, 2.0, 8)
+    return torch.zeros(3, 16, 16), target
+
+
+def _as_lists(items):
+    images, targets = zip(*items, strict=True)
+    return torch.stack(images), list(targets)
+
+
+@pytest.mark.parametrize("task", ["instance", "anomaly", "depth"])
+def test_targets_of_the_new_tasks_drawn(store, tmp_path, task):
+    """Each sample's target is drawn as the task draws its ground truth; the images themselves are black."""
+
+    class Data(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return _image_and_target(task, i)
+
+    class M(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def training_step(self, batch, batch_idx):
+            return self.w.sum() ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    collate = _as_lists if task == "instance" else None
+    cb = AugmentationSamplesCallback(num_samples=2, task=task, nrow=1)  # panels stacked vertically
+    _, logger = fit(store, M(), DataLoader(Data(), batch_size=2, collate_fn=collate), [cb], limit_train_batches=1)
+    arr = np.asarray(artifact(store, logger.run_id, "augmentations/train_samples.png", tmp_path)).astype(int)
+    if task == "instance":  # mask overlay and box over the instance (display x6: pixels 12..47), black elsewhere
+        panel = arr[4:100, 4:100]
+        assert (panel[18:42, 18:42].sum(-1) > 0).all() and (panel[56:, 56:] == 0).all()
+        assert arr.shape[0] == 2 * (96 + 19) + 3 * 4  # "truth: 1" caption under each panel
+    elif task == "anomaly":  # the label written under each image, red when anomalous, green when normal
+        h = (arr.shape[0] - 3 * 4) // 2
+        assert h == 96 + 19
+        red = (arr[..., 0] > 180) & (arr[..., 1] < 80) & (arr[..., 2] < 80)
+        green = (arr[..., 1] > 120) & (arr[..., 0] < 100) & (arr[..., 2] < 100)
+        first, second = slice(4 + 96, 4 + h), slice(8 + h + 96, 8 + 2 * h)
+        assert red[first].any() and not green[first].any()
+        assert green[second].any() and not red[second].any()
+    else:  # image | colour-mapped target: invalid half black, valid half coloured
+        view = arr[4:100, 4 + 98 : 4 + 194]
+        assert (view[:, :48] == 0).all() and (view[:, 48:].sum(-1) > 0).all()
+        assert len(np.unique(view[:, 48:].reshape(-1, 3), axis=0)) >= 4  # a colour ramp, not one flat colour
+
+
+def test_every_task_draws_its_ground_truth_as_the_prediction_grid_does():
+    """One drawing code per task: the target alone is the prediction grid's ground-truth part, pixel for pixel."""
+    from lightning_mlflow_cv import tasks
+
+    img = torch.full((3, 96, 96), 128, dtype=torch.uint8)
+    _, inst_target = _image_and_target("instance", 0)
+    inst_pred = dict(inst_target, scores=torch.tensor([0.9]), masks=inst_target["masks"].float())
+    depth = _image_and_target("depth", 0)[1]
+    outputs = {  # (step outputs, the first sample's checked target)
+        "instance": (([inst_pred], [inst_target]), inst_target),
+        "depth": ((depth.clone(), depth), depth[0]),  # a perfect prediction: the shared scale is the target's
+        "semantic-segmentation": ((torch.randn(1, 3, 16, 16), torch.randint(0, 3, (1, 16, 16))), None),
+    }
+    opts = tasks.PanelOptions(num_classes=3)
+    for name, ((preds, targets), target) in outputs.items():
+        task = tasks.get_task(name)
+        out = task.to_cpu(tasks.check_model_outputs(name, preds, targets, 1, "X"))
+        target = out.targets[0] if target is None else target
+        alone = task.target_panel(img, (16, 16), target, opts)
+        both = task.panel(img, (16, 16), out, 0, opts)
+        if name == "depth":  # image | pred | target | error: the target's colours (captions aside) are the same
+            assert torch.equal(both[:, :96, 196:292], alone[:, :96, 98:194]) and alone[:, :96, 98:194].any()
+        else:  # the ground truth comes first
+            assert torch.equal(both[:, : alone.shape[1], : alone.shape[2]], alone), name
+    for name in tasks.TASKS:  # every registered task can draw a target alone
+        assert type(tasks.get_task(name)).target_panel is not tasks.CVTask.target_panel, name
