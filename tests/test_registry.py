@@ -285,10 +285,13 @@ class _Lookup(torch.nn.Module):
 
 def _log_oracle(tmp_path, uri: str, table: torch.Tensor, postprocess: str, size: int) -> tuple[str, str]:
     """Log `_Lookup(table)` as the package's servable pyfunc (what ModelRegistryCallback logs); (model uri, run id)."""
+    import inspect
     import shutil
 
-    from lightning_mlflow_cv import _export, _pyfunc
+    from lightning_mlflow_cv import _compat, _export, _pyfunc
 
+    if not _compat.has_models_from_code():  # the package's own < 2.13 pyfunc path is covered by tests/test_compat.py
+        pytest.skip(f"MLflow {_compat.version_string()} < 2.13 cannot log the oracle as a models-from-code pyfunc")
     work = tmp_path / "oracle"
     work.mkdir()
     net = _export.export_pt2(_Lookup(table), torch.zeros(2, 1, size, size), work / "network.pt2")
@@ -300,8 +303,9 @@ def _log_oracle(tmp_path, uri: str, table: torch.Tensor, postprocess: str, size:
     try:
         mlflow.set_experiment("evaluate")
         with mlflow.start_run() as run:
+            where = {"name": "model"} if "name" in inspect.signature(mlflow.pyfunc.log_model).parameters else {"artifact_path": "model"}
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(work / "model_code.py"), code_paths=[str(work / "lmc_pyfunc.py")],
+                **where, python_model=str(work / "model_code.py"), code_paths=[str(work / "lmc_pyfunc.py")],
                 artifacts={"network": str(net), "config": str(work / _pyfunc.CONFIG_FILE)},
             )  # fmt: skip
     finally:
