@@ -34,6 +34,7 @@ from lightning_mlflow_cv._spool import set_run_status
 from lightning_mlflow_cv._sweep import (
     TRIAL_STATE_TAG,
     Best,
+    drain_loggers,
     experiment_id,
     log_batch,
     new_params,
@@ -267,7 +268,7 @@ class _TrialTrainable:
 
     @staticmethod
     def _end(client: Any, tr: RayTrialContext, state: str, error: str | None = None) -> None:
-        _drain_loggers(tr)
+        drain_loggers(tr.run_id, tr.loggers)
         if tr.run_id is None:
             return
         from mlflow.entities import RunTag
@@ -280,21 +281,6 @@ class _TrialTrainable:
             set_run_status(client, tr.run_id, RAY_RUN_STATUS[state])
         except Exception as err:  # noqa: BLE001
             warn_tracking(_WHO, f"end the MLflow run {tr.run_id} of trial {tr.trial_id}", err, _KEEPS)
-
-
-def _drain_loggers(tr: RayTrialContext) -> None:
-    """Deliver what the trial's loggers still hold before the run is ended."""
-    from lightning_mlflow_cv import logger as logger_mod
-
-    loggers = {id(lg): lg for lg in tr.loggers}
-    for lg in list(logger_mod._live_loggers):
-        if tr.run_id is not None and getattr(lg, "_run_id", None) == tr.run_id:
-            loggers[id(lg)] = lg
-    for lg in loggers.values():
-        try:
-            lg.flush()
-        except Exception:  # noqa: BLE001 - the logger keeps undelivered data in its spool and warns itself
-            pass
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -152,3 +152,19 @@ def write_summary(
                 client.log_figure(parent, fig, HISTORY_PLOT)
             finally:
                 plt.close(fig)
+
+
+def drain_loggers(run_id: str | None, loggers: Iterable[Any]) -> None:
+    """Deliver what a trial's loggers still hold before its run is ended: the ``loggers`` the trial made plus any
+    live ``MLflowCVLogger`` writing to ``run_id`` (a default ``MLflowCVLogger()`` inside the objective)."""
+    from lightning_mlflow_cv import logger as logger_mod
+
+    found = {id(lg): lg for lg in loggers}
+    for lg in list(logger_mod._live_loggers):
+        if run_id is not None and getattr(lg, "_run_id", None) == run_id:
+            found[id(lg)] = lg
+    for lg in found.values():
+        try:
+            lg.flush()
+        except Exception:  # noqa: BLE001 - the logger keeps undelivered data in its spool and warns itself
+            pass

@@ -18,7 +18,7 @@ from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH, metric_key, validate_t
 from lightning_mlflow_cv._ray_sweep import RaySweep, ray_sweep  # noqa: F401 - public names of this module
 from lightning_mlflow_cv._redact import redact_text
 from lightning_mlflow_cv._spool import set_run_status
-from lightning_mlflow_cv._sweep import TRIAL_STATE_TAG, Best, new_params, warn_tracking, write_summary
+from lightning_mlflow_cv._sweep import TRIAL_STATE_TAG, Best, drain_loggers, new_params, warn_tracking, write_summary
 from lightning_mlflow_cv._sweep import experiment_id as _experiment_id
 from lightning_mlflow_cv._sweep import log_batch as _log_batch
 from lightning_mlflow_cv._sweep import param as _param
@@ -331,7 +331,7 @@ class _Tracker:
             tr = self.pending.pop(frozen._trial_id, None)
         if tr is None:
             return
-        self._drain_loggers(tr)
+        drain_loggers(tr.run_id, tr.loggers)
         if tr.run_id is None:
             return
         from mlflow.entities import Metric, RunTag
@@ -358,21 +358,6 @@ class _Tracker:
             set_run_status(self.client, tr.run_id, "KILLED" if interrupted else RUN_STATUS.get(state, "FAILED"))
         except Exception as err:  # noqa: BLE001
             _warn_tracking(f"record trial {frozen.number} in MLflow run {tr.run_id}", err)
-
-    @staticmethod
-    def _drain_loggers(tr: TrialRun) -> None:
-        """Deliver what the objective's loggers (``trial_logger`` or default ``MLflowCVLogger()``) still hold."""
-        from lightning_mlflow_cv import logger as logger_mod
-
-        loggers = {id(lg): lg for lg in tr.loggers}
-        for lg in list(logger_mod._live_loggers):
-            if tr.run_id is not None and getattr(lg, "_run_id", None) == tr.run_id:
-                loggers[id(lg)] = lg
-        for lg in loggers.values():
-            try:
-                lg.flush()
-            except Exception:  # noqa: BLE001 - the logger keeps undelivered data in its spool and warns itself
-                pass
 
     def close_pending(self) -> None:
         """Close runs of trials the optimize loop left without a callback (an exception it re-raised)."""
