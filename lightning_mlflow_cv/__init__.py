@@ -28,12 +28,11 @@ _EXPORTS = {
     "evaluate": "lightning_mlflow_cv.registry",
     "pipeline_run": "lightning_mlflow_cv.pipeline",
     "promote": "lightning_mlflow_cv.registry",
-    "sync": "lightning_mlflow_cv._spool",
+    "sync": "lightning_mlflow_cv.spool_sync",
 }
 __all__ = [*sorted(_EXPORTS), "__version__"]
 
 if TYPE_CHECKING:
-    from lightning_mlflow_cv._spool import sync
     from lightning_mlflow_cv.callbacks import (
         AugmentationSamplesCallback,
         CVMetricsCallback,
@@ -51,6 +50,7 @@ if TYPE_CHECKING:
     from lightning_mlflow_cv.logger import MLflowCVLogger
     from lightning_mlflow_cv.pipeline import pipeline_run
     from lightning_mlflow_cv.registry import evaluate, promote
+    from lightning_mlflow_cv.spool_sync import sync
 
 
 def __getattr__(name: str) -> Any:

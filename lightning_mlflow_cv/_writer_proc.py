@@ -3,7 +3,7 @@
 MLflow's per-point work (building entities, protobuf/JSON for REST, SQLAlchemy inserts for SQL stores) is pure
 Python. In a thread it competes with the training loop for the GIL; in a child process it only uses CPU the
 training process leaves idle. The child tails the same spool file (the journal is already a cross-process
-queue: ``sync`` reads it too), delivers it with the same :class:`~lightning_mlflow_cv._spool.Writer` logic and
+queue: ``sync`` reads it too), delivers it with the same :class:`~lightning_mlflow_cv._writer.Writer` logic and
 writes the ack file. It talks to the parent over stdin/stdout, one JSON object per line:
 
 - parent -> child: ``{"op": "wake"}``, ``{"op": "flush", "seq": n, "timeout": s}``, ``{"op": "stop", "seq": n, "timeout": s}``
@@ -23,18 +23,29 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_mlflow_cv import _spool
-from lightning_mlflow_cv._spool import Spool, Writer
+from lightning_mlflow_cv import _journal
+from lightning_mlflow_cv._journal import Spool
+from lightning_mlflow_cv._writer import Writer
 
 _EOF_DRAIN_S = 30.0
 
 
+def _messages(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a pipe, one a line; a line that is not JSON (a stray print) is skipped."""
+    for line in lines:
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        yield msg
+
+
 class ProcessWriter:
-    """Parent-side handle with the :class:`~lightning_mlflow_cv._spool.Writer` interface."""
+    """Parent-side handle with the :class:`~lightning_mlflow_cv._writer.Writer` interface."""
 
     def __init__(
         self,
@@ -61,7 +72,7 @@ class ProcessWriter:
             "flush_interval_s": flush_interval_s,
             "request_timeout_s": request_timeout_s,
             "already_warned": already_warned,
-            "compact_bytes": _spool.COMPACT_BYTES,
+            "compact_bytes": _journal.COMPACT_BYTES,
         }
         self._proc: subprocess.Popen[str] | None = None
         self._cv = threading.Condition()
@@ -86,11 +97,7 @@ class ProcessWriter:
 
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for msg in _messages(self._proc.stdout):
             ev = msg.get("event")
             if ev == "warning":
                 self.degraded = True
@@ -191,7 +198,7 @@ def main() -> None:
     from mlflow import MlflowClient
 
     uri = cfg["uri"]
-    _spool.COMPACT_BYTES = int(cfg.get("compact_bytes", _spool.COMPACT_BYTES))
+    _journal.COMPACT_BYTES = int(cfg.get("compact_bytes", _journal.COMPACT_BYTES))
     spool = Spool(cfg["dir"], cfg["key"])
     spool.shared = True  # the parent appends to the same file
     writer = Writer(
@@ -211,11 +218,7 @@ def main() -> None:
     def reply(event: str, seq: int, ok: bool) -> None:
         emit(event=event, seq=seq, ok=ok, acked=spool.acked, degraded=writer.degraded, run_id=writer.run_id)
 
-    for line in sys.stdin:
-        try:
-            cmd = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for cmd in _messages(sys.stdin):
         op = cmd.get("op")
         if op == "wake":
             writer.wake()

@@ -13,7 +13,7 @@ import sys
 
 
 def _sync(argv: list[str]) -> int:
-    from lightning_mlflow_cv._spool import sync
+    from lightning_mlflow_cv.spool_sync import sync
 
     parser = argparse.ArgumentParser(
         prog="lightning-mlflow-cv sync",

@@ -315,7 +315,7 @@ def _quiet() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lightning_mlflow_cv._spool import safe_uri
+    from lightning_mlflow_cv._delivery import safe_uri
     from lightning_mlflow_cv._summary import headline, promotion_line
 
     parser = argparse.ArgumentParser(prog="lightning-mlflow-cv demo", description=__doc__.splitlines()[0])

@@ -29,6 +29,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from lightning_mlflow_cv import _context, _http
+from lightning_mlflow_cv._delivery import describe_failure, is_retryable, safe_uri
+from lightning_mlflow_cv._journal import Spool
 from lightning_mlflow_cv._keys import (
     MAX_KEY_LENGTH,
     MAX_PARAM_VAL_LENGTH,
@@ -41,7 +43,8 @@ from lightning_mlflow_cv._keys import (
     validate_tags,
 )
 from lightning_mlflow_cv._redact import redact
-from lightning_mlflow_cv._spool import Spool, Writer, create_run, describe_failure, is_retryable, safe_uri
+from lightning_mlflow_cv._spool import create_run
+from lightning_mlflow_cv._writer import Writer
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -430,7 +433,7 @@ class MLflowCVLogger(MLFlowLogger):
         client = self._mlflow_client
         if self._run_id is not None and self._run_id.startswith("offline-"):
             # resuming a fit that started offline: its spool knows whether the run was created since
-            from lightning_mlflow_cv._spool import default_spool_dir
+            from lightning_mlflow_cv._journal import default_spool_dir
 
             bound = Spool(self._spool_dir or default_spool_dir(), self._run_id).header().get("run_id")
             if not bound:
@@ -488,7 +491,7 @@ class MLflowCVLogger(MLFlowLogger):
         return client.create_experiment(self._experiment_name, artifact_location=self._artifact_location)
 
     def _open_spool(self, key: str, header: dict[str, Any]) -> None:
-        from lightning_mlflow_cv._spool import default_spool_dir
+        from lightning_mlflow_cv._journal import default_spool_dir
 
         spool = Spool(self._spool_dir or default_spool_dir(), key)
         self._spool_key = key

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from tiny import TinyModel, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger, _autosync
-from lightning_mlflow_cv._spool import Spool
+from lightning_mlflow_cv._journal import Spool
 
 
 class _StopServerAt(pl.Callback):

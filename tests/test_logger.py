@@ -18,8 +18,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mlflow import MlflowClient
 from tiny import N_METRICS, TinyModel, history_counts, loaders, trainer
 
-from lightning_mlflow_cv import MLflowCVLogger
-from lightning_mlflow_cv import _spool
+from lightning_mlflow_cv import MLflowCVLogger, _journal
+from lightning_mlflow_cv._delivery import Deliverer
+from lightning_mlflow_cv._journal import Spool
 from lightning_mlflow_cv._keys import MAX_PARAM_VAL_LENGTH
 
 
@@ -154,7 +155,7 @@ def test_git_commit_falls_back_to_git_rev_parse(tracking_uri, tmp_path, monkeypa
 
 
 def test_spool_compacts_so_disk_and_memory_stay_bounded(tracking_uri, monkeypatch):
-    monkeypatch.setattr(_spool, "COMPACT_BYTES", 10_000)
+    monkeypatch.setattr(_journal, "COMPACT_BYTES", 10_000)
     logger = MLflowCVLogger(tracking_uri=tracking_uri, flush_interval_s=3600)
     _ = logger.run_id
     for step in range(3000):
@@ -259,7 +260,7 @@ def test_unknown_task_tag_warns():
 
 
 def test_process_writer_delivers_and_compacts(tracking_uri, monkeypatch):
-    monkeypatch.setattr(_spool, "COMPACT_BYTES", 10_000)
+    monkeypatch.setattr(_journal, "COMPACT_BYTES", 10_000)
     logger = MLflowCVLogger(tracking_uri=tracking_uri, writer="process", flush_interval_s=0.2)
     for step in range(3000):
         logger.log_metrics({"a": float(step), "b": 1.0}, step=step)
@@ -403,7 +404,7 @@ def test_a_rejected_item_is_found_by_bisection_and_the_rest_is_stored(tracking_u
     """Points MLflow refuses (here the 8 of one step carry text values, which the logger itself would have
     dropped) among 400: the other 392 are stored, the bad ones are reported and kept, and finding them costs a
     few dozen requests, not 400."""
-    spool = _spool.Spool(tmp_path / "sp", "bisect")
+    spool = Spool(tmp_path / "sp", "bisect")
     spool.append({"t": "run", "tracking_uri": tracking_uri, "experiment_name": "bisect", "tags": {}})
     for step in range(50):
         record = {"t": "m", "s": step, "ts": 1_700_000_000_000 + step, "d": {f"k{i}": float(step) for i in range(8)}}
@@ -419,7 +420,7 @@ def test_a_rejected_item_is_found_by_bisection_and_the_rest_is_stored(tracking_u
         return real_log_batch(*args, **kwargs)
 
     client.log_batch = counting_log_batch  # counts requests; the real store does the work
-    deliverer = _spool.Deliverer(client, spool, None)
+    deliverer = Deliverer(client, spool, None)
     with pytest.warns(RuntimeWarning, match=r"MLflow rejected metric k\d=n/a .* kept in .*bisect\.rejected\.jsonl"):
         deliverer.deliver(0)
     assert deliverer.rejected == 8

@@ -534,7 +534,7 @@ class ModelRegistryCallback(Callback):
             shutil.move(str(work), str(kept))
             self.kept_model_dir = kept
             if _compat.is_endpoint_not_found(err):  # the store is up but lacks an API: waiting will not help
-                from lightning_mlflow_cv._spool import safe_uri
+                from lightning_mlflow_cv._delivery import safe_uri
 
                 uri = getattr(logger, "tracking_uri", "")
                 version = _compat.server_version(uri) if uri else None

@@ -1,0 +1,375 @@
+"""The journal: a durable, append-only queue between training and MLflow.
+
+Everything :class:`~lightning_mlflow_cv.MLflowCVLogger` logs is appended, as one JSON line per call, to a
+spool file on local disk (a write-ahead journal). The writer (:mod:`lightning_mlflow_cv._writer`) reads it from
+its last acknowledged offset and sends it (:mod:`lightning_mlflow_cv._delivery`); when MLflow cannot be reached
+the data simply stays here, and ``lightning-mlflow-cv sync SPOOL`` (:mod:`lightning_mlflow_cv.spool_sync`) can
+replay it later. Replaying is idempotent: identical metric points are stored once by MLflow's SQL stores, params
+and tags are re-set to the same values, and artifacts are uploaded under fixed names.
+
+Record kinds (key ``t``):
+
+- ``run``: header, first line: ``tracking_uri`` (credentials removed), and either ``run_id`` or what is
+  needed to create the run (``experiment_name``, ``run_name``, ``tags``, ``parent_run_id``).
+- ``bind``: the run id created for a spool that started without one.
+- ``m``: metrics ``d`` (key -> value) at ``s`` (step) and ``ts`` (ms timestamp).
+- ``p`` / ``tag``: params / tags ``d``.
+- ``a``: an artifact file ``src`` (kept inside the spool's files directory) for ``dst`` (artifact dir).
+- ``status``: ``status`` and ``end`` (ms) for ``set_terminated`` or RUNNING on resume.
+- ``input``: a dataset ``d`` (MLflow ``Dataset`` entity fields) used in context ``ctx``.
+
+Offsets (``acked``, ``end``, what :meth:`Spool.read` returns) are byte offsets in the file while the journal is on
+disk and line counts once it fell back to memory; :attr:`Spool.generation` changes when their meaning does.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lightning_mlflow_cv._compat import warn_once
+
+log = logging.getLogger(__name__)
+
+#: One compact JSON encoder for every append (``json.dumps`` builds a new one per call with these separators).
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+#: Compact the journal when everything is delivered and it grew past this size.
+COMPACT_BYTES = 32 * 1024 * 1024
+
+
+def default_spool_dir() -> Path:
+    """``$LIGHTNING_MLFLOW_CV_SPOOL_DIR`` or ``~/.cache/lightning_mlflow_cv/spool``."""
+    env = os.environ.get("LIGHTNING_MLFLOW_CV_SPOOL_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lightning_mlflow_cv" / "spool"
+
+
+class Spool:
+    """Append-only JSON-lines journal with an acknowledged offset, on disk or (fallback) in memory.
+
+    The file is line-buffered: each append is one ``write`` to the OS, so a process killed with SIGKILL
+    loses nothing it had logged (the page cache outlives the process).
+
+    If the spool directory cannot be written (read-only, disk full), it warns once, naming the
+    directory and the fix, and keeps records in memory: training continues and the data is still
+    delivered while the process lives.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], key: str, compact: bool = True, hold: bool = True) -> None:
+        self.directory = Path(directory)
+        self._hold: Any = None  # shared lock: this spool is open in a live process (see _autosync)
+        self.compact = compact  # only the process that appends may compact
+        self.key = key
+        self.path = self.directory / f"{key}.jsonl"
+        self.ack_path = self.directory / f"{key}.ack"
+        self.files_dir = self.directory / f"{key}.files"
+        self._lock = threading.RLock()
+        self._fh: Any = None
+        self._memory: list[str] | None = None
+        self._memory_base = 0
+        self._end = 0
+        self._header: list[str] = []
+        self.acked = 0
+        #: True while another process (a child-process writer) may compact the file: appends then take a file lock.
+        #: A thread writer compacts under :attr:`_lock`, which appends hold anyway, so they skip two system calls.
+        self.shared = False
+        #: Bumped when offsets change meaning (switch to memory); acks from an older generation are ignored.
+        self.generation = 0
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if hold:
+                from lightning_mlflow_cv import _autosync
+
+                self._hold = _autosync.hold(self.directory, key)
+            if self.path.exists():
+                self._end = self.path.stat().st_size
+                self.acked = _read_int(self.ack_path)
+                self._header = [line for line in self._iter_lines(0, header_only=True)]
+            self._fh = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - kept open for the run
+        except OSError as err:
+            self._to_memory(err)
+
+    # -- writing ---------------------------------------------------------------------------------
+    @property
+    def on_disk(self) -> bool:
+        """False once the spool fell back to memory."""
+        return self._memory is None
+
+    def append(self, *records: dict[str, Any]) -> None:
+        """Append records (never raises: a disk error switches to memory with one warning)."""
+        lines = [_ENCODE(r) + "\n" for r in records]
+        with self._lock:
+            for r, line in zip(records, lines, strict=True):
+                if r.get("t") in ("run", "bind"):
+                    self._header.append(line)
+            if self._memory is not None:
+                self._memory.extend(lines)
+                self._end += len(lines)
+                return
+            try:
+                if self.shared:
+                    fd = self._fh.fileno()
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # the writer process may be compacting the file
+                    try:
+                        self._fh.write("".join(lines))
+                        self._fh.flush()
+                    finally:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                else:
+                    self._fh.write("".join(lines))
+                    self._fh.flush()
+                self._end += sum(len(line.encode("utf-8")) for line in lines)
+            except OSError as err:
+                self._to_memory(err)
+                self._memory.extend(lines)  # type: ignore[union-attr]
+                self._end += len(lines)
+
+    def stage_file(self, src: str | os.PathLike[str], name: str | None = None) -> str:
+        """Keep a copy of ``src`` inside the spool so later deletion by the caller loses nothing."""
+        src = Path(src)
+        try:
+            base = self.files_dir if self._memory is None else Path(_tempdir())
+            dst_dir = base / f"{time.time_ns()}"
+            dst_dir.mkdir(parents=True, exist_ok=True)
+            dst = dst_dir / (name or src.name)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+            return str(dst)
+        except OSError as err:
+            message = (
+                f"MLflowCVLogger: could not copy {src} into the spool directory {self.directory} ({err}); "
+                "the artifact is uploaded from its original path, so keep that file until the run is synced."
+            )
+            warn_once(message, message, RuntimeWarning)
+            return str(src)
+
+    def new_file_path(self, name: str) -> Path:
+        """A fresh path inside the spool for a file the logger renders itself (images, JSON)."""
+        base = self.files_dir if self._memory is None else Path(_tempdir())
+        d = base / f"{time.time_ns()}"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            d = Path(_tempdir()) / f"{time.time_ns()}"
+            d.mkdir(parents=True, exist_ok=True)
+        return d / name
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._fh is not None and self._memory is None:
+                try:
+                    self._fh.flush()
+                except OSError as err:
+                    self._to_memory(err)
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def end(self) -> int:
+        return self._end
+
+    def read(self, offset: int, max_records: int = 5000) -> list[tuple[dict[str, Any], int]]:
+        """Records after ``offset`` with the offset just past each one."""
+        self.flush()
+        out: list[tuple[dict[str, Any], int]] = []
+        with self._lock:
+            if self._memory is not None:
+                start = max(offset - self._memory_base, 0)
+                for i, line in enumerate(self._memory[start : start + max_records]):
+                    out.append((json.loads(line), self._memory_base + start + i + 1))
+                return out
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            pos = offset
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break  # a partial line from a crash: ignore it
+                pos += len(raw)
+                try:
+                    out.append((json.loads(raw), pos))
+                except json.JSONDecodeError:
+                    log.warning("MLflowCVLogger: skipping a corrupt line in %s at byte %d", self.path, pos)
+                if len(out) >= max_records:
+                    break
+        return out
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every record from the start (for ``sync``)."""
+        offset = 0
+        while True:
+            batch = self.read(offset)
+            if not batch:
+                return
+            for rec, offset in batch:  # noqa: B007 - offset carried to the next read
+                yield rec
+
+    def header(self) -> dict[str, Any]:
+        """The ``run`` record merged with any later ``bind``."""
+        out: dict[str, Any] = {}
+        for line in self._header:
+            rec = json.loads(line)
+            if rec["t"] == "run":
+                out.update(rec)
+            elif rec["t"] == "bind":
+                out["run_id"] = rec["run_id"]
+        return out
+
+    def ack(self, offset: int, generation: int | None = None) -> None:
+        """Mark everything before ``offset`` delivered; compact a large, fully delivered journal.
+
+        ``generation`` is the :attr:`generation` the offset was read in; a stale one is ignored (the records
+        are then sent again, which is idempotent).
+        """
+        with self._lock:
+            if generation is not None and generation != self.generation:
+                return
+            self.acked = max(self.acked, offset)
+            if self._memory is not None:
+                drop = self.acked - self._memory_base
+                if drop > 0:
+                    del self._memory[:drop]
+                    self._memory_base = self.acked
+                return
+            try:
+                if self.compact and self.acked > COMPACT_BYTES:
+                    self._compact()
+                _write_int(self.ack_path, self.acked)
+            except OSError as err:
+                self._to_memory(err)
+
+    def _compact(self) -> None:
+        """Truncate a fully delivered journal to its header, under an exclusive lock (appends wait on it)."""
+        fd = self._fh.fileno()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if self.acked < os.fstat(fd).st_size:
+                return  # something arrived since: compact next time
+            os.ftruncate(fd, 0)
+            self._fh.write("".join(self._header))
+            self._fh.flush()
+            self._end = self.acked = os.fstat(fd).st_size
+            self.generation += 1  # offsets read before the truncation are now meaningless
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def refresh_ack(self) -> None:
+        """Re-read the ack offset another process (the writer process) advanced."""
+        if self._memory is None:
+            with self._lock:
+                self.acked = max(self.acked, _read_int(self.ack_path))
+
+    @property
+    def pending(self) -> int:
+        """Bytes of journal (UTF-8 JSON lines with their newlines) not yet delivered, on disk and in memory alike."""
+        if self._memory is None:
+            try:
+                return os.path.getsize(self.path) - self.acked
+            except OSError:
+                return self._end - self.acked
+        with self._lock:  # in memory offsets count lines: measure the undelivered ones
+            start = max(self.acked - self._memory_base, 0)
+            return sum(len(line.encode("utf-8")) for line in self._memory[start:])
+
+    def remove(self) -> None:
+        """Delete the journal and its files (after everything was delivered)."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+            for p in (self.path, self.ack_path):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            shutil.rmtree(self.files_dir, ignore_errors=True)
+            self._release(unlink=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self.flush()
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+            self._release()
+
+    def _release(self, unlink: bool = False) -> None:
+        from lightning_mlflow_cv import _autosync
+
+        _autosync.release(self._hold, _autosync.lock_path(self.directory, self.key) if unlink else None)
+        self._hold = None
+
+    # -- internals -------------------------------------------------------------------------------
+    def _iter_lines(self, offset: int, header_only: bool = False) -> Iterator[str]:
+        with open(self.path, encoding="utf-8") as fh:
+            fh.seek(offset)
+            for line in fh:
+                if header_only and not (line.startswith('{"t":"run"') or line.startswith('{"t":"bind"')):
+                    continue
+                yield line
+
+    def _to_memory(self, err: OSError) -> None:
+        if self._memory is not None:
+            return
+        warnings.warn(
+            f"MLflowCVLogger: cannot write the spool file {self.path} ({err}). Training continues and "
+            "logged data is kept in memory until delivered, but it will not survive a crash. "
+            "Fix: free disk space or set `spool_dir=` (or LIGHTNING_MLFLOW_CV_SPOOL_DIR) to a writable directory.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        lines: list[str] = []
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self._fh = None
+            try:  # keep what already reached the disk and is not delivered yet
+                with open(self.path, encoding="utf-8") as fh:
+                    fh.seek(self.acked)
+                    lines = [line for line in fh if line.endswith("\n")]
+            except OSError:
+                lines = []
+        self._memory = lines
+        self._memory_base = 0
+        self.acked = 0
+        self._end = len(lines)
+        self.generation += 1
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_int(path: Path, value: int) -> None:
+    tmp = path.with_suffix(".ack.tmp")
+    tmp.write_text(str(value))
+    os.replace(tmp, path)
+
+
+_tmp: str | None = None
+
+
+def _tempdir() -> str:
+    global _tmp
+    if _tmp is None:
+        import tempfile
+
+        _tmp = tempfile.mkdtemp(prefix="lmc-spool-")
+    return _tmp
