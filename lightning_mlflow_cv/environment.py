@@ -217,8 +217,7 @@ def _pip_config_urls() -> list[tuple[str, str]]:
             for key, opt in (("index-url", "--index-url"), ("extra-index-url", "--extra-index-url")):
                 for url in cp.get(section, key, fallback="").split():
                     found.append((opt, url))
-    seen: set[tuple[str, str]] = set()
-    return [x for x in found if not (x in seen or seen.add(x))]
+    return list(dict.fromkeys(found))  # first occurrence of each, in order
 
 
 def requirements_txt() -> str:

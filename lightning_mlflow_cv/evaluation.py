@@ -165,11 +165,12 @@ def _evaluate_classifier(
         df[f"prob_{n}"] = probs[:, i]
     uri = client._tracking_client.tracking_uri
     with_model = _compat.logged_models_supported(client, uri)
-    model_kw = {"model_id": model_id} if with_model and model_id else {}
+    model_kw: dict[str, Any] = {"model_id": model_id} if with_model and model_id else {}
     import inspect
 
     takes = inspect.signature(mlflow.start_run).parameters
-    no_sysmetrics = {"log_system_metrics": False} if "log_system_metrics" in takes else {}  # MLflow >= 2.8
+    # MLflow >= 2.8 can start system metrics with the run; this short evaluation run wants none
+    no_sysmetrics: dict[str, Any] = {"log_system_metrics": False} if "log_system_metrics" in takes else {}
     with mlflow.start_run(run_id=run_id, **no_sysmetrics) as run:
         if with_model:
             mlflow.log_table(df, "eval/predictions.json", run_id=run.info.run_id)
@@ -212,7 +213,7 @@ def classifier_metrics(pred: Any, target: Any, num_classes: int) -> dict[str, fl
 
     p, t = torch.as_tensor(pred).long(), torch.as_tensor(target).long()
     n = max(int(num_classes), int(p.max()) + 1, int(t.max()) + 1)
-    kw = {"num_classes": n, "average": "weighted"}
+    kw: dict[str, Any] = {"num_classes": n, "average": "weighted"}
     return {
         "example_count": float(len(t)),
         "accuracy_score": float((p == t).float().mean()),

@@ -272,7 +272,7 @@ def _shuffles(loader: Any) -> bool | None:
         return True
     if isinstance(sampler, SequentialSampler):
         return False
-    if hasattr(sampler, "shuffle"):  # DistributedSampler and friends
+    if sampler is not None and hasattr(sampler, "shuffle"):  # DistributedSampler and friends
         return bool(sampler.shuffle)
     inner = getattr(sampler, "_sampler", None) or getattr(sampler, "sampler", None)  # wrappers
     if inner is not None and inner is not sampler:
@@ -394,7 +394,7 @@ def implicit_hyperparameters(
     params.update(trainer_params(trainer))
     params.update(dataloader_params(trainer.train_dataloader, "train_dataloader"))
     params.update(dataloader_params(trainer.val_dataloaders, "val_dataloader"))
-    params.update(callback_params(trainer.callbacks))
+    params.update(callback_params(getattr(trainer, "callbacks", [])))
     params.update(hparams_params(pl_module, "model"))
     params.update(hparams_params(getattr(trainer, "datamodule", None), "data"))
     transform = transform if transform is not None else find_train_transform(trainer)
