@@ -22,7 +22,7 @@ MLFLOW_24="mlflow==2.4.* sqlalchemy<2.1 setuptools<81"
 # status) and test_compat under both old clients; datasets, the registry, `promote` and `pipeline_run` under the
 # oldest; and the end-to-end registry + evaluate test (tests/test_compat.py) against an MLflow 2.22 server.
 FAST_222="tests/test_logger.py tests/test_compat.py"
-FAST_24="tests/test_logger.py tests/test_compat.py tests/callbacks/test_dataset_lineage.py tests/test_registry.py
+FAST_24="tests/test_logger.py tests/test_compat.py tests/callbacks/test_dataset_lineage.py tests/test_promotion.py
 tests/test_pipeline.py"
 COMPAT_SERVER_TEST=tests/test_compat.py::test_register_promote_load_and_evaluate_without_logged_models
 # this MLflow 3 client against the MLflow 2.22 server: the registry/evaluate test, and `sync` of an offline fit

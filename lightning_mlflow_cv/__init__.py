@@ -25,9 +25,9 @@ _EXPORTS = {
     "PredictionGridCallback": "lightning_mlflow_cv.callbacks.prediction_grid",
     "ReproducibilityCallback": "lightning_mlflow_cv.callbacks.reproducibility",
     "SystemMetricsCallback": "lightning_mlflow_cv.callbacks.system_metrics",
-    "evaluate": "lightning_mlflow_cv.registry",
+    "evaluate": "lightning_mlflow_cv.evaluation",
     "pipeline_run": "lightning_mlflow_cv.pipeline",
-    "promote": "lightning_mlflow_cv.registry",
+    "promote": "lightning_mlflow_cv.promotion",
     "sync": "lightning_mlflow_cv.spool_sync",
 }
 __all__ = [*sorted(_EXPORTS), "__version__"]
@@ -47,9 +47,10 @@ if TYPE_CHECKING:
         SystemMetricsCallback,
     )
     from lightning_mlflow_cv.cli_lightning import MLflowCVCLI
+    from lightning_mlflow_cv.evaluation import evaluate
     from lightning_mlflow_cv.logger import MLflowCVLogger
     from lightning_mlflow_cv.pipeline import pipeline_run
-    from lightning_mlflow_cv.registry import evaluate, promote
+    from lightning_mlflow_cv.promotion import promote
     from lightning_mlflow_cv.spool_sync import sync
 
 

@@ -1,8 +1,8 @@
 """The ``lightning-mlflow-cv`` console script.
 
-Subcommands: ``demo`` (the digits job), ``sync SPOOL`` (replay spooled data), and, when available,
-``promote`` and the LightningCLI subcommands (``fit``, ``validate``, ``test``, ``predict``) of
-:class:`~lightning_mlflow_cv.MLflowCVCLI`.
+Subcommands: ``demo`` (the digits job), ``sync SPOOL`` (replay spooled data), ``promote`` (the command form of
+:func:`lightning_mlflow_cv.promotion.promote`, for CI/CD) and the LightningCLI subcommands (``fit``,
+``validate``, ``test``, ``predict``) of :class:`~lightning_mlflow_cv.MLflowCVCLI`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
 
 def _sync(argv: list[str]) -> int:
@@ -32,6 +33,58 @@ def _sync(argv: list[str]) -> int:
             continue
         print(json.dumps({"spool": path, **out}))
     return rc
+
+
+def promote_main(argv: Sequence[str] | None = None) -> int:
+    """``lightning-mlflow-cv promote``: exit 0 when promoted, 1 when not, 2 on a usage or lookup error.
+
+    Parses the command line into :func:`lightning_mlflow_cv.promotion.promote`'s arguments and prints the
+    decision as one JSON object on stdout.
+    """
+    from lightning_mlflow_cv.promotion import parse_gate_expr, promote
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-mlflow-cv promote",
+        description="Gate a registered model version and move the champion alias when it wins. "
+        "Exit code: 0 promoted, 1 not promoted, 2 error.",
+    )
+    parser.add_argument("--model-name", "-m", required=True, help="registered model name")
+    parser.add_argument("--candidate", "-c", required=True, help="version number or the run id that registered it")
+    parser.add_argument(
+        "--gate",
+        "-g",
+        action="append",
+        default=[],
+        metavar="METRIC<OP>NUMBER",
+        help="e.g. 'val/acc>=0.9' (repeatable; op in >= <= > < == !=)",
+    )
+    parser.add_argument("--champion-alias", default="champion")
+    parser.add_argument("--compare-metric", default=None)
+    parser.add_argument("--compare-mode", choices=("max", "min"), default="max")
+    parser.add_argument("--min-improvement", type=float, default=0.0)
+    parser.add_argument("--use-stages", action="store_true", help="also transition to Production (legacy)")
+    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        decision = promote(
+            args.model_name,
+            args.candidate,
+            [parse_gate_expr(expr) for expr in args.gate],
+            args.champion_alias,
+            args.compare_metric,
+            args.min_improvement,
+            args.tracking_uri,
+            compare_mode=args.compare_mode,
+            use_stages=args.use_stages,
+        )
+    except Exception as err:  # noqa: BLE001 - a CLI reports, it does not trace back
+        print(f"promote: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(decision.to_dict(), default=str))
+    return 0 if decision.promoted else 1
 
 
 USAGE = """usage: lightning-mlflow-cv {fit,validate,test,predict,demo,sync,promote} ...
@@ -73,11 +126,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     if cmd == "promote":
-        try:
-            from lightning_mlflow_cv.registry import promote_main
-        except ImportError:
-            print("promote: not available in this version", file=sys.stderr)
-            return 2
         return promote_main(argv[1:])
     if cmd in ("", "-h", "--help"):
         print(USAGE, end="", file=sys.stdout if cmd else sys.stderr)

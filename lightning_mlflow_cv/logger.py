@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -45,6 +44,7 @@ from lightning_mlflow_cv._keys import (
 from lightning_mlflow_cv._redact import redact
 from lightning_mlflow_cv._spool import create_run
 from lightning_mlflow_cv._writer import Writer
+from lightning_mlflow_cv.environment import git_commit, hardware_summary
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -79,19 +79,6 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_TRACKING_DB}"
 
 
-def _git_commit() -> str | None:
-    sha = os.environ.get("GIT_COMMIT_SHA")
-    if sha:
-        return sha
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def _context_tags() -> dict[str, str]:
     """MLflow's context tags for a new run (``mlflow.user``, ``mlflow.source.name``/``type``, git), as Lightning's
     ``MLFlowLogger`` applies them through ``resolve_tags``; credentials in values (a git remote URL) are redacted."""
@@ -104,19 +91,6 @@ def _context_tags() -> dict[str, str]:
     except Exception as err:  # noqa: BLE001 - a context provider failing must not stop training
         log.warning("MLflowCVLogger: MLflow's context tags could not be resolved (%s); the run is created without them", err)
         return {}
-
-
-def _hardware(trainer: pl.Trainer | None) -> str:
-    import torch
-
-    use_cuda = torch.cuda.is_available()
-    if trainer is not None:
-        use_cuda = use_cuda and trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
-    if use_cuda:
-        n = torch.cuda.device_count()
-        name = torch.cuda.get_device_name(0)
-        return f"{n}x {name}" if n > 1 else name
-    return "cpu"
 
 
 def run_id_from_checkpoint(path: str | os.PathLike[str]) -> str | None:
@@ -303,7 +277,7 @@ class MLflowCVLogger(MLFlowLogger):
         tracking_uri = tracking_uri or default_tracking_uri()
         user_tags = validate_tags(redact(dict(tags or {})))
         if "git_commit" not in user_tags:
-            sha = _git_commit()
+            sha = git_commit()
             if sha:
                 user_tags["git_commit"] = sha
         # MLflow's context tags (mlflow.user, mlflow.source.*, git), resolved here in the training process: the run
@@ -419,7 +393,7 @@ class MLflowCVLogger(MLFlowLogger):
     def _start_run(self, trainer: pl.Trainer | None) -> None:
         self._warn_if_autolog()
         tags = {**self._context_tags, **dict(self.tags or {})}
-        tags.setdefault("hardware", _hardware(trainer))
+        tags.setdefault("hardware", hardware_summary(trainer))
         header: dict[str, Any] = {
             "t": "run",
             "tracking_uri": safe_uri(self._tracking_uri),

@@ -77,6 +77,22 @@ def refused_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
+def git(cwd: Path, *args: str) -> str:
+    """``git ARGS`` in ``cwd`` with a throwaway identity and no signing; its stdout, stripped."""
+    cmd = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-c", "commit.gpgsign=false", *args]
+    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_git_repo(path: Path) -> str:
+    """A git work tree at ``path`` on branch ``exp-branch`` with one commit of ``train.py``; the commit's sha."""
+    path.mkdir(exist_ok=True)
+    git(path, "init", "-q", "-b", "exp-branch")
+    (path / "train.py").write_text("print('hi')\n")
+    git(path, "add", "train.py")
+    git(path, "commit", "-q", "-m", "init")
+    return git(path, "rev-parse", "HEAD")
+
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts); stop/start keep the data."""
 

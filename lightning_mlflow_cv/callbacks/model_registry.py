@@ -1,4 +1,9 @@
-"""ModelRegistryCallback: log a servable pyfunc model, register it, gate it, promote it, write its model card."""
+"""ModelRegistryCallback: log a servable pyfunc model at fit end, register it, write its model card, then gate it.
+
+The gates, the champion/challenger rule and the alias move are not here: the callback calls
+:func:`lightning_mlflow_cv.promotion.promote` (the module that promotes, also behind ``lightning-mlflow-cv promote``),
+so a fit and a later CI job apply one rule.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ from lightning_mlflow_cv import _compat, _export, _http, _pyfunc
 from lightning_mlflow_cv import tasks as _tasks
 from lightning_mlflow_cv._context import find_mlflow_logger
 from lightning_mlflow_cv._summary import NOTE_TAG, run_description
-from lightning_mlflow_cv.registry import Decision, parse_gates, promote, transition_stage
+from lightning_mlflow_cv.environment import framework_versions
+from lightning_mlflow_cv.promotion import Decision, parse_gates, promote, transition_stage
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -30,18 +36,6 @@ if TYPE_CHECKING:
 
 _NAME = "ModelRegistryCallback"
 _CARD_KEYS = ("intended_use", "limitations")
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "torchvision", "lightning", "mlflow", "onnx", "onnxruntime", "lightning-mlflow-cv"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return out
 
 
 def card_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -148,7 +142,7 @@ def model_card_markdown(
         "## Versions",
         "",
     ]
-    lines += [f"- {k}: {v}" for k, v in (versions or _versions()).items()]
+    lines += [f"- {k}: {v}" for k, v in (versions or framework_versions()).items()]
     for title, text in (extra or {}).items():
         lines += ["", f"## {title}", "", str(text)]
     return "\n".join(lines) + "\n"
@@ -225,7 +219,7 @@ class ModelRegistryCallback(Callback):
        (``champion_alias`` moves to it, so exactly one champion exists) when every gate passes (a missing
        metric fails) and it beats the current champion on ``compare_metric`` by ``min_improvement``.
        The decision is stored as version tags and in the version description, see
-       :func:`~lightning_mlflow_cv.registry.promote`.
+       :func:`~lightning_mlflow_cv.promotion.promote`.
     6. **Model card**: ``MODEL_CARD.md`` (intended use, limitations, dataset lineage from the run's dataset
        inputs and ``*sha256*``/``*dataset*`` params, metrics, hardware, versions), logged as a run artifact,
        bundled with the model and set as the version description (below the decision).
@@ -370,7 +364,7 @@ class ModelRegistryCallback(Callback):
         self.postprocess_options = dict(postprocess_options or {})
         #: The registered version (str) of the last fit, ``None`` before or on failure.
         self.version: str | None = None
-        #: The promotion :class:`~lightning_mlflow_cv.registry.Decision` of the last fit.
+        #: The promotion :class:`~lightning_mlflow_cv.promotion.Decision` of the last fit.
         self.decision: Decision | None = None
         #: LoggedModel id of the last fit's model (``models:/<model_id>``).
         self.model_id: str | None = None
@@ -443,7 +437,7 @@ class ModelRegistryCallback(Callback):
 
     def _check_registry(self, logger: Any) -> None:
         """Fail before training when the store has no Model Registry (a store that is down is not checked)."""
-        from lightning_mlflow_cv.registry import require_registry
+        from lightning_mlflow_cv.promotion import require_registry
 
         with _fail_fast(logger):
             require_registry(_registry_client(logger), _NAME)
@@ -633,15 +627,12 @@ class ModelRegistryCallback(Callback):
         """``mlflow.pyfunc.save_model`` of the bundle (models from code, explicit pinned requirements)."""
         import mlflow
 
-        reqs = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
+        pins = ["torch", "mlflow", "numpy"]
         if self.postprocess == "boxes":
-            import torchvision
-
-            reqs.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
+            pins.append("torchvision")
         if str(b["network"]).endswith(".onnx"):
-            import onnxruntime
-
-            reqs.append(f"onnxruntime=={onnxruntime.__version__}")
+            pins.append("onnxruntime")
+        reqs = [f"{d}=={v}" for d, v in framework_versions(pins, local=False).items()]
         artifacts = {"network": str(b["network"]), "config": str(b["config"])}
         if card_path is not None:
             artifacts["model_card"] = str(card_path)
@@ -763,7 +754,7 @@ class ModelRegistryCallback(Callback):
         self.decision = promote(
             name,
             mv.version,
-            {g.metric: f"{g.op}{g.threshold!r}" for g in self.gates},
+            self.gates,
             self.champion_alias,
             self.compare_metric,
             self.min_improvement,

@@ -3,7 +3,7 @@
 A task (:class:`~lightning_mlflow_cv.tasks.CVTask`) holds its canonical name and short names, its output
 convention with one format check, its torchmetrics preset, how its prediction panel is drawn and the servable
 model's post-processing. ``CVMetricsCallback``, ``PredictionGridCallback``, ``GradCAMCallback``,
-``AugmentationSamplesCallback``, ``ModelRegistryCallback``, :func:`~lightning_mlflow_cv.registry.evaluate` and
+``AugmentationSamplesCallback``, ``ModelRegistryCallback``, :func:`~lightning_mlflow_cv.evaluation.evaluate` and
 the logger's ``task`` tag check all read this registry. Adding a task is adding one module that calls
 :func:`register` and importing it below.
 

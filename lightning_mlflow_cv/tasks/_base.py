@@ -13,7 +13,7 @@ A task is one :class:`CVTask` subclass in its own module. It defines, once:
   (augmentation samples);
 - its **servable post-processing**: ``postprocess``, a kind understood by the self-contained
   :mod:`lightning_mlflow_cv._pyfunc` (which travels inside every logged model), and :meth:`CVTask.served_metrics`
-  for :func:`~lightning_mlflow_cv.registry.evaluate`.
+  for :func:`~lightning_mlflow_cv.evaluation.evaluate`.
 """
 
 from __future__ import annotations

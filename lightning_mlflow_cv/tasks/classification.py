@@ -132,7 +132,7 @@ class Classification(CVTask):
         return _grid.classification_panel(img, int(target), class_names=opts.class_names)
 
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
-        raise NotImplementedError("classification is evaluated with mlflow.models.evaluate in registry.evaluate")
+        raise NotImplementedError("classification is evaluated with mlflow.models.evaluate in evaluation.evaluate")
 
 
 TASK = register(Classification)

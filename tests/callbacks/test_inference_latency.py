@@ -18,7 +18,7 @@ from lightning_mlflow_cv.callbacks.inference_latency import (
 )
 from lightning_mlflow_cv.callbacks.onnx_export import ONNXExportCallback
 from lightning_mlflow_cv.demo import DEMO_GATES, DigitsClassifier, DigitsDataModule
-from lightning_mlflow_cv.registry import evaluate_gates, parse_gates
+from lightning_mlflow_cv.promotion import evaluate_gates, parse_gates
 
 STATS = ("p50_ms", "p95_ms", "p99_ms", "p95_iqr_ms", "imgs_per_sec")
 KEYS = tuple(f"latency/torch/{k}" for k in STATS)

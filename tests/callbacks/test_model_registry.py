@@ -21,7 +21,7 @@ from conftest import refused_port
 from lightning_mlflow_cv import MLflowCVLogger, _pyfunc
 from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback, model_card_markdown
 from lightning_mlflow_cv.demo import DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule, load_digits_tensors
-from lightning_mlflow_cv.registry import evaluate
+from lightning_mlflow_cv.evaluation import evaluate
 
 SHA = "a" * 64
 

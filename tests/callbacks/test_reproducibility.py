@@ -1,10 +1,9 @@
-"""ReproducibilityCallback: pure extraction functions, then one real fit read back from a real SQLite store."""
+"""ReproducibilityCallback: arguments, seeding and state, then one real fit read back from a real SQLite store."""
 
 from __future__ import annotations
 
 import json
 import platform
-import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
@@ -13,23 +12,11 @@ import lightning.pytorch as pl
 import mlflow
 import pytest
 import torch
-import torchvision.transforms as T
+from conftest import make_git_repo
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
-from torchvision.transforms import v2
 
 from lightning_mlflow_cv._redact import REDACTED
-from lightning_mlflow_cv.callbacks.reproducibility import (
-    ReproducibilityCallback,
-    dataloader_params,
-    find_train_transform,
-    git_state,
-    optimizer_params,
-    requirements_txt,
-    scheduler_params,
-    system_info,
-    transform_params,
-)
+from lightning_mlflow_cv.callbacks.reproducibility import ReproducibilityCallback
 from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.logger import MLflowCVLogger
 
@@ -41,143 +28,8 @@ SECRETS = (PIP_SECRET, ENV_SECRET, HPARAM_SECRET, DIFF_SECRET)
 
 
 # ------------------------------------------------------------------------------------------------
-# pure functions
+# arguments, seeds, state (the extractors are tested in tests/test_environment.py and tests/test_hyperparameters.py)
 # ------------------------------------------------------------------------------------------------
-def test_transform_params_v1_compose_nested_containers() -> None:
-    crop = T.RandomResizedCrop(24, scale=(0.5, 1.0))
-    jitter = T.ColorJitter(brightness=0.3)
-    norm = T.Normalize((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
-    t = T.Compose([crop, T.RandomApply([jitter], p=0.3), T.RandomHorizontalFlip(0.25), norm, T.RandomHorizontalFlip()])
-    p = transform_params(t)
-    assert p["augment/RandomResizedCrop/size"] == str(crop.size) == "(24, 24)"
-    assert p["augment/RandomResizedCrop/scale"] == "(0.5, 1.0)"
-    assert p["augment/RandomResizedCrop/interpolation"] == "bilinear"  # enum by value
-    assert p["augment/RandomApply/p"] == "0.3"
-    assert p["augment/RandomApply/ColorJitter/brightness"] == str(jitter.brightness)
-    assert p["augment/RandomHorizontalFlip/p"] == "0.25"
-    assert p["augment/RandomHorizontalFlip_2/p"] == "0.5"  # a repeated class gets a suffix, not an overwrite
-    assert p["augment/Normalize/mean"] == "(0.5, 0.4, 0.3)"
-    assert p["augment/pipeline"] == (
-        "RandomResizedCrop > RandomApply > RandomHorizontalFlip > Normalize > RandomHorizontalFlip_2"
-    )
-
-
-def test_transform_params_v2_pipeline_and_lambda() -> None:
-    affine = v2.RandomAffine(degrees=15, translate=(0.1, 0.2))
-    t = v2.Compose([affine, v2.ToDtype(torch.float32, scale=True), v2.Lambda(torch.flatten)])
-    p = transform_params(t, prefix="train_tf")
-    assert p["train_tf/RandomAffine/degrees"] == str(list(affine.degrees)) == "[-15.0, 15.0]"
-    assert p["train_tf/RandomAffine/translate"] == "(0.1, 0.2)"
-    assert p["train_tf/ToDtype/dtype"] == "torch.float32"
-    assert p["train_tf/Lambda/lambd"] == "torch.flatten"
-    # a bare transform (no container) is flattened too
-    assert transform_params(v2.RandomVerticalFlip(p=0.7)) == {"augment/RandomVerticalFlip/p": "0.7"}
-
-
-def test_find_train_transform_through_subset_and_datamodule() -> None:
-    dm = DigitsDataModule(augment=True)
-    dm.setup("fit")
-    subset = torch.utils.data.Subset(dm.train_set, [0, 1, 2])
-    assert find_train_transform(dataset=subset) is dm.train_transform
-    assert find_train_transform(dataset=TensorDataset(torch.zeros(2)), datamodule=dm) is dm.train_transform
-    assert find_train_transform(dataset=TensorDataset(torch.zeros(2))) is None
-
-
-def test_optimizer_params_every_group_setting() -> None:
-    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.01}], lr=0.1, momentum=0.9, nesterov=True)
-    p = optimizer_params([opt])
-    assert p["optimizer/name"] == "SGD"
-    assert p["optimizer/num_param_groups"] == "2"
-    for i, group in enumerate(opt.param_groups):
-        for k, v in group.items():
-            if k in {"foreach", "fused", "capturable", "differentiable"}:  # implementation switches
-                assert f"optimizer/group_{i}/{k}" not in p
-            elif k != "params":
-                assert p[f"optimizer/group_{i}/{k}"] == str(v)
-    two = optimizer_params([opt, torch.optim.AdamW([a], lr=1e-3, betas=(0.8, 0.99))])
-    assert two["optimizer_1/name"] == "AdamW" and two["optimizer_1/betas"] == "(0.8, 0.99)"
-
-
-def test_scheduler_params_with_lightning_config() -> None:
-    from lightning.pytorch.utilities.types import LRSchedulerConfig
-
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7, eta_min=1e-4)
-    p = scheduler_params([LRSchedulerConfig(cos, interval="step", frequency=2)])
-    assert p["lr_scheduler/name"] == "CosineAnnealingLR"
-    assert p["lr_scheduler/T_max"] == "7" and p["lr_scheduler/eta_min"] == "0.0001"
-    assert p["lr_scheduler/interval"] == "step" and p["lr_scheduler/frequency"] == "2"
-    assert "lr_scheduler/last_epoch" not in p and "lr_scheduler/optimizer" not in p
-
-
-def test_dataloader_params_shuffle_and_batch_sampler() -> None:
-    ds = TensorDataset(torch.zeros(10, 1))
-    shuffled = DataLoader(ds, batch_size=4, shuffle=True, pin_memory=False, drop_last=True)
-    ordered = DataLoader(ds, batch_size=3)
-    sampler_only = DataLoader(ds, batch_sampler=torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds), 5, False))
-    p = dataloader_params([shuffled, ordered, sampler_only], "val_dataloader")
-    assert p["val_dataloader_0/batch_size"] == "4" and p["val_dataloader_0/shuffle"] == "True"
-    assert p["val_dataloader_0/drop_last"] == "True"
-    assert p["val_dataloader_1/shuffle"] == "False"
-    assert p["val_dataloader_2/batch_size"] == "5" and p["val_dataloader_2/shuffle"] == "True"
-
-
-def test_requirements_txt_lists_packages_and_redacts_index_credentials(monkeypatch, tmp_path: Path) -> None:
-    conf = tmp_path / "pip.conf"
-    conf.write_text(f"[global]\nextra-index-url = https://ci:{PIP_SECRET}x@mirror.example.com/simple\n")
-    monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
-    monkeypatch.setenv("PIP_INDEX_URL", f"https://bob:{PIP_SECRET}@pypi.internal.example.com/simple")
-    text = requirements_txt()
-    assert f"\ntorch=={version('torch')}\n" in text  # what `pip freeze` prints (distribution metadata)
-    assert f"\nmlflow=={version('mlflow')}\n" in text
-    assert f"--index-url https://{REDACTED}@pypi.internal.example.com/simple" in text
-    assert f"--extra-index-url https://{REDACTED}@mirror.example.com/simple" in text
-    assert PIP_SECRET not in text
-
-
-def test_system_info_redacts_environment(monkeypatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ENV_SECRET)
-    monkeypatch.setenv("PL_DB_URL", f"postgresql://u:{ENV_SECRET}@db/x")
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    info = system_info()
-    text = json.dumps(info)
-    assert ENV_SECRET not in text
-    assert info["environment"]["MLFLOW_TRACKING_PASSWORD"] == REDACTED
-    assert info["environment"]["OMP_NUM_THREADS"] == "3"
-    assert info["cpu"]["logical_cores"] >= 1 and info["ram"]["total_bytes"] > 0
-    assert info["gpus"] == [] or "memory_total_mb" in info["gpus"][0]
-
-
-def _git(cwd: Path, *args: str) -> str:
-    cmd = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-c", "commit.gpgsign=false", *args]
-    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def _make_repo(path: Path) -> str:
-    path.mkdir(exist_ok=True)
-    _git(path, "init", "-q", "-b", "exp-branch")
-    (path / "train.py").write_text("print('hi')\n")
-    _git(path, "add", "train.py")
-    _git(path, "commit", "-q", "-m", "init")
-    return _git(path, "rev-parse", "HEAD")
-
-
-def test_git_state_clean_dirty_and_outside(tmp_path: Path, monkeypatch) -> None:
-    repo = tmp_path / "repo"
-    sha = _make_repo(repo)
-    assert git_state(repo) == {"git_commit": sha, "git_branch": "exp-branch", "git_dirty": "false"}
-    (repo / "train.py").write_text(f"API_TOKEN = '{DIFF_SECRET}'\nprint('hi')\n")
-    dirty = git_state(repo)
-    assert dirty["git_dirty"] == "true"
-    assert "API_TOKEN" in dirty["diff"] and DIFF_SECRET not in dirty["diff"]
-    outside = tmp_path / "plain"
-    outside.mkdir()
-    monkeypatch.setenv("GIT_COMMIT_SHA", "abc123")
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
-    assert git_state(outside) == {"git_commit": "abc123"}
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -210,18 +62,6 @@ def test_global_seed_given_already_set_or_none(monkeypatch) -> None:
     pl.seed_everything(99, verbose=False)  # a seed set elsewhere (e.g. LightningCLI's seed_everything)
     assert ReproducibilityCallback().global_seed() == "99"
     assert ReproducibilityCallback(seed=5).global_seed() == "5"
-
-
-def test_scheduler_params_lambda_and_one_cycle() -> None:
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-
-    def warmup(step: int) -> float:
-        return min(1.0, (step + 1) / 10)
-
-    p = scheduler_params([torch.optim.lr_scheduler.LambdaLR(opt, warmup)])
-    assert p["lr_scheduler/name"] == "LambdaLR" and p["lr_scheduler/lr_lambda"].endswith("warmup")
-    one = scheduler_params([torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.3, total_steps=100)])
-    assert one["lr_scheduler/max_lr"] == "0.3" and one["lr_scheduler/total_steps"] == "100"
 
 
 def test_state_dict_round_trip_skips_a_resumed_run() -> None:
@@ -276,7 +116,7 @@ def all_run_text(tracking_uri: str, run_id: str, dst: Path) -> str:
 
 
 def test_fit_logs_params_tags_and_artifacts_matching_live_objects(tmp_path: Path, tracking_uri: str, monkeypatch) -> None:
-    sha = _make_repo(tmp_path)  # the cwd is a git work tree, made dirty with a secret in the diff
+    sha = make_git_repo(tmp_path)  # the cwd is a git work tree, made dirty with a secret in the diff
     (tmp_path / "train.py").write_text(f"SECRET_TOKEN = '{DIFF_SECRET}'\n")
     monkeypatch.setenv("PIP_INDEX_URL", f"https://bob:{PIP_SECRET}@pypi.internal.example.com/simple")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ENV_SECRET)

@@ -15,9 +15,9 @@ from mlflow import MlflowClient
 
 from lightning_mlflow_cv import MLflowCVLogger
 from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback
+from lightning_mlflow_cv.cli import promote_main
 from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
-from lightning_mlflow_cv.registry import promote, promote_main, registry_unsupported
-
+from lightning_mlflow_cv.promotion import promote, registry_unsupported
 
 
 def _no_registry(method: str, path: str) -> int | bool:

@@ -1,16 +1,20 @@
-"""Promotion gates, champion/challenger promotion (function and ``lightning-mlflow-cv promote``) and ``evaluate``.
+"""Promotion: gates, the champion/challenger rule and :func:`promote`, which moves the champion alias.
 
-The pure part (gate parsing and evaluation, the comparison rule) is plain functions; :func:`promote` applies them
-to a registered model version in the MLflow Model Registry and records the decision on the version.
+This is the module that promotes. :func:`promote` gates a registered model version, compares it with the
+version behind the champion alias, moves the alias when it wins and records the decision on the version; the
+``lightning-mlflow-cv promote`` command (:mod:`lightning_mlflow_cv.cli`) calls it from CI/CD after a fit.
+:class:`~lightning_mlflow_cv.ModelRegistryCallback` (``callbacks/model_registry.py``) logs and registers the model
+at fit end and then calls the same :func:`promote`, so a fit and a later CI job apply one rule.
+
+The pure part (gate parsing and evaluation, the comparison rule, the decision's tags and markdown) is plain
+functions testable without a store.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
+import operator
 import re
-import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,7 +24,16 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-OPS = (">=", "<=", ">", "<", "==", "!=")
+_COMPARE = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+#: The comparison operators a gate may use.
+OPS = tuple(_COMPARE)
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf"
 _SPEC = re.compile(rf"^\s*(>=|<=|==|!=|>|<)\s*({_NUM})\s*$")
 _EXPR = re.compile(rf"^\s*([\w\-./ :]+?)\s*(>=|<=|==|!=|>|<)\s*({_NUM})\s*$")
@@ -41,10 +54,7 @@ class Gate:
         """Whether ``value`` passes (NaN never passes)."""
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
-        t = self.threshold
-        return {
-            ">=": value >= t, "<=": value <= t, ">": value > t, "<": value < t, "==": value == t, "!=": value != t
-        }[self.op]
+        return bool(_COMPARE[self.op](value, self.threshold))
 
     def __str__(self) -> str:
         return f"{self.metric} {self.op} {self.threshold:g}"
@@ -84,14 +94,16 @@ def parse_gate(metric: str, spec: str) -> Gate:
     return Gate(metric.strip(), m.group(1), float(m.group(2)))
 
 
-def parse_gates(gates: Mapping[str, str] | None) -> list[Gate]:
-    """Parse a ``{metric: "<op><number>"}`` mapping (``None`` means no gates).
+def parse_gates(gates: Mapping[str, str] | Sequence[Gate] | None) -> list[Gate]:
+    """Parse a ``{metric: "<op><number>"}`` mapping (``None`` means no gates); a list of :class:`Gate` passes as is.
 
     Raises:
-        ValueError: when ``gates`` is not a mapping or a spec is unparseable.
+        ValueError: when ``gates`` is not a mapping (or a list of :class:`Gate`) or a spec is unparseable.
     """
     if gates is None:
         return []
+    if isinstance(gates, (list, tuple)) and all(isinstance(g, Gate) for g in gates):
+        return list(gates)
     if not isinstance(gates, Mapping):
         raise ValueError(
             f"gates must be a mapping of metric name to '<op><number>', got {type(gates).__name__} {gates!r}. "
@@ -127,11 +139,24 @@ def evaluate_gates(gates: Iterable[Gate], metrics: Mapping[str, float]) -> list[
     for g in gates:
         if g.metric not in metrics or metrics[g.metric] is None:
             known = ", ".join(sorted(metrics)[:20]) or "none"
-            out.append(GateResult(g.metric, g.op, g.threshold, None, False, f"missing: metric {g.metric!r} was not logged (logged: {known})"))
+            out.append(
+                GateResult(
+                    g.metric,
+                    g.op,
+                    g.threshold,
+                    None,
+                    False,
+                    f"missing: metric {g.metric!r} was not logged (logged: {known})",
+                )
+            )
             continue
         v = float(metrics[g.metric])
         ok = g.check(v)
-        out.append(GateResult(g.metric, g.op, g.threshold, v, ok, f"{'pass' if ok else 'fail'}: {v:.6g} {g.op} {g.threshold:g}"))
+        out.append(
+            GateResult(
+                g.metric, g.op, g.threshold, v, ok, f"{'pass' if ok else 'fail'}: {v:.6g} {g.op} {g.threshold:g}"
+            )
+        )
     return out
 
 
@@ -155,7 +180,10 @@ def compare(
     gain = (candidate - champion) if mode == "max" else (champion - candidate)
     ok = gain >= min_improvement
     word = "improves on" if ok else "does not improve enough on"
-    return ok, f"{candidate:.6g} {word} the champion's {champion:.6g} (gain {gain:.6g}, min_improvement {min_improvement:g}, mode {mode})"
+    return (
+        ok,
+        f"{candidate:.6g} {word} the champion's {champion:.6g} (gain {gain:.6g}, min_improvement {min_improvement:g}, mode {mode})",
+    )
 
 
 @dataclass
@@ -328,7 +356,7 @@ def _alias_version(client: MlflowClient, model_name: str, alias: str) -> ModelVe
 def promote(
     model_name: str,
     candidate: str | int,
-    gates: Mapping[str, str] | None = None,
+    gates: Mapping[str, str] | Sequence[Gate] | None = None,
     champion_alias: str = "champion",
     compare_metric: str | None = None,
     min_improvement: float = 0.0,
@@ -351,7 +379,8 @@ def promote(
     Args:
         model_name: Registered model name.
         candidate: Version number, or the id of the run that registered it (its newest version).
-        gates: ``{metric: "<op><number>"}``, e.g. ``{"val/acc": ">=0.9", "latency/torch/p95_ms": "<=50"}``.
+        gates: ``{metric: "<op><number>"}``, e.g. ``{"val/acc": ">=0.9", "latency/torch/p95_ms": "<=50"}``, or
+            :class:`Gate` objects already parsed (:func:`parse_gates`, :func:`parse_gate_expr`).
         champion_alias: Alias of the champion.
         compare_metric: Metric compared with the champion's (``None``: no comparison).
         min_improvement: Least gain over the champion on ``compare_metric``.
@@ -371,7 +400,7 @@ def promote(
 
     Example::
 
-        from lightning_mlflow_cv.registry import promote
+        from lightning_mlflow_cv import promote
 
         decision = promote("digits-cnn", "3", gates={"val/acc": ">=0.9"}, compare_metric="val/acc",
                            min_improvement=0.005, tracking_uri="sqlite:///mlflow.db")
@@ -379,7 +408,9 @@ def promote(
     """
     parsed = parse_gates(gates)
     if compare_mode not in ("max", "min"):
-        raise ValueError(f"promote: `compare_mode` must be 'max' or 'min', got {compare_mode!r}. Use 'min' for losses and latencies.")
+        raise ValueError(
+            f"promote: `compare_mode` must be 'max' or 'min', got {compare_mode!r}. Use 'min' for losses and latencies."
+        )
     if isinstance(min_improvement, bool) or not isinstance(min_improvement, (int, float)) or min_improvement < 0:
         raise ValueError(f"promote: `min_improvement` must be a number >= 0, got {min_improvement!r}. Example: 0.005.")
     client = _client(tracking_uri)
@@ -413,7 +444,9 @@ def promote(
             champ_metrics = client.get_run(champ.run_id).data.metrics if champ.run_id else {}
             ch_v = champ_metrics.get(compare_metric)
             decision.champion_value = None if ch_v is None else float(ch_v)
-            cmp_ok, cmp_reason = compare(decision.candidate_value, decision.champion_value, compare_mode, float(min_improvement))
+            cmp_ok, cmp_reason = compare(
+                decision.candidate_value, decision.champion_value, compare_mode, float(min_improvement)
+            )
         decision.comparison = cmp_reason
     if failed:
         decision.reason = "failed gates: " + "; ".join(f"{g.metric} ({g.reason})" for g in failed)
@@ -436,7 +469,9 @@ def promote(
 def transition_stage(client: MlflowClient, model_name: str, version: str | int, stage: str) -> bool:
     """Legacy stage transition (``archive_existing_versions=True`` for Production); False where unsupported."""
     if not hasattr(client, "transition_model_version_stage"):
-        warnings.warn("use_stages=True: this MLflow has no stage transitions; only aliases are set.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "use_stages=True: this MLflow has no stage transitions; only aliases are set.", RuntimeWarning, stacklevel=2
+        )
         return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -444,272 +479,3 @@ def transition_stage(client: MlflowClient, model_name: str, version: str | int, 
             model_name, str(version), stage, archive_existing_versions=stage == "Production"
         )
     return True
-
-
-def promote_main(argv: Sequence[str] | None = None) -> int:
-    """``lightning-mlflow-cv promote``: exit 0 when promoted, 1 when not, 2 on a usage or lookup error.
-
-    Prints the decision as one JSON object on stdout.
-    """
-    parser = argparse.ArgumentParser(
-        prog="lightning-mlflow-cv promote",
-        description="Gate a registered model version and move the champion alias when it wins. "
-        "Exit code: 0 promoted, 1 not promoted, 2 error.",
-    )
-    parser.add_argument("--model-name", "-m", required=True, help="registered model name")
-    parser.add_argument("--candidate", "-c", required=True, help="version number or the run id that registered it")
-    parser.add_argument("--gate", "-g", action="append", default=[], metavar="METRIC<OP>NUMBER",
-                        help="e.g. 'val/acc>=0.9' (repeatable; op in >= <= > < == !=)")
-    parser.add_argument("--champion-alias", default="champion")
-    parser.add_argument("--compare-metric", default=None)
-    parser.add_argument("--compare-mode", choices=("max", "min"), default="max")
-    parser.add_argument("--min-improvement", type=float, default=0.0)
-    parser.add_argument("--use-stages", action="store_true", help="also transition to Production (legacy)")
-    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI")
-    try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        gates = {}
-        for expr in args.gate:
-            g = parse_gate_expr(expr)
-            gates[g.metric] = f"{g.op}{g.threshold!r}"
-        decision = promote(
-            args.model_name,
-            args.candidate,
-            gates,
-            args.champion_alias,
-            args.compare_metric,
-            args.min_improvement,
-            args.tracking_uri,
-            compare_mode=args.compare_mode,
-            use_stages=args.use_stages,
-        )
-    except Exception as err:  # noqa: BLE001 - a CLI reports, it does not trace back
-        print(f"promote: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(decision.to_dict(), default=str))
-    return 0 if decision.promoted else 1
-
-
-# ------------------------------------------------------------------------------------------------
-# evaluate
-# ------------------------------------------------------------------------------------------------
-def _raw_batches(dataloader: Iterable[Any], cfg: Mapping[str, Any]) -> Iterable[tuple[Any, Any]]:
-    """(raw uint8 images in the model's layout, targets) per batch; float images are de-normalised with the
-    model's own mean/std."""
-    import numpy as np
-    import torch
-
-    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
-    for batch in dataloader:
-        if isinstance(batch, Mapping):
-            x = batch.get("images", batch.get("image"))
-            y = batch.get("targets", batch.get("target", batch.get("labels", batch.get("label"))))
-        else:
-            x, y = batch[0], batch[1]
-        if x.is_floating_point():
-            x = ((x * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
-        if cfg["layout"] == "NHWC":
-            x = x.permute(0, 2, 3, 1)
-        yield np.ascontiguousarray(x.cpu().numpy()), y
-
-
-def evaluate(
-    model_uri: str,
-    dataloader: Iterable[Any],
-    *,
-    task: str = "classification",
-    class_names: Sequence[str] | None = None,
-    run_id: str | None = None,
-    experiment_name: str | None = None,
-    tracking_uri: str | None = None,
-) -> dict[str, float]:
-    """Evaluate a logged or registered servable model (``models:/...`` or ``runs:/...``) over a dataloader.
-
-    The dataloader yields ``(images, targets)`` (or dicts with ``images``/``targets``). Float images are taken
-    as normalised with the model's own mean and std (what the training dataloaders yield) and turned back into
-    raw ``uint8`` images, so the model runs exactly as it serves.
-
-    - ``classification``: builds a predictions table (``label``, ``prediction``, ``prob_<class>``), logs it as
-      ``eval/predictions.json``, and calls ``mlflow.models.evaluate(model_type="classifier")`` with the model's
-      ``model_id`` so the metrics (macro precision / recall / F1, confusion matrix, ...) show in MLflow's
-      evaluation view linked to the model. Adds ``roc_auc_macro`` (torchmetrics) from the probabilities.
-    - ``segmentation``: mean IoU and pixel accuracy (torchmetrics) of the predicted masks.
-    - ``detection``: mAP and mAP50 (torchmetrics ``MeanAveragePrecision``; targets are lists of dicts).
-    - ``instance-segmentation``: ``mask_AP``, ``bbox_AP``, ``mask_AP50``, ``bbox_AP50`` (targets: lists of dicts
-      with ``boxes``, ``labels``, ``masks``).
-    - ``anomaly-detection``: ``AUROC``, ``AUPRC``, ``F1_at_best_threshold``, ``best_threshold`` (targets ``(N,)``).
-    - ``depth-estimation``: ``AbsRel``, ``SqRel``, ``RMSE``, ``RMSE_log``, ``delta_1..3`` (targets: depth maps,
-      0/NaN invalid; predictions are resized to the targets' size).
-
-    Every task of :mod:`lightning_mlflow_cv.tasks` is accepted, by its name or short name.
-
-    Args:
-        model_uri: ``models:/NAME@alias``, ``models:/NAME/VERSION``, ``models:/<model_id>`` or ``runs:/...``.
-        dataloader: Batches of images and targets.
-        task: What the model predicts.
-        class_names: Class names for the table (default: ``0..C-1``).
-        run_id: Run to log into (default: the model's source run, else a new run in ``experiment_name``).
-        experiment_name: Experiment of a new run.
-        tracking_uri: Tracking URI (default: MLflow's current one).
-
-    Returns:
-        The metrics logged.
-
-    Raises:
-        ValueError: on an unknown ``task`` or a model that was not logged by ``ModelRegistryCallback``.
-
-    Example::
-
-        from lightning_mlflow_cv import evaluate
-
-        metrics = evaluate("models:/digits-cnn@champion", dm.test_dataloader())
-        print(metrics["accuracy_score"], metrics["f1_score"])
-    """
-    import mlflow
-    import numpy as np
-    import torch
-
-    from lightning_mlflow_cv import tasks as _tasks
-
-    cv_task = _tasks.get_task(task, "evaluate")
-    previous_uri = mlflow.get_tracking_uri()
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-        try:
-            impl = model.unwrap_python_model()
-        except Exception:  # noqa: BLE001 - a loader_module model (MLflow < 2.13) is not a PythonModel
-            impl = getattr(model, "_model_impl", None)
-        cfg = getattr(impl, "config", None)
-        if not isinstance(cfg, Mapping) or "mean" not in cfg:
-            raise ValueError(
-                f"evaluate: {model_uri!r} is not a model logged by ModelRegistryCallback (no preprocess config). "
-                "Log it with ModelRegistryCallback, or call mlflow.models.evaluate yourself."
-            )
-        meta = model.metadata
-        model_id = getattr(meta, "model_id", None)
-        run_id = run_id or getattr(meta, "run_id", None)
-        ys: list[Any] = []
-        preds: list[Any] = []
-        for raw, y in _raw_batches(dataloader, cfg):
-            preds.append(model.predict(raw))
-            ys.append(y)
-        client = _client(tracking_uri)
-        if run_id is None:
-            exp = mlflow.set_experiment(experiment_name or "evaluation")
-            run_id = client.create_run(exp.experiment_id, run_name="evaluate").info.run_id
-        if cv_task.name == "classification":
-            return _evaluate_classifier(client, run_id, model_id, np.concatenate(preds), torch.cat([torch.as_tensor(t) for t in ys]), class_names)
-        metrics = cv_task.served_metrics(preds, ys, class_names)
-        client.log_batch(run_id, metrics=_metric_entities(metrics))
-        return metrics
-    finally:
-        if tracking_uri:
-            mlflow.set_tracking_uri(previous_uri)
-
-
-def _metric_entities(metrics: Mapping[str, float], prefix: str = "eval/") -> list[Any]:
-    import time
-
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    return [Metric(f"{prefix}{k}", float(v), ts, 0) for k, v in metrics.items()]
-
-
-def _evaluate_classifier(
-    client: Any, run_id: str, model_id: str | None, probs: Any, targets: Any, class_names: Sequence[str] | None
-) -> dict[str, float]:
-    import mlflow
-    import pandas as pd
-    import torch
-    from torchmetrics.functional.classification import multiclass_auroc
-
-    from lightning_mlflow_cv import _compat
-
-    num_classes = probs.shape[1]
-    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-    df = pd.DataFrame({"label": targets.numpy().astype(int), "prediction": probs.argmax(1).astype(int)})
-    for i, n in enumerate(names):
-        df[f"prob_{n}"] = probs[:, i]
-    uri = client._tracking_client.tracking_uri
-    with_model = _compat.logged_models_supported(client, uri)
-    model_kw = {"model_id": model_id} if with_model and model_id else {}
-    import inspect
-
-    takes = inspect.signature(mlflow.start_run).parameters
-    no_sysmetrics = {"log_system_metrics": False} if "log_system_metrics" in takes else {}  # MLflow >= 2.8
-    with mlflow.start_run(run_id=run_id, **no_sysmetrics) as run:
-        if with_model:
-            mlflow.log_table(df, "eval/predictions.json", run_id=run.info.run_id)
-        else:  # log_table's logged-model path needs MLflow 3 on both sides: the same file and tag, written here
-            _log_table_file(client, run.info.run_id, df, "eval/predictions.json")
-        auc = float(multiclass_auroc(torch.from_numpy(probs).float(), targets.long(), num_classes=num_classes, average="macro"))
-        if _compat.evaluate_takes_predictions():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = mlflow.models.evaluate(
-                    data=df[["label", "prediction"]],
-                    targets="label",
-                    predictions="prediction",
-                    model_type="classifier",
-                    evaluators=["default"],
-                    **model_kw,
-                )
-            metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-        else:
-            _compat.warn_once(
-                "evaluate-predictions",
-                f"evaluate: MLflow {_compat.version_string()} cannot evaluate a predictions table "
-                "(mlflow.models.evaluate(predictions=...) needs MLflow >= 2.8); the classifier metrics are computed "
-                "with torchmetrics under MLflow's names and logged to the run, without MLflow's evaluation artifacts.",
-            )
-            metrics = classifier_metrics(df["prediction"].to_numpy(), df["label"].to_numpy(), num_classes)
-            client.log_batch(run.info.run_id, metrics=_metric_entities(metrics, prefix=""))
-        mlflow.log_metric("roc_auc_macro", auc, **model_kw)
-        metrics["roc_auc_macro"] = auc
-    return metrics
-
-
-def classifier_metrics(pred: Any, target: Any, num_classes: int) -> dict[str, float]:
-    """The metrics MLflow's default classifier evaluator logs for a multiclass predictions table (weighted
-    averages, as its default ``average="weighted"``), from torchmetrics."""
-    import torch
-    from torchmetrics.functional.classification import multiclass_f1_score, multiclass_precision, multiclass_recall
-
-    p, t = torch.as_tensor(pred).long(), torch.as_tensor(target).long()
-    n = max(int(num_classes), int(p.max()) + 1, int(t.max()) + 1)
-    kw = {"num_classes": n, "average": "weighted"}
-    return {
-        "example_count": float(len(t)),
-        "accuracy_score": float((p == t).float().mean()),
-        "recall_score": float(multiclass_recall(p, t, **kw)),
-        "precision_score": float(multiclass_precision(p, t, **kw)),
-        "f1_score": float(multiclass_f1_score(p, t, **kw)),
-    }
-
-
-def _log_table_file(client: Any, run_id: str, df: Any, artifact_file: str) -> None:
-    """What ``MlflowClient.log_table`` stores for a JSON table (``orient="split"`` and the run's
-    ``mlflow.loggedArtifacts`` tag, so the UI lists it), uploaded with the run's tracking URI."""
-    import posixpath
-    import tempfile
-    from pathlib import Path
-
-    from lightning_mlflow_cv import _compat
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / posixpath.basename(artifact_file)
-        df.to_json(path, orient="split", index=False, date_format="iso")
-        _compat.log_artifact(client, run_id, str(path), posixpath.dirname(artifact_file) or None)
-    tag = "mlflow.loggedArtifacts"
-    current = json.loads(client.get_run(run_id).data.tags.get(tag, "[]"))
-    entry = {"path": artifact_file, "type": "table"}
-    if entry not in current:
-        client.set_tag(run_id, tag, json.dumps(current + [entry]))
-
