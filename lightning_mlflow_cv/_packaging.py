@@ -181,14 +181,15 @@ def build_bundle(
 
 def pip_requirements(bundle: Bundle) -> list[str]:
     """Pinned requirements of the served model: what :mod:`lightning_mlflow_cv._pyfunc` imports for this bundle."""
+    import importlib.metadata
+
     import mlflow
-    import pandas
 
     reqs = [
         f"torch=={torch.__version__.split('+')[0]}",
         f"mlflow=={mlflow.__version__}",
         f"numpy=={np.__version__}",
-        f"pandas=={pandas.__version__}",
+        f"pandas=={importlib.metadata.version('pandas')}",  # the class-probability table
     ]
     if bundle.cfg["postprocess"] == "boxes":
         import torchvision

@@ -356,10 +356,11 @@ class ModelRegistryCallback(ShippingCallback):
         except Exception as err:  # noqa: BLE001 - tracking failure: the test metrics stay in the run
             warnings.warn(f"{_NAME}: could not add the test metrics to the model card ({err}).", RuntimeWarning, stacklevel=2)
             return
-        if getattr(self, "model_id", None) is not None:
+        model_id = getattr(self, "model_id", None)
+        if model_id is not None:
             logger.flush()  # the test metrics are in the store before they are linked
             with _fail_fast(logger):
-                self._link_metrics(client, str(logger.run_id), self.model_id, sorted(test))
+                self._link_metrics(client, str(logger.run_id), model_id, sorted(test))
         if getattr(self, "_card_text", None):
             with tempfile.TemporaryDirectory() as tmp:
                 card = Path(tmp) / "MODEL_CARD.md"
