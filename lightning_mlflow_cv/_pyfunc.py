@@ -1,6 +1,6 @@
 """The servable MLflow pyfunc model: raw uint8 images in, probabilities / boxes / masks out.
 
-Self-contained on purpose (imports only numpy, torch, torchvision and mlflow): a copy of this file travels inside
+Self-contained on purpose (imports only numpy, pandas, torch, torchvision and mlflow): a copy of this file travels inside
 every logged model (``code/lmc_pyfunc.py``), so ``mlflow.pyfunc.load_model(...)`` works where
 ``lightning_mlflow_cv`` is not installed. Nothing here is unpickled: the model is "models from code" and the
 network is a ``torch.export`` archive (``.pt2``) or an ONNX file, loaded without running pickled code.
@@ -14,7 +14,10 @@ Input layout (documented contract):
 Preprocessing: resize to the training size (bilinear, antialiased) when the size differs, scale to [0, 1],
 normalise with the training mean and std. Postprocessing (``postprocess``):
 
-- ``softmax`` / ``sigmoid``: ``float32`` ``(N, num_classes)`` probabilities;
+- ``softmax`` / ``sigmoid``: a ``pandas.DataFrame`` of ``float32`` probabilities, one row per image and one column
+  per class, named by the class names (``config["class_names"]``; the class ids ``"0"``, ``"1"``, ... where none
+  were given). The model's output schema lists the same columns, and ``mlflow models serve`` answers
+  ``{"predictions": [{"cat": 0.9, "dog": 0.1}, ...]}``; ``df.to_numpy()`` is the ``(N, num_classes)`` array;
 - ``masks``: ``int64`` ``(N, H, W)`` class ids (argmax over the class axis of ``(N, C, H, W)`` logits);
 - ``boxes``: a list (one per image) of ``{"boxes": (M, 4) xyxy, "scores": (M,), "labels": (M,)}`` after a score
   threshold and class-wise NMS. The network returns either ``(N, K, 4 + num_classes)`` (xyxy box + class
@@ -186,6 +189,27 @@ def decode_anomaly(out: Any) -> dict[str, np.ndarray]:
     return result
 
 
+def class_columns(class_names: Any, num_classes: int) -> list[str]:
+    """Column names of the probability table: the class names, or the class ids when none fit.
+
+    Example::
+
+        >>> class_columns(["cat", "dog"], 2), class_columns(None, 3)
+        (['cat', 'dog'], ['0', '1', '2'])
+    """
+    if class_names and len(class_names) == num_classes:
+        return [str(n) for n in class_names]
+    return [str(i) for i in range(num_classes)]
+
+
+def probability_table(probs: np.ndarray, class_names: Any = None) -> Any:
+    """``(N, num_classes)`` probabilities -> a DataFrame with one ``float32`` column per class (see the module docstring)."""
+    import pandas as pd
+
+    probs = np.asarray(probs, dtype=np.float32).reshape(probs.shape[0], -1)
+    return pd.DataFrame(probs, columns=class_columns(class_names, probs.shape[1]))
+
+
 def postprocess(out: Any, kind: str, cfg: dict[str, Any] | None = None) -> Any:
     """Network output -> what ``predict`` returns for ``kind`` (see the module docstring)."""
     cfg = cfg or {}
@@ -202,9 +226,9 @@ def postprocess(out: Any, kind: str, cfg: dict[str, Any] | None = None) -> Any:
     if isinstance(out, (list, tuple)):
         out = out[0]
     if kind == "softmax":
-        return out.float().softmax(-1).numpy().astype(np.float32)
+        return probability_table(out.float().softmax(-1).numpy(), cfg.get("class_names"))
     if kind == "sigmoid":
-        return out.float().sigmoid().numpy().astype(np.float32)
+        return probability_table(out.float().sigmoid().numpy(), cfg.get("class_names"))
     if kind == "masks":
         return out.argmax(1).numpy().astype(np.int64)
     if kind == "depth":

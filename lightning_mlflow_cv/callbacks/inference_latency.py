@@ -6,7 +6,6 @@ import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_mlflow_cv import _export
@@ -17,6 +16,7 @@ from lightning_mlflow_cv._latency import (
     time_calls,
     torch_threads,
 )
+from lightning_mlflow_cv._shipping import ShippingCallback
 
 __all__ = ["InferenceLatencyCallback", "latency_stats", "time_blocks", "time_calls"]
 
@@ -35,7 +35,7 @@ def _positive_int(arg: str, value: Any, minimum: int) -> int:
     return value
 
 
-class InferenceLatencyCallback(Callback):
+class InferenceLatencyCallback(ShippingCallback):
     """Measure inference latency percentiles and throughput of the shipped model and log them as metrics.
 
     Times forward passes of ``batch_size`` real validation images through the weights that are shipped (the
@@ -103,7 +103,6 @@ class InferenceLatencyCallback(Callback):
         self.when = when
         #: The metrics of the last measurement.
         self.results: dict[str, float] = {}
-        self._done_key: tuple[int, int, str] | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -122,10 +121,8 @@ class InferenceLatencyCallback(Callback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Measure and log once per fit/test end (later calls return the first result)."""
-        key = (id(trainer), trainer.global_step, str(trainer.state.fn))
-        if self._done_key == key:
+        if not self._first_time(trainer, str(trainer.state.fn)):
             return self.results
-        self._done_key = key
         logger = find_mlflow_logger(trainer, _NAME)
         device = pl_module.device
         module, _source = _export.best_module(trainer, pl_module)
@@ -185,14 +182,9 @@ class InferenceLatencyCallback(Callback):
         return None if cb is None else cb.export(trainer, pl_module)
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _export.release(trainer)
-
-    @property
-    @override
-    def state_key(self) -> str:
+    def _state_key_fields(self) -> dict[str, Any]:
         # one per (when, batch size, threads): each measurement keeps its own results
-        return self._generate_state_key(when=self.when, batch_size=self.batch_size, num_threads=self.num_threads)
+        return dict(when=self.when, batch_size=self.batch_size, num_threads=self.num_threads)
 
     @override
     def state_dict(self) -> dict[str, Any]:

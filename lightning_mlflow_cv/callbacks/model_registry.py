@@ -3,13 +3,14 @@
 The gates, the champion/challenger rule and the alias move are not here: the callback calls
 :func:`lightning_mlflow_cv.promotion.promote` (the module that promotes, also behind ``lightning-mlflow-cv promote``),
 so a fit and a later CI job apply one rule.
+
+The callback is the sequence; what it ships is built elsewhere: the pyfunc bundle in
+:mod:`lightning_mlflow_cv._packaging` (served code in :mod:`lightning_mlflow_cv._pyfunc`), the card in
+:mod:`lightning_mlflow_cv._model_card`, the LoggedModel and version links in :mod:`lightning_mlflow_cv._logged_model`.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -18,16 +19,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv import _compat, _export, _http, _pyfunc
+from lightning_mlflow_cv import _compat, _export, _http, _logged_model, _packaging, _pyfunc
 from lightning_mlflow_cv import tasks as _tasks
 from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv._model_card import (
+    CARD_KEYS,
+    dataset_rows,
+    metrics_table,
+    model_card_markdown,
+    serving_contract,
+)
+from lightning_mlflow_cv._shipping import ShippingCallback
 from lightning_mlflow_cv._summary import NOTE_TAG, run_description
-from lightning_mlflow_cv.environment import framework_versions
 from lightning_mlflow_cv.promotion import Decision, parse_gates, promote, transition_stage
 
 if TYPE_CHECKING:
@@ -35,150 +41,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 _NAME = "ModelRegistryCallback"
-_CARD_KEYS = ("intended_use", "limitations")
-
-
-def card_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The metrics a model card lists: one row per quantity (``train/acc``, not also ``train/acc_step`` and
-    ``train/acc_epoch``), no ``system/*`` figures and no ``epoch`` counter.
-
-    Example::
-
-        >>> card_metrics({"train/acc": 0.9, "train/acc_step": 0.8, "train/acc_epoch": 0.9, "epoch": 3.0,
-        ...               "val/acc": 0.95, "system/cpu_utilization_percentage": 50.0})
-        {'train/acc': 0.9, 'val/acc': 0.95}
-    """
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        if k == "epoch" or k.startswith("system/") or k.endswith("_step"):
-            continue
-        if k.endswith("_epoch") and k[: -len("_epoch")] in metrics:
-            continue
-        out[k[: -len("_epoch")] if k.endswith("_epoch") else k] = v
-    return out
-
-
-def metrics_table(metrics: Mapping[str, float]) -> list[str]:
-    """Markdown table lines of :func:`card_metrics`, sorted by name."""
-    shown = card_metrics(metrics)
-    return ["| metric | value |", "|---|---|"] + [f"| `{k}` | {float(shown[k]):.6g} |" for k in sorted(shown)]
-
-
-def model_card_markdown(
-    model_name: str,
-    *,
-    run_id: str,
-    weights: str,
-    intended_use: str | None,
-    limitations: str | None,
-    metrics: Mapping[str, float],
-    params: Mapping[str, str],
-    tags: Mapping[str, str],
-    datasets: Sequence[tuple[str, str, str]] = (),
-    io: Mapping[str, Any] | None = None,
-    extra: Mapping[str, str] | None = None,
-    versions: Mapping[str, str] | None = None,
-) -> str:
-    """The ``MODEL_CARD.md`` text (pure: everything comes in as arguments).
-
-    Args:
-        model_name: Registered model name.
-        run_id: The training run.
-        weights: Where the shipped weights came from.
-        intended_use: What the model is for (``None``: says it was not stated).
-        limitations: Known limitations (``None``: says they were not stated).
-        metrics: The run's final metric values.
-        params: The run's params; those whose key contains ``sha256`` or ``dataset`` are listed as lineage.
-        tags: The run's tags (``hardware``, ``git_commit``, ``latency.device`` are shown).
-        datasets: ``(name, digest, context)`` of the run's dataset inputs.
-        io: The serving input/output contract.
-        extra: More sections, ``{title: text}``.
-        versions: Package versions (default: the installed ones).
-
-    Example::
-
-        text = model_card_markdown("digits", run_id="abc", weights="final weights", intended_use="demo",
-                                   limitations="8x8 digits only", metrics={"val/acc": 0.97}, params={}, tags={})
-    """
-    not_stated = "_Not stated. Pass `model_card={{'{}': '...'}}` to ModelRegistryCallback._"
-    lines = [
-        f"# Model card: {model_name}",
-        "",
-        f"- Training run: `{run_id}`",
-        f"- Weights: {weights}",
-        f"- Git commit: `{tags.get('git_commit', 'unknown')}`",
-        "",
-        "## Intended use",
-        "",
-        intended_use or not_stated.format("intended_use"),
-        "",
-        "## Limitations",
-        "",
-        limitations or not_stated.format("limitations"),
-        "",
-        "## Training data",
-        "",
-    ]
-    lineage = [(k, v) for k, v in sorted(params.items()) if "sha256" in k.lower() or "dataset" in k.lower()]
-    if not datasets and not lineage:
-        lines.append("_No dataset lineage recorded (add DatasetLineageCallback)._")
-    for name, digest, ctx in datasets:
-        lines.append(f"- dataset `{name}` ({ctx or 'unknown context'}), digest `{digest}`")
-    for k, v in lineage:
-        lines.append(f"- `{k}`: `{v}`")
-    lines += ["", "## Metrics", ""]
-    lines += metrics_table(metrics)
-    if io:
-        lines += ["", "## Input and output", ""]
-        lines += [f"- {k}: `{v}`" for k, v in io.items()]
-    lines += [
-        "",
-        "## Hardware",
-        "",
-        f"- Training: {tags.get('hardware', 'unknown')}",
-        f"- Latency measured on: {tags.get('latency.device', 'not measured')}",
-        f"- Host: {platform.platform()}",
-        "",
-        "## Versions",
-        "",
-    ]
-    lines += [f"- {k}: {v}" for k, v in (versions or framework_versions()).items()]
-    for title, text in (extra or {}).items():
-        lines += ["", f"## {title}", "", str(text)]
-    return "\n".join(lines) + "\n"
-
-
-def _create_version(client: Any, uri: str, name: str, lm: Any, run_id: str, tags: dict[str, str]) -> Any:
-    """A model version whose source is ``models:/<model_id>`` (so MLflow links it to the LoggedModel).
-
-    A local SQL store resolves that source with the *global* tracking URI (an MLflow TODO), so the URI is
-    pinned for the call with MLflow's own scoped helper; without that helper, the artifact location is the
-    source (the version still loads, without the UI link).
-    """
-    try:
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-    except ImportError:  # pragma: no cover - older/newer MLflow
-        return client.create_model_version(name, source=lm.artifact_location, run_id=run_id, tags=tags, model_id=lm.model_id)
-    with _use_tracking_uri(uri):
-        return client.create_model_version(
-            name, source=f"models:/{lm.model_id}", run_id=run_id, tags=tags, model_id=lm.model_id
-        )
-
-
-def _link_version(client: Any, model_id: str, name: str, version: Any) -> None:
-    """Tag the LoggedModel with its version (``mlflow.modelVersions``), as ``mlflow.register_model`` does.
-
-    ``create_model_version(..., model_id=...)`` does not set that tag on a SQL store, and without it the UI's
-    model page says "Not registered". Existing entries are kept; a version already listed is not repeated.
-    """
-    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
-
-    entry = {"name": name, "version": version}  # the version as the store returned it, as register_model keeps it
-    existing = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
-    entries = json.loads(existing) if existing else []
-    if entry not in entries:
-        entries.append(entry)
-    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
 
 
 def _registry_client(logger: Any) -> MlflowClient:
@@ -194,7 +56,11 @@ def _fail_fast(logger: Any) -> Any:
     return _http.fail_fast(max(float(getattr(logger, "request_timeout_s", 10.0)), 5.0))
 
 
-class ModelRegistryCallback(Callback):
+def _one_line(err: BaseException, limit: int) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:limit]}"
+
+
+class ModelRegistryCallback(ShippingCallback):
     """Log a servable MLflow model at fit end, register a new version, gate and promote it, write its card.
 
     On global rank 0 when training ends (``on_train_end``):
@@ -204,14 +70,16 @@ class ModelRegistryCallback(Callback):
        the callback order.
     2. **The model**: an MLflow pyfunc bundling preprocessing (resize to the training size, scale to [0, 1],
        normalise with ``mean``/``std``), the network, and postprocessing (``softmax``/``sigmoid``
-       probabilities, ``boxes`` with NMS, argmax ``masks``). The network is a ``torch.export`` archive
+       probabilities as a DataFrame with one column per class name, ``boxes`` with NMS, argmax ``masks``). The network is a ``torch.export`` archive
        (``network_format="pt2"``, default) or ONNX; the pyfunc is "models from code". Loading it unpickles
        nothing and needs no user code: ``mlflow.pyfunc.load_model("models:/NAME@champion").predict(images)``.
     3. **Input layout**: ``uint8`` images ``(N, H, W, C)`` in [0, 255] (``layout="NHWC"``, as PIL / OpenCV
        decode them; ``(N, H, W)`` is read as grayscale) or ``(N, C, H, W)`` with ``layout="NCHW"``. Any
        ``H, W``: images are resized to the training size. Signature and input example are two real
-       validation images (de-normalised back to ``uint8``).
-    4. **Registration**: the model is a LoggedModel of the run (``models:/<model_id>``); a new version of
+       validation images (de-normalised back to ``uint8``); for classification the output schema names one
+       ``float`` column per class, so ``mlflow models serve`` answers ``[{"cat": 0.9, "dog": 0.1}, ...]``.
+    4. **Registration**: the model is a LoggedModel of the run (``models:/<model_id>``) listing the run's final
+       metrics (and the test metrics after ``trainer.test``); a new version of
        ``registered_model_name`` is created from it and gets ``alias``. Where the client or the tracking server
        has no logged-model API (MLflow 2.x), the model is the run artifact ``model`` and the version's source is
        ``runs:/<run>/model`` (one warning; the version tag ``lmc.model_source`` says why).
@@ -247,8 +115,11 @@ class ModelRegistryCallback(Callback):
         use_stages: Legacy stages: ``Staging`` for a new version, ``Production`` with
             ``archive_existing_versions=True`` when promoted (deprecated by MLflow; aliases are set as well).
         network_format: ``"pt2"`` (``torch.export``) or ``"onnx"``.
-        class_names: Class names recorded in the model card and the pyfunc config (default: the datamodule's
-            ``class_names`` attribute, when it has one).
+        class_names: One distinct name per class id: the served probability columns and the output schema of
+            ``softmax``/``sigmoid`` models, the model card and the ``class_names`` of the MLmodel metadata
+            (default: the datamodule's ``class_names`` attribute, else a ``CVMetricsCallback``'s ``class_names``;
+            without names the columns are the class ids ``"0"``, ``"1"``, ...). A count that differs from the
+            network's classes fails the registration with a warning naming both.
         postprocess_options: For ``boxes``: ``score_threshold`` (0.05), ``iou_threshold`` (0.5),
             ``max_detections`` (100); for ``instances``: ``score_threshold`` (0.5), ``mask_threshold`` (0.5),
             ``max_detections`` (100).
@@ -348,6 +219,15 @@ class ModelRegistryCallback(Callback):
                 f"{_NAME}: `model_card` must map section names to text, got {model_card!r}. "
                 "Example: model_card={'intended_use': '...', 'limitations': '...'}."
             )
+        if class_names is not None and (
+            isinstance(class_names, str)
+            or not isinstance(class_names, Sequence)
+            or len({str(n) for n in class_names}) != len(class_names)
+        ):
+            raise ValueError(
+                f"{_NAME}: `class_names` must be a list of distinct names, one per class id, got {class_names!r}. "
+                "Example: class_names=['cat', 'dog']."
+            )
         if network_format not in ("pt2", "onnx"):
             raise ValueError(f"{_NAME}: `network_format` must be 'pt2' or 'onnx', got {network_format!r}.")
         self.registered_model_name = registered_model_name
@@ -360,7 +240,7 @@ class ModelRegistryCallback(Callback):
         self.compare_mode = compare_mode
         self.use_stages = bool(use_stages)
         self.network_format = network_format
-        self.class_names = list(class_names) if class_names is not None else None
+        self.class_names = [str(n) for n in class_names] if class_names is not None else None
         self.postprocess_options = dict(postprocess_options or {})
         #: The registered version (str) of the last fit, ``None`` before or on failure.
         self.version: str | None = None
@@ -370,7 +250,6 @@ class ModelRegistryCallback(Callback):
         self.model_id: str | None = None
         #: Where the saved model was kept when registration failed.
         self.kept_model_dir: Path | None = None
-        self._done_key: tuple[int, int] | None = None
 
     @staticmethod
     def _check_preprocess(pre: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -421,11 +300,17 @@ class ModelRegistryCallback(Callback):
         return as_list(mean), as_list(std)
 
     def _class_names(self, trainer: pl.Trainer) -> list[str] | None:
-        """``class_names``, else the datamodule's ``class_names`` attribute, else ``None``."""
+        """``class_names``, else the datamodule's ``class_names`` attribute, else those of a ``CVMetricsCallback``
+        on the Trainer (the names its metric keys and plots use), else ``None``."""
         if self.class_names is not None:
             return self.class_names
-        names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
-        return [str(n) for n in names] if isinstance(names, Sequence) and not isinstance(names, str) else None
+        from lightning_mlflow_cv.callbacks.cv_metrics import CVMetricsCallback
+
+        metrics_cb = _export.find_callback(trainer, CVMetricsCallback)
+        for names in (getattr(getattr(trainer, "datamodule", None), "class_names", None), getattr(metrics_cb, "class_names", None)):
+            if isinstance(names, Sequence) and not isinstance(names, str) and names:
+                return [str(n) for n in names]
+        return None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -455,7 +340,8 @@ class ModelRegistryCallback(Callback):
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After ``trainer.test``: the test metrics join the model card (version description, MODEL_CARD.md)."""
+        """After ``trainer.test``: the test metrics join the model card (version description, MODEL_CARD.md) and
+        the LoggedModel's metrics."""
         if not trainer.is_global_zero or getattr(self, "version", None) is None:
             return
         test = {
@@ -474,6 +360,11 @@ class ModelRegistryCallback(Callback):
         except Exception as err:  # noqa: BLE001 - tracking failure: the test metrics stay in the run
             warnings.warn(f"{_NAME}: could not add the test metrics to the model card ({err}).", RuntimeWarning, stacklevel=2)
             return
+        model_id = getattr(self, "model_id", None)
+        if model_id is not None:
+            logger.flush()  # the test metrics are in the store before they are linked
+            with _fail_fast(logger):
+                self._link_metrics(client, str(logger.run_id), model_id, sorted(test))
         if getattr(self, "_card_text", None):
             with tempfile.TemporaryDirectory() as tmp:
                 card = Path(tmp) / "MODEL_CARD.md"
@@ -484,30 +375,17 @@ class ModelRegistryCallback(Callback):
     # ------------------------------------------------------------------------------------------
     def register(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Decision | None:
         """Log, register, gate and promote once per fit end. Returns the decision (``None`` on failure)."""
-        key = (id(trainer), trainer.global_step)
-        if self._done_key == key:
+        if not self._first_time(trainer):
             return self.decision
-        self._done_key = key
-        from lightning_mlflow_cv.callbacks.inference_latency import (
-            InferenceLatencyCallback,
-        )
-        from lightning_mlflow_cv.callbacks.onnx_export import ONNXExportCallback
-
         logger = find_mlflow_logger(trainer, _NAME)
-        onnx_cb = _export.find_callback(trainer, ONNXExportCallback)
-        if onnx_cb is not None:
-            onnx_cb.export(trainer, pl_module)
-        lat_cb = _export.find_callback(trainer, InferenceLatencyCallback)
-        if lat_cb is not None and lat_cb.when == "fit_end":
-            lat_cb.measure(trainer, pl_module)
-
+        onnx_cb = self._run_dependencies(trainer, pl_module)
         module, source = _export.best_module(trainer, pl_module)
         work = Path(tempfile.mkdtemp(prefix="lmc-model-"))
         try:
             bundle = self._bundle(trainer, pl_module, module, work, onnx_cb)
         except Exception as err:  # noqa: BLE001 - never crash the fit
-            shutil.rmtree(work, ignore_errors=True)
-            reason = f"could not build the servable model: {type(err).__name__}: {' '.join(str(err).split())[:600]}"
+            _rmtree(work)
+            reason = f"could not build the servable model: {_one_line(err, 600)}"
             warnings.warn(f"{_NAME}: {reason}. Nothing was registered.", RuntimeWarning, stacklevel=2)
             logger.set_tags({"registry.status": "failed", "registry.error": reason})
             return None
@@ -516,225 +394,160 @@ class ModelRegistryCallback(Callback):
         try:
             self._publish(trainer, logger, run_id, source, work, bundle)
         except Exception as err:  # noqa: BLE001 - tracking failure: keep the model on disk
-            if not (work / "model" / "MLmodel").is_file():
-                try:  # keep a complete, loadable MLflow model (without the registry's ids)
-                    self._save_pyfunc(work / "model", bundle, None)
-                except Exception:  # noqa: BLE001 - the network file and config are still kept
-                    pass
-            kept = Path(trainer.default_root_dir).resolve() / "unregistered_models" / run_id
-            if kept.exists():
-                shutil.rmtree(kept, ignore_errors=True)
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(work), str(kept))
-            self.kept_model_dir = kept
-            if _compat.is_endpoint_not_found(err):  # the store is up but lacks an API: waiting will not help
-                from lightning_mlflow_cv._delivery import safe_uri
-
-                uri = getattr(logger, "tracking_uri", "")
-                version = _compat.server_version(uri) if uri else None
-                then = (
-                    f"the store {safe_uri(uri)} (MLflow {version or 'version unknown'}) does not support this call; "
-                    "log and register it on a store that does (an MLflow server of this client's major version)"
-                )
-            else:
-                then = "log and register it when the store is back"
-            msg = (
-                f"{_NAME}: registering {self.registered_model_name!r} failed ({type(err).__name__}: "
-                f"{' '.join(str(err).split())[:500]}). The saved model is kept in {kept / 'model'} (it loads with "
-                f"mlflow.pyfunc.load_model(path); {then}). The fit result is unaffected."
-            )
-            print(msg, file=sys.stderr)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            logger.set_tags({"registry.status": "failed", "registry.error": msg[:4000]})
+            self._keep_unregistered(trainer, logger, run_id, work, bundle, err)
             return None
-        shutil.rmtree(work, ignore_errors=True)
+        _rmtree(work)
         return self.decision
+
+    @staticmethod
+    def _run_dependencies(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """Run the ONNX export and the fit-end latency first (once), so gates see their metrics; returns the
+        ``ONNXExportCallback`` (or ``None``)."""
+        from lightning_mlflow_cv.callbacks.inference_latency import InferenceLatencyCallback
+        from lightning_mlflow_cv.callbacks.onnx_export import ONNXExportCallback
+
+        onnx_cb = _export.find_callback(trainer, ONNXExportCallback)
+        if onnx_cb is not None:
+            onnx_cb.export(trainer, pl_module)
+        lat_cb = _export.find_callback(trainer, InferenceLatencyCallback)
+        if lat_cb is not None and lat_cb.when == "fit_end":
+            lat_cb.measure(trainer, pl_module)
+        return onnx_cb
 
     def _bundle(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: torch.nn.Module, work: Path, onnx_cb: Any
-    ) -> dict[str, Any]:
-        """Network file, config, input example and signature in ``work``; checks the bundle runs."""
-        from mlflow.models.signature import ModelSignature, infer_signature
-        from mlflow.types.schema import Schema, TensorSpec
-
+    ) -> _packaging.Bundle:
+        """The servable model's files in ``work`` (see :func:`lightning_mlflow_cv._packaging.build_bundle`)."""
         mean, std = self._norm(trainer)
         sample = _export.sample_input(trainer, pl_module, None, 2)
-        channels = int(sample.shape[1])
-        if len(mean) == 1 and channels > 1:
-            mean, std = mean * channels, std * channels
-        layout = self.preprocess["layout"]
-        cfg: dict[str, Any] = {
-            "mean": mean,
-            "std": std,
-            "size": self.preprocess.get("size") or [int(sample.shape[-2]), int(sample.shape[-1])],
-            "channels": channels,
-            "layout": layout,
-            "postprocess": self.postprocess,
-            "class_names": self._class_names(trainer),
-            **self.postprocess_options,
-        }
-        m = torch.tensor(mean).view(1, -1, 1, 1)
-        s = torch.tensor(std).view(1, -1, 1, 1)
-        raw = ((sample * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8)
-        if layout == "NHWC":
-            raw = raw.permute(0, 2, 3, 1)
-        raw_np = np.ascontiguousarray(raw.numpy())
-        if self.network_format == "onnx":
-            if onnx_cb is not None and onnx_cb.onnx_path is not None and onnx_cb.status == "ok":
-                source_onnx = onnx_cb.onnx_path
-            else:
-                source_onnx = _export.export_onnx(module, sample, work / "exported" / "network.onnx")
-            if len(_export.onnx_files(source_onnx)) > 1:
-                raise ValueError(
-                    "the ONNX model keeps its weights in an external-data file (over 2 GB), which the pyfunc "
-                    "cannot bundle as one artifact; use network_format='pt2'"
-                )
-            net = Path(shutil.copy(source_onnx, work / "network.onnx"))
-        else:
-            net = _export.export_pt2(module, sample, work / "network.pt2")
-        config_path = work / _pyfunc.CONFIG_FILE
-        config_path.write_text(json.dumps(cfg, indent=2))
-        # run the bundle once, exactly as the served model will
-        impl = _pyfunc.CVPythonModel()
-        impl.config, impl.network = cfg, _pyfunc.Network(net)
-        pred = impl.predict(None, raw_np)
-        in_shape = (-1, -1, -1, channels) if layout == "NHWC" else (-1, channels, -1, -1)
-        inputs = Schema([TensorSpec(np.dtype(np.uint8), in_shape)])
-        if isinstance(pred, np.ndarray):
-            outputs = infer_signature(raw_np, pred).outputs
-            spec = outputs.inputs[0]
-            outputs = Schema([TensorSpec(spec.type, (-1, *spec.shape[1:]))])
-        elif isinstance(pred, dict) and pred and all(isinstance(v, np.ndarray) for v in pred.values()):
-            # task outputs with named arrays (anomaly: scores and maps)
-            outputs = Schema([TensorSpec(v.dtype, (-1, *v.shape[1:]), name=k) for k, v in pred.items()])
-        else:
-            outputs = None
-        code = work / "model_code.py"
-        code.write_text(_pyfunc.MODEL_CODE)
-        bundled = work / "lmc_pyfunc.py"
-        shutil.copy(_pyfunc.__file__, bundled)
-        return {
-            "network": net,
-            "config": config_path,
-            "code": code,
-            "bundled": bundled,
-            "example": raw_np,
-            "signature": ModelSignature(inputs=inputs, outputs=outputs),
-            "cfg": cfg,
-        }
+        cfg = _packaging.pyfunc_config(
+            mean,
+            std,
+            self.preprocess.get("size") or sample.shape[-2:],
+            int(sample.shape[1]),
+            self.preprocess["layout"],
+            self.postprocess,
+            self._class_names(trainer),
+            self.postprocess_options,
+        )
+        exported = onnx_cb is not None and onnx_cb.onnx_path is not None and onnx_cb.status == "ok"
+        onnx_path = onnx_cb.onnx_path if exported else None
+        return _packaging.build_bundle(module, sample, work, cfg, self.network_format, onnx_path)
 
-    def _save_pyfunc(self, model_dir: Path, b: dict[str, Any], card_path: Path | None, mlflow_model: Any = None) -> None:
-        """``mlflow.pyfunc.save_model`` of the bundle (models from code, explicit pinned requirements)."""
-        import mlflow
+    def _save_pyfunc(self, model_dir: Path, b: _packaging.Bundle, card_path: Path | None, mlflow_model: Any = None) -> None:
+        _packaging.save_pyfunc(model_dir, b, card_path, mlflow_model)
 
-        pins = ["torch", "mlflow", "numpy"]
-        if self.postprocess == "boxes":
-            pins.append("torchvision")
-        if str(b["network"]).endswith(".onnx"):
-            pins.append("onnxruntime")
-        reqs = [f"{d}=={v}" for d, v in framework_versions(pins, local=False).items()]
-        artifacts = {"network": str(b["network"]), "config": str(b["config"])}
-        if card_path is not None:
-            artifacts["model_card"] = str(card_path)
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        if not _compat.has_models_from_code():  # MLflow < 2.13: the pre-models-from-code way, still no pickle
-            _compat.warn_once(
-                "models-from-code",
-                f"{_NAME}: MLflow {_compat.version_string()} has no models from code (MLflow >= 2.13); the servable "
-                "model is saved with loader_module='lmc_pyfunc' and its files as data_path (it loads and predicts "
-                "the same; nothing is pickled).",
-            )
-            data = model_dir.parent / _pyfunc.DATA_DIR
-            shutil.rmtree(data, ignore_errors=True)
-            data.mkdir(parents=True)
-            for f in artifacts.values():
-                shutil.copy(f, data / Path(f).name)
-            code_kw = "code_paths" if "code_paths" in inspect.signature(mlflow.pyfunc.save_model).parameters else "code_path"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mlflow.pyfunc.save_model(
-                    path=str(model_dir),
-                    loader_module="lmc_pyfunc",
-                    data_path=str(data),
-                    **{code_kw: [str(b["bundled"])]},
-                    signature=b["signature"],
-                    input_example=b["example"],
-                    mlflow_model=mlflow_model,
-                    pip_requirements=reqs,
-                )
-            return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mlflow.pyfunc.save_model(
-                path=str(model_dir),
-                python_model=str(b["code"]),
-                artifacts=artifacts,
-                code_paths=[str(b["bundled"])],
-                signature=b["signature"],
-                input_example=b["example"],
-                mlflow_model=mlflow_model,
-                pip_requirements=reqs,
-                # class names where a server or client reads them without loading the model (the MLmodel file)
-                metadata={"class_names": b["cfg"]["class_names"]} if b["cfg"].get("class_names") else None,
-            )
-
-    def _publish(self, trainer: pl.Trainer, logger: Any, run_id: str, source: str, work: Path, b: dict[str, Any]) -> None:
-        from mlflow.exceptions import MlflowException
-
+    # -- publishing: the steps of a registration, in order --------------------------------------
+    def _publish(
+        self, trainer: pl.Trainer, logger: Any, run_id: str, source: str, work: Path, b: _packaging.Bundle
+    ) -> None:
+        """Card, model, version, decision, run tags: each step below, in this order."""
         if run_id.startswith("offline-"):
             raise RuntimeError("the MLflow run was never created (the logger is offline)")
         uri = logger.tracking_uri
         client = _registry_client(logger)
         with _fail_fast(logger):
             run = client.get_run(run_id)  # a down store fails here in seconds, not after minutes of retries
+        metrics = self._final_metrics(trainer, run)
+        card_path = self._write_card(run, metrics, source, work, b)
+        with _fail_fast(logger):
+            use_logged_model = _compat.logged_models_supported(client, uri)
+        self.model_id = self._log_model(trainer, client, uri, run, work, b, card_path, use_logged_model)
+        version = self._create_version(client, uri, run_id, self._version_tags(source, uri))
+        self.decision = self._gate_and_promote(version, metrics, uri)
+        self._record_outcome(logger, card_path, metrics)
+
+    @staticmethod
+    def _final_metrics(trainer: pl.Trainer, run: Any) -> dict[str, float]:
+        """The fit's scalar metrics, overridden by what the store holds for the run (after ``logger.flush()``)."""
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         metrics.update(run.data.metrics)
-        datasets = [
-            (d.dataset.name, d.dataset.digest, next((t.value for t in d.tags if t.key == "mlflow.data.context"), ""))
-            for d in (run.inputs.dataset_inputs if run.inputs else [])
-        ]
-        cfg = b["cfg"]
-        card_io = {
-            "input": f"uint8 {cfg['layout']} images {'(N, H, W, C)' if cfg['layout'] == 'NHWC' else '(N, C, H, W)'}, "
-            f"C={cfg['channels']}, any H, W (resized to {tuple(cfg['size'])})",
-            "preprocess": f"resize, /255, (x - {cfg['mean']}) / {cfg['std']}",
-            "output": self.postprocess,
-            "classes": cfg.get("class_names") or "unnamed",
-            "network": Path(b["network"]).name,
-        }
-        extra = {k: v for k, v in self.model_card.items() if k not in _CARD_KEYS}
+        return metrics
+
+    def _write_card(self, run: Any, metrics: Mapping[str, float], source: str, work: Path, b: _packaging.Bundle) -> Path:
+        """``MODEL_CARD.md`` in ``work`` (its text kept for the test metrics)."""
         card = model_card_markdown(
             self.registered_model_name,
-            run_id=run_id,
+            run_id=run.info.run_id,
             weights=source,
             intended_use=self.model_card.get("intended_use"),
             limitations=self.model_card.get("limitations"),
             metrics=metrics,
             params=run.data.params,
             tags={**run.data.tags},
-            datasets=datasets,
-            io=card_io,
-            extra=extra,
+            datasets=dataset_rows(run),
+            io=serving_contract(b.cfg, self.postprocess, b.network.name),
+            extra={k: v for k, v in self.model_card.items() if k not in CARD_KEYS},
         )
         card_path = work / "MODEL_CARD.md"
         card_path.write_text(card)
         self._card_text = card
+        return card_path
 
-        with _fail_fast(logger):
-            use_logged_model = _compat.logged_models_supported(client, uri)
-        version_tags = {"weights": source[:5000], "network_format": self.network_format}
+    def _log_model(
+        self,
+        trainer: pl.Trainer,
+        client: Any,
+        uri: str,
+        run: Any,
+        work: Path,
+        b: _packaging.Bundle,
+        card_path: Path,
+        use_logged_model: bool,
+    ) -> str | None:
+        """The model as a LoggedModel with the run's metrics linked (MLflow 3 on both sides), else as the run
+        artifact ``model`` (one warning). Returns the ``model_id`` (``None`` for a run artifact)."""
+        from mlflow.exceptions import MlflowException
+
+        def save(model_dir: Path, mlflow_model: Any) -> None:
+            self._save_pyfunc(model_dir, b, card_path, mlflow_model)
+
+        run_id = run.info.run_id
         if use_logged_model:
             try:
-                lm = self._log_logged_model(trainer, client, run, work, b, card_path)
+                model_id = _logged_model.log_logged_model(
+                    client, run, self.registered_model_name, f"lightning-mlflow-cv:{self.postprocess}",
+                    work / "model", save, trainer.global_step,
+                )  # fmt: skip
             except MlflowException as err:
                 if not _compat.is_endpoint_not_found(err):
                     raise
                 _compat.mark_server_lacks_logged_models(uri)
-                use_logged_model = False
-        if not use_logged_model:
-            self._log_run_model(client, uri, run_id, work, b, card_path)
-            version_tags["lmc.model_source"] = f"run artifacts: {_compat.no_logged_models_reason(uri)}"[:5000]
+            else:
+                self._link_metrics(client, run_id, model_id)
+                return model_id
+        _compat.warn_once(
+            f"no-logged-models:{uri}",
+            f"{_NAME}: {_compat.no_logged_models_reason(uri)}; the model is logged as run artifacts "
+            "(runs:/<run>/model) and registered from there (aliases, gates, promote and loading by alias work; "
+            "the run's logged-model view stays empty). Recorded as the version tag 'lmc.model_source'.",
+        )
+        _logged_model.log_run_model(client, run_id, work / "model", save)
+        return None
+
+    @staticmethod
+    def _link_metrics(client: Any, run_id: str, model_id: str, keys: Any = None) -> None:
+        """The run's final metrics on the LoggedModel's page; a failure here costs the links, not the version."""
+        try:
+            _logged_model.link_run_metrics(client, run_id, model_id, keys)
+        except Exception as err:  # noqa: BLE001 - tracking failure: the metrics stay in the run
+            warnings.warn(
+                f"{_NAME}: could not link the run's metrics to the logged model {model_id} ({_one_line(err, 300)}); "
+                "they stay in the run.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _version_tags(self, source: str, uri: str) -> dict[str, str]:
+        tags = {"weights": source[:5000], "network_format": self.network_format}
+        if self.model_id is None:
+            tags["lmc.model_source"] = f"run artifacts: {_compat.no_logged_models_reason(uri)}"[:5000]
+        return tags
+
+    def _create_version(self, client: Any, uri: str, run_id: str, tags: dict[str, str]) -> Any:
+        """A new version of the registered model (created when missing), linked to the LoggedModel where there is
+        one, with :attr:`alias` (and the ``Staging`` stage with ``use_stages``). Returns the version."""
+        from mlflow.exceptions import MlflowException
 
         name = self.registered_model_name
         try:
@@ -742,18 +555,23 @@ class ModelRegistryCallback(Callback):
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        if use_logged_model:
-            mv = _create_version(client, uri, name, lm, run_id, tags=version_tags)
-            _link_version(client, lm.model_id, name, mv.version)
+        if self.model_id is not None:
+            mv = _logged_model.create_version(client, uri, name, self.model_id, run_id, tags)
+            _logged_model.link_version(client, self.model_id, name, mv.version)
         else:  # no LoggedModel to link (MLflow 2.x client or server): the version's source is the run artifact
-            mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=version_tags)
+            mv = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags)
         self.version = str(mv.version)
         client.set_registered_model_alias(name, self.alias, mv.version)
         if self.use_stages:
             transition_stage(client, name, mv.version, "Staging")
-        self.decision = promote(
-            name,
-            mv.version,
+        return mv.version
+
+    def _gate_and_promote(self, version: Any, metrics: Mapping[str, float], uri: str) -> Decision:
+        """Gates and the champion comparison (:func:`~lightning_mlflow_cv.promotion.promote`); the card follows
+        the decision in the version description."""
+        return promote(
+            self.registered_model_name,
+            version,
             self.gates,
             self.champion_alias,
             self.compare_metric,
@@ -762,75 +580,57 @@ class ModelRegistryCallback(Callback):
             compare_mode=self.compare_mode,
             metrics=metrics,
             use_stages=self.use_stages,
-            description_prefix=card,
+            description_prefix=self._card_text,
         )
+
+    def _record_outcome(self, logger: Any, card_path: Path, metrics: Mapping[str, float]) -> None:
+        """The card as a run artifact; the run's description and ``registry.*`` tags say what happened."""
+        assert self.decision is not None
+        name, model_uri = self.registered_model_name, f"models:/{self.registered_model_name}/{self.version}"
         logger.log_artifact(card_path)
         heads = [g.metric for g in self.gates] + ([self.compare_metric] if self.compare_metric else [])
-        note = run_description(name, metrics, dict.fromkeys(heads), self.decision, f"models:/{name}/{self.version}")
         logger.set_tags(
             {
-                NOTE_TAG: note,
+                NOTE_TAG: run_description(name, metrics, dict.fromkeys(heads), self.decision, model_uri),
                 "registry.status": "registered",
                 "registry.model": name,
                 "registry.version": self.version,
-                "registry.model_uri": f"models:/{name}/{self.version}",
+                "registry.model_uri": model_uri,
                 "registry.decision": "promoted" if self.decision.promoted else "rejected",
                 "registry.decision_reason": self.decision.reason,
             }
         )
         logger.flush()
 
-    def _log_logged_model(
-        self, trainer: pl.Trainer, client: Any, run: Any, work: Path, b: dict[str, Any], card_path: Path
-    ) -> Any:
-        """MLflow 3 on both sides: the model is a LoggedModel of the run (``models:/<model_id>``)."""
-        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-        from mlflow.models import Model
-
-        run_id = run.info.run_id
-        lm = client.create_logged_model(
-            experiment_id=run.info.experiment_id,
-            name=self.registered_model_name.replace("/", "_")[:200],
-            source_run_id=run_id,
-            model_type=f"lightning-mlflow-cv:{self.postprocess}",
-            tags={"mlflow.source.run_id": run_id},
+    # -- failure: keep the model ---------------------------------------------------------------
+    def _keep_unregistered(
+        self, trainer: pl.Trainer, logger: Any, run_id: str, work: Path, b: _packaging.Bundle, err: Exception
+    ) -> None:
+        """Registration failed: keep a loadable model in ``<default_root_dir>/unregistered_models/<run id>``, say
+        where and what to do (stderr and one warning) and tag the run ``registry.status=failed``."""
+        if not (work / "model" / "MLmodel").is_file():
+            try:  # keep a complete, loadable MLflow model (without the registry's ids)
+                self._save_pyfunc(work / "model", b, None)
+            except Exception:  # noqa: BLE001 - the network file and config are still kept
+                pass
+        kept = Path(trainer.default_root_dir).resolve() / "unregistered_models" / run_id
+        _rmtree(kept)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(work), str(kept))
+        self.kept_model_dir = kept
+        msg = (
+            f"{_NAME}: registering {self.registered_model_name!r} failed ({_one_line(err, 500)}). The saved model is "
+            f"kept in {kept / 'model'} (it loads with mlflow.pyfunc.load_model(path); {_what_next(logger, err)}). "
+            "The fit result is unaffected."
         )
-        mlflow_model = Model(artifact_path=lm.artifact_location, run_id=run_id, model_uuid=lm.model_id, model_id=lm.model_id)
-        model_dir = work / "model"
-        self._save_pyfunc(model_dir, b, card_path, mlflow_model)
-        client.log_model_artifacts(lm.model_id, str(model_dir))
-        client.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)
-        client.log_outputs(run_id, [LoggedModelOutput(lm.model_id, step=trainer.global_step)])
-        self.model_id = lm.model_id
-        return lm
-
-    def _log_run_model(self, client: Any, uri: str, run_id: str, work: Path, b: dict[str, Any], card_path: Path) -> None:
-        """No logged-model API (MLflow 2.x client or server): the model is the run artifact ``model``
-        (``runs:/<run>/model``), as ``mlflow.pyfunc.log_model`` stores it on MLflow 2."""
-        from mlflow.models import Model
-
-        reason = _compat.no_logged_models_reason(uri)
-        _compat.warn_once(
-            f"no-logged-models:{uri}",
-            f"{_NAME}: {reason}; the model is logged as run artifacts (runs:/<run>/model) and registered from there "
-            "(aliases, gates, promote and loading by alias work; the run's logged-model view stays empty). "
-            "Recorded as the version tag 'lmc.model_source'.",
-        )
-        mlflow_model = Model(artifact_path="model", run_id=run_id)
-        model_dir = work / "model"
-        self._save_pyfunc(model_dir, b, card_path, mlflow_model)
-        _compat.log_artifacts(client, run_id, str(model_dir), "model")
-        self.model_id = None
+        print(msg, file=sys.stderr)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        logger.set_tags({"registry.status": "failed", "registry.error": msg[:4000]})
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _export.release(trainer)
-
-    @property
-    @override
-    def state_key(self) -> str:
+    def _state_key_fields(self) -> dict[str, Any]:
         # one per (registered model, alias): each keeps its own version
-        return self._generate_state_key(registered_model_name=self.registered_model_name, alias=self.alias)
+        return {"registered_model_name": self.registered_model_name, "alias": self.alias}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -841,3 +641,21 @@ class ModelRegistryCallback(Callback):
         # a checkpoint saved before registration (e.g. `trainer.test(ckpt_path="best")`) keeps what this fit made
         self.version = state_dict.get("version") or getattr(self, "version", None)
         self.model_id = state_dict.get("model_id") or getattr(self, "model_id", None)
+
+
+def _what_next(logger: Any, err: BaseException) -> str:
+    """What the user does with the kept model: wait for the store, or use one that has the missing API."""
+    if not _compat.is_endpoint_not_found(err):
+        return "log and register it when the store is back"
+    from lightning_mlflow_cv._spool import safe_uri
+
+    uri = getattr(logger, "tracking_uri", "")  # the store is up but lacks an API: waiting will not help
+    version = _compat.server_version(uri) if uri else None
+    return (
+        f"the store {safe_uri(uri)} (MLflow {version or 'version unknown'}) does not support this call; "
+        "log and register it on a store that does (an MLflow server of this client's major version)"
+    )
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_mlflow_cv import _export
 from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv._shipping import ShippingCallback
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -33,7 +33,7 @@ def _check_names(arg: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-class ONNXExportCallback(Callback):
+class ONNXExportCallback(ShippingCallback):
     """Export the model to ONNX at the end of fitting, check it and compare onnxruntime with PyTorch.
 
     On global rank 0, when training ends (``on_train_end``, while the model is still on its device and the run
@@ -136,7 +136,6 @@ class ONNXExportCallback(Callback):
         self.status: str | None = None
         #: Why the export or a check failed.
         self.error: str | None = None
-        self._done_key: tuple[int, int] | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -154,10 +153,8 @@ class ONNXExportCallback(Callback):
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
         """Run the export once per fit end (later calls return the first result). Returns :attr:`onnx_path`."""
-        key = (id(trainer), trainer.global_step)
-        if self._done_key == key:
+        if not self._first_time(trainer):
             return self.onnx_path
-        self._done_key = key
         logger = find_mlflow_logger(trainer, _NAME)
         module, source = _export.best_module(trainer, pl_module)
         path = Path(trainer.default_root_dir) / "onnx" / str(logger.run_id) / "model.onnx"
@@ -237,14 +234,9 @@ class ONNXExportCallback(Callback):
         self._log_files(logger, path)
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _export.release(trainer)
-
-    @property
-    @override
-    def state_key(self) -> str:
+    def _state_key_fields(self) -> dict[str, Any]:
         # one per (opset, exporter): each export keeps its own file and error
-        return self._generate_state_key(opset=self.opset, dynamo=self.dynamo)
+        return dict(opset=self.opset, dynamo=self.dynamo)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -14,16 +15,21 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from mlflow import MlflowClient
+from mlflow.pyfunc.scoring_server import predictions_to_json
+from mlflow.types.schema import DataType
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import refused_port
 
-from lightning_mlflow_cv import MLflowCVLogger, _pyfunc
-from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback, model_card_markdown
+from lightning_mlflow_cv import MLflowCVLogger, _packaging, _pyfunc
+from lightning_mlflow_cv._model_card import model_card_markdown
+from lightning_mlflow_cv.callbacks.cv_metrics import CVMetricsCallback
+from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback
 from lightning_mlflow_cv.demo import DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule, load_digits_tensors
 from lightning_mlflow_cv.evaluation import evaluate
 
 SHA = "a" * 64
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,7 @@ def test_register_serve_champion_matches_module(uri):
         gates={"val/acc": ">=0.2"},
         compare_metric="val/acc",
         model_card={"intended_use": "Demo of 8x8 digits.", "limitations": "Grayscale 8x8 only.", "Owner": "team-cv"},
-        class_names=[str(i) for i in range(10)],
+        class_names=DIGIT_NAMES,
     )
     trainer, _, dm, logger = _fit(uri, reg, steps=8, epochs=2, checkpoint=True)
     assert reg.decision is not None and reg.decision.promoted, reg.decision
@@ -87,7 +93,15 @@ def test_register_serve_champion_matches_module(uri):
     served = mlflow.pyfunc.load_model("models:/digits-e2e@champion")
     images = dm.val_set.images[:16]  # uint8 (N, 1, 8, 8)
     raw = images.permute(0, 2, 3, 1).numpy()  # NHWC
-    probs = served.predict(raw)
+    table = served.predict(raw)
+    # one probability column per class name: in the served output, the output schema and what a server answers
+    assert list(table.columns) == DIGIT_NAMES and set(table.dtypes) == {np.dtype(np.float32)}
+    outputs = served.metadata.get_output_schema()
+    assert outputs.input_names() == DIGIT_NAMES and outputs.input_types() == [DataType.float] * 10
+    answer = io.StringIO()
+    predictions_to_json(table, answer)  # what `mlflow models serve` sends back
+    assert set(json.loads(answer.getvalue())["predictions"][0]) == set(DIGIT_NAMES)
+    probs = table.to_numpy()
     best = DigitsClassifier()
     best.load_state_dict(torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)["state_dict"])
     best.eval()
@@ -112,7 +126,7 @@ def test_register_serve_champion_matches_module(uri):
     assert {"network.pt2", "preprocess.json", "MODEL_CARD.md", "lmc_pyfunc.py", "input_example.json"} <= names
     assert not [n for n in names if n.endswith((".pkl", ".pickle"))]
     assert json.loads((local / "artifacts" / "preprocess.json").read_text())["layout"] == "NHWC"
-    assert served.metadata.metadata["class_names"] == [str(i) for i in range(10)]  # in the MLmodel file
+    assert served.metadata.metadata["class_names"] == DIGIT_NAMES  # in the MLmodel file
 
     # registry records: aliases, decision tags, description = decision + model card
     assert set(mv.aliases) == {"challenger", "champion"}
@@ -126,6 +140,12 @@ def test_register_serve_champion_matches_module(uri):
     assert run.data.tags["registry.status"] == "registered" and run.data.tags["registry.version"] == "1"
     assert "MODEL_CARD.md" in [f.path for f in client.list_artifacts(logger.run_id)]
     assert reg.model_id in [o.model_id for o in run.outputs.model_outputs]
+    # the LoggedModel lists the run's final metrics (the model page's "Metrics"), the run's history unchanged
+    model_metrics = {m.key: m for m in client.get_logged_model(reg.model_id).metrics or []}
+    assert "val/acc" in model_metrics, sorted(model_metrics)
+    assert model_metrics["val/acc"].value == run.data.metrics["val/acc"]
+    assert len(client.get_metric_history(logger.run_id, "val/acc")) == 2
+    assert not [k for k in model_metrics if k.startswith("system/")]
     # the LoggedModel links back to its version, as mlflow.register_model leaves it (the UI's "Registered")
     linked = json.loads(client.get_logged_model(reg.model_id).tags["mlflow.modelVersions"])
     assert [(e["name"], str(e["version"])) for e in linked] == [("digits-e2e", "1")]
@@ -147,6 +167,10 @@ def test_register_serve_champion_matches_module(uri):
     np.save("raw.npy", raw)
     subprocess.run([sys.executable, "-c", blocker], check=True, capture_output=True, timeout=120)
     np.testing.assert_allclose(np.load("out.npy"), probs, atol=1e-6)
+
+    # after trainer.test the test metrics join the LoggedModel's metrics too
+    trainer.test(ckpt_path="best", datamodule=dm, verbose=False)
+    assert "test/acc" in {m.key for m in client.get_logged_model(reg.model_id).metrics or []}
 
     # evaluate: the champion over the test split, in MLflow's evaluation view
     metrics = evaluate("models:/digits-e2e@champion", dm.test_dataloader())
@@ -240,6 +264,8 @@ def test_needs_normalisation_before_training(uri):
         ({"preprocess": {"layout": "HWC"}}, r"`preprocess\['layout'\]` must be one of \('NHWC', 'NCHW'\), got 'HWC'"),
         ({"preprocess": {"size": (8,)}}, r"`preprocess\['size'\]` must be \(H, W\)"),
         ({"preprocess": {"scale": 1}}, r"unknown keys \['scale'\]"),
+        ({"class_names": ["cat", "cat"]}, r"`class_names` must be a list of distinct names, one per class id, got \['cat', 'cat'\]"),
+        ({"class_names": "cat,dog"}, r"`class_names` must be a list of distinct names, one per class id, got 'cat,dog'"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -291,6 +317,25 @@ def test_postprocess_masks_and_boxes_with_nms():
     assert det["labels"].tolist() == [1, 0]
     np.testing.assert_allclose(det["scores"], torch.tensor([3.0, 1.0]).sigmoid().numpy(), rtol=1e-6)
     assert det["boxes"].tolist() == [[0, 0, 10, 10], [0, 0, 10, 10]]
-    probs = _pyfunc.postprocess(torch.tensor([[0.0, 0.0]]), "softmax")
-    assert probs.tolist() == [[0.5, 0.5]]
-    assert _pyfunc.postprocess(torch.tensor([[0.0]]), "sigmoid").tolist() == [[0.5]]
+    probs = _pyfunc.postprocess(torch.tensor([[0.0, 0.0]]), "softmax", {"class_names": ["cat", "dog"]})
+    assert probs.to_dict("records") == [{"cat": 0.5, "dog": 0.5}]
+    assert _pyfunc.postprocess(torch.tensor([[0.0]]), "sigmoid").to_dict("records") == [{"0": 0.5}]  # ids unnamed
+
+
+def test_class_names_must_fit_the_network_classes():
+    table = _pyfunc.postprocess(torch.zeros(2, 3), "softmax", {"class_names": ["a", "b"]})
+    assert list(table.columns) == ["0", "1", "2"]  # names that do not fit are not used to label the columns
+    with pytest.raises(ValueError, match=r"`class_names` has 2 names \(\['a', 'b'\]...\) but the network outputs 3 classes"):
+        _packaging.check_class_names({"postprocess": "softmax", "class_names": ["a", "b"]}, table)
+    with pytest.raises(ValueError, match=r"`class_names` must be distinct .* got \['a', 'a', 'b'\]"):
+        _packaging.check_class_names({"postprocess": "softmax", "class_names": ["a", "a", "b"]}, table)
+    _packaging.check_class_names({"postprocess": "softmax", "class_names": ["a", "b", "c"]}, table)
+
+
+def test_class_names_default_to_the_metrics_callback_names():
+    """Named once on CVMetricsCallback (as a YAML config does), the served columns use the same names."""
+    metrics = CVMetricsCallback(task="classification", num_classes=3, class_names=["cat", "dog", "bird"])
+    trainer = pl.Trainer(callbacks=[metrics], logger=False, enable_progress_bar=False)
+    assert ModelRegistryCallback("m")._class_names(trainer) == ["cat", "dog", "bird"]
+    assert ModelRegistryCallback("m", class_names=["x", "y", "z"])._class_names(trainer) == ["x", "y", "z"]
+    assert ModelRegistryCallback("m")._class_names(pl.Trainer(logger=False)) is None
