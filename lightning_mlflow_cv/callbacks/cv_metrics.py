@@ -25,7 +25,7 @@ from lightning_mlflow_cv.metrics.functional import (
     normalize_by_true_class,
     table_csv,
 )
-from lightning_mlflow_cv.metrics.plots import confusion_matrix_figure, curve_figure, figure_to_array
+from lightning_mlflow_cv.metrics.plots import confusion_matrix_figure, confusion_matrix_image, curve_figure
 from lightning_mlflow_cv.tasks import adapt_outputs, load_output_fn
 
 __all__ = ["CVMetricsCallback"]
@@ -40,8 +40,6 @@ STAGES: tuple[str, ...] = ("val", "test")
 ARTIFACT_DIR = "cv_metrics"
 #: Image series of the per-epoch confusion matrix (``MLflowCVLogger.log_image`` key).
 HISTORY_KEY = "val/confusion_matrix"
-#: Largest side (inches at 100 dpi) of the per-epoch confusion matrix image: bounded cost for many classes.
-HISTORY_MAX_INCHES = 12.0
 
 
 def _stage(trainer: pl.Trainer) -> str:
@@ -93,7 +91,7 @@ class CVMetricsCallback(Callback):
 
     For the tasks with a confusion matrix (classification, semantic segmentation), every validation epoch of
     ``trainer.fit`` also logs the confusion matrix normalised by true class as the image series
-    ``val/confusion_matrix`` at the Trainer's global step (the step of the ``val/...`` metrics), so the MLflow
+    ``val/confusion_matrix`` at the Trainer's global step (as ``PredictionGridCallback`` does), so the MLflow
     UI's image card shows its history with a step slider (``confusion_matrix_history=False`` turns it off).
 
     Under DDP every rank computes (torchmetrics syncs the states) and only global rank 0 writes. Note that a
@@ -352,14 +350,11 @@ class CVMetricsCallback(Callback):
             )
 
     def _log_confusion_history(self, trainer: pl.Trainer, confmat: torch.Tensor) -> None:
-        """One ``val/confusion_matrix`` image at the global step (the step of this epoch's ``val/...`` metrics)."""
+        """One ``val/confusion_matrix`` image (PIL-drawn, a few ms) at the Trainer's global step."""
         title = f"val confusion matrix (normalised by true class), epoch {trainer.current_epoch}"
         text = self.num_classes <= self.max_plot_classes
-        fig = confusion_matrix_figure(
-            normalize_by_true_class(confmat), self.class_names, title, text, HISTORY_MAX_INCHES
-        )
-        fig.set_layout_engine("constrained")
-        find_mlflow_logger(trainer, WHO).log_image(HISTORY_KEY, figure_to_array(fig), step=trainer.global_step)
+        image = confusion_matrix_image(normalize_by_true_class(confmat), self.class_names, title, text)
+        find_mlflow_logger(trainer, WHO).log_image(HISTORY_KEY, image, step=trainer.global_step)
 
     # ------------------------------------------------------------------------------------------
     # bookkeeping: epoch results, the last and the best epoch, training time

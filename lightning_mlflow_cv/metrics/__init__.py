@@ -5,8 +5,8 @@ As torchmetrics keeps its functional code apart from its modules, the callback h
 - :mod:`~lightning_mlflow_cv.metrics.functional`: pure functions on metric results (the confusion matrix
   normalised by true class and as a JSON record, per-class tables as CSV, the integer ``bincount`` fast path
   under deterministic mode);
-- :mod:`~lightning_mlflow_cv.metrics.plots`: matplotlib figures of those results (confusion matrices, PR/ROC
-  curves) and their rendering to an image array;
+- :mod:`~lightning_mlflow_cv.metrics.plots`: figures of those results (confusion matrices, PR/ROC curves) with
+  matplotlib, and the cheap PIL confusion matrix image logged every epoch;
 - :mod:`~lightning_mlflow_cv.metrics.best_epoch`: which validation epoch is the best (``monitor``/``mode``) and
   the fit-end summary metrics.
 
