@@ -1,33 +1,34 @@
-"""CVMetricsCallback: the usual CV metric tables, confusion matrices and curves, logged to MLflow."""
+"""CVMetricsCallback: the usual CV metric tables, confusion matrices and curves, logged to MLflow.
+
+The hooks are thin: metric states and their computation live with each task in :mod:`lightning_mlflow_cv.tasks`,
+tables, figures and the best-epoch rule in :mod:`lightning_mlflow_cv.metrics`.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_mlflow_cv import tasks as _tasks
 from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv.metrics.best_epoch import fit_summary, is_new_best, resolve_monitor
+from lightning_mlflow_cv.metrics.functional import (
+    confusion_matrix_record,
+    integer_bincount_allowed,
+    normalize_by_true_class,
+    table_csv,
+)
+from lightning_mlflow_cv.metrics.plots import confusion_matrix_figure, confusion_matrix_image, curve_figure
 from lightning_mlflow_cv.tasks import adapt_outputs, load_output_fn
 
-# pure helpers that moved to the task modules, importable from here as before
-from lightning_mlflow_cv.tasks._dense import confusion_stats
-from lightning_mlflow_cv.tasks.object_detection import (
-    DetectionMatchCounts,
-    match_detections,
-)
-
-__all__ = ["CVMetricsCallback", "DetectionMatchCounts", "confusion_stats", "match_detections", "table_csv"]
+__all__ = ["CVMetricsCallback"]
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -37,41 +38,13 @@ Stage = Literal["val", "test"]
 STAGES: tuple[str, ...] = ("val", "test")
 #: Artifact folder of the plots and tables: ``cv_metrics/<stage>/...``.
 ARTIFACT_DIR = "cv_metrics"
+#: Image series of the per-epoch confusion matrix (``MLflowCVLogger.log_image`` key).
+HISTORY_KEY = "val/confusion_matrix"
 
 
-# ----------------------------------------------------------------------------------------------
-# pure helpers (tested without a Trainer)
-# ----------------------------------------------------------------------------------------------
-@contextmanager
-def _integer_bincount_allowed() -> Iterator[None]:
-    """Let torchmetrics use ``torch.bincount`` while ``torch.use_deterministic_algorithms(True)`` is on.
-
-    In deterministic mode torchmetrics replaces ``bincount`` with a dense ``(len(x), minlength)`` comparison,
-    which for a binned 10-class PR curve over a batch of 128 needs 16 GB (and for a segmentation confusion
-    matrix grows with the pixel count). Counting integers without weights gives the same result in any order,
-    so the fast path is exact; the global setting is restored right after.
-    """
-    if not torch.are_deterministic_algorithms_enabled():
-        yield
-        return
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(False)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(True, warn_only=warn_only)
-
-
-def table_csv(rows: list[dict[str, Any]]) -> str:
-    """Rows of dicts as CSV text (empty cells for None)."""
-    if not rows:
-        return ""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: "" if v is None else (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
-    return buf.getvalue()
+def _stage(trainer: pl.Trainer) -> str:
+    """``"test"`` inside ``trainer.test``, else ``"val"`` (fit's validation loop, ``trainer.validate``)."""
+    return "test" if trainer.testing else "val"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,6 +89,11 @@ class CVMetricsCallback(Callback):
 
     At fit end the summary metrics ``best/<monitor>``, ``best/epoch`` and ``time/train_hrs`` are logged.
 
+    For the tasks with a confusion matrix (classification, semantic segmentation), every validation epoch of
+    ``trainer.fit`` also logs the confusion matrix normalised by true class as the image series
+    ``val/confusion_matrix`` at the Trainer's global step (as ``PredictionGridCallback`` does), so the MLflow
+    UI's image card shows its history with a step slider (``confusion_matrix_history=False`` turns it off).
+
     Under DDP every rank computes (torchmetrics syncs the states) and only global rank 0 writes. Note that a
     ``DistributedSampler`` pads the validation set to a multiple of the world size by repeating samples,
     which then count twice.
@@ -143,10 +121,14 @@ class CVMetricsCallback(Callback):
         detection_backend: Backend of ``MeanAveragePrecision``: ``"pycocotools"`` or ``"faster_coco_eval"``.
         max_plot_classes: Above this many classes, the curve plots are skipped (the tables keep AUC) and
             the confusion matrix plots have no cell text.
+        confusion_matrix_history: Log the confusion matrix image ``val/confusion_matrix`` every validation
+            epoch of a fit (tasks with a confusion matrix); the fit-end ``cv_metrics/val/`` files are logged
+            either way.
 
     Raises:
         ValueError: for an unknown task or stage, a ``num_classes`` below 2, ``class_names`` of the wrong
-            length, a bad threshold or ``mode``, or an ``output_fn`` that cannot be imported.
+            length, a bad threshold or ``mode``, a ``confusion_matrix_history`` that is not a bool, or an
+            ``output_fn`` that cannot be imported.
         RuntimeError: at setup, when the Trainer has no ``MLflowCVLogger``.
 
     Example::
@@ -183,6 +165,7 @@ class CVMetricsCallback(Callback):
         mode: Literal["min", "max"] | None = None,
         detection_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools",
         max_plot_classes: int = 30,
+        confusion_matrix_history: bool = True,
     ) -> None:
         super().__init__()
         self._task = _tasks.get_task(task, WHO)
@@ -262,12 +245,18 @@ class CVMetricsCallback(Callback):
         if isinstance(max_plot_classes, bool) or not isinstance(max_plot_classes, int) or max_plot_classes < 1:
             raise ValueError(f"{WHO}: `max_plot_classes` must be an int >= 1, got {max_plot_classes!r}.")
         self.max_plot_classes = max_plot_classes
+        if not isinstance(confusion_matrix_history, bool):
+            raise ValueError(
+                f"{WHO}: `confusion_matrix_history` must be True or False, got {confusion_matrix_history!r}. "
+                "Fix: confusion_matrix_history=False to log the confusion matrix only at fit end."
+            )
+        self.confusion_matrix_history = confusion_matrix_history
 
         self._metrics: dict[str, dict[str, Metric]] = {}
         self._updated: dict[str, bool] = {}
         self._devices: dict[str, torch.device] = {}
         self.monitor: str | None = monitor
-        self.mode: str = mode or "max"
+        self.mode: Literal["min", "max"] = mode or "max"
         # state (state_dict)
         self.best_score: float | None = None
         self.best_epoch: int | None = None
@@ -297,7 +286,7 @@ class CVMetricsCallback(Callback):
         out = adapt_outputs(self.task, outputs, batch, self.output_fn, self.num_classes or None, WHO)
         metrics = self._metrics_for(stage, pl_module.device)
         self._updated[stage] = True
-        with _integer_bincount_allowed():
+        with integer_bincount_allowed():
             self._update_metrics(metrics, out)
 
     def _update_metrics(self, metrics: dict[str, Metric], out: Any) -> None:
@@ -308,8 +297,7 @@ class CVMetricsCallback(Callback):
         metrics = self._metrics[stage]
         scalars, snap = self._task.compute(metrics, self)
         snap = {"task": self.task, **snap}
-        for m in metrics.values():
-            m.reset()
+        self._reset(stage)
         self._updated[stage] = False
         return scalars, snap
 
@@ -317,55 +305,31 @@ class CVMetricsCallback(Callback):
     # plots and tables (rank zero)
     # ------------------------------------------------------------------------------------------
     def _log_artifacts(self, trainer: pl.Trainer, stage: str, snap: dict[str, Any], epoch: int | None) -> None:
+        """The ``cv_metrics/<stage>/`` files of one snapshot: confusion matrices, curves, tables, summary."""
         if not trainer.is_global_zero:
             return
-        from matplotlib.figure import (
-            Figure,  # no pyplot: no GUI backend, no global figure state
-        )
-
         logger = find_mlflow_logger(trainer, WHO)
         base = f"{ARTIFACT_DIR}/{stage}"
         names = self.class_names
         many = self.num_classes > self.max_plot_classes
+        at_epoch = f", epoch {epoch}" if epoch is not None else ""
         if "confmat" in snap:
-            from torchmetrics.utilities.plot import plot_confusion_matrix
-
             cm = snap["confmat"]
-            rows = cm.double().sum(1, keepdim=True)
-            norm = torch.where(rows > 0, cm.double() / rows.clamp(min=1), torch.zeros_like(cm.double()))
-            size = max(6.0, 0.45 * self.num_classes)
-            for suffix, val, title in (("", cm, "counts"), ("_normalized", norm, "normalised by true class")):
-                fig = Figure(figsize=(size, size))
-                ax = fig.subplots()
-                plot_confusion_matrix(val, ax=ax, add_text=not many, labels=names)
-                ax.set_title(f"{stage} confusion matrix ({title})" + (f", epoch {epoch}" if epoch is not None else ""))
-                logger.log_figure(f"{base}/confusion_matrix{suffix}.png", fig)
-            logger.log_dict(
-                {
-                    "stage": stage,
-                    "epoch": epoch,
-                    "labels": names,
-                    "rows": "true class",
-                    "columns": "predicted class",
-                    "matrix": cm.tolist(),
-                    "normalized": [[round(v, 6) for v in r] for r in norm.tolist()],
-                },
-                f"{base}/confusion_matrix.json",
-            )
-        if "roc" in snap and not many:
-            from torchmetrics.utilities.plot import plot_curve
-
-            p, r, t = snap["pr"]
-            labels = snap.get("curve_labels")
-            for fname, curve, score, axes, title in (
-                ("pr_curve", (r, p, t), snap["ap"], ("Recall", "Precision"), "precision-recall (AP)"),
-                ("roc_curve", snap["roc"], snap["auc"], ("False positive rate", "True positive rate"), "ROC (AUC)"),
+            for suffix, val, title in (
+                ("", cm, "counts"),
+                ("_normalized", normalize_by_true_class(cm), "normalised by true class"),
             ):
-                fig = Figure(figsize=(7, 6))
-                ax = fig.subplots()
-                plot_curve(curve, score=score, ax=ax, label_names=axes, name=f"{stage} {title}", labels=labels)
-                if labels is not None:
-                    ax.legend(fontsize=7, loc="lower right" if fname == "roc_curve" else "lower left")
+                fig = confusion_matrix_figure(val, names, f"{stage} confusion matrix ({title}){at_epoch}", not many)
+                logger.log_figure(f"{base}/confusion_matrix{suffix}.png", fig)
+            logger.log_dict(confusion_matrix_record(cm, names, stage, epoch), f"{base}/confusion_matrix.json")
+        if "roc" in snap and not many:
+            p, r, t = snap["pr"]
+            roc_axes = ("False positive rate", "True positive rate")
+            for fname, curve, score, axes, title, loc in (
+                ("pr_curve", (r, p, t), snap["ap"], ("Recall", "Precision"), "precision-recall (AP)", "lower left"),
+                ("roc_curve", snap["roc"], snap["auc"], roc_axes, "ROC (AUC)", "lower right"),
+            ):
+                fig = curve_figure(curve, score, axes, f"{stage} {title}", snap.get("curve_labels"), loc)
                 logger.log_figure(f"{base}/{fname}.png", fig)
         elif "roc" in snap:
             warnings.warn(
@@ -376,32 +340,25 @@ class CVMetricsCallback(Callback):
             )
         if "table" in snap:
             table = snap["table"] or []
-            logger.log_dict({"stage": stage, "epoch": epoch, "task": self.task, "classes": table}, f"{base}/per_class.json")
+            logger.log_dict(
+                {"stage": stage, "epoch": epoch, "task": self.task, "classes": table}, f"{base}/per_class.json"
+            )
             logger.log_text(table_csv(table), f"{base}/per_class.csv")
         if "summary" in snap:
-            logger.log_dict({"stage": stage, "epoch": epoch, "task": self.task, **snap["summary"]}, f"{base}/summary.json")
-
-    # ------------------------------------------------------------------------------------------
-    # hooks
-    # ------------------------------------------------------------------------------------------
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        find_mlflow_logger(trainer, WHO)
-        if self._monitor_arg is None:
-            ckpt = next(
-                (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None  # type: ignore[attr-defined]
+            logger.log_dict(
+                {"stage": stage, "epoch": epoch, "task": self.task, **snap["summary"]}, f"{base}/summary.json"
             )
-            if ckpt is not None:
-                self.monitor = ckpt.monitor
-                self.mode = self._mode_arg or ckpt.mode
-        else:
-            self.monitor = self._monitor_arg
-            self.mode = self._mode_arg or "max"
 
-    def _batch_end(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
-        if stage in self.stages and not trainer.sanity_checking:
-            self._update(stage, pl_module, outputs, batch)
+    def _log_confusion_history(self, trainer: pl.Trainer, confmat: torch.Tensor) -> None:
+        """One ``val/confusion_matrix`` image (PIL-drawn, a few ms) at the Trainer's global step."""
+        title = f"val confusion matrix (normalised by true class), epoch {trainer.current_epoch}"
+        text = self.num_classes <= self.max_plot_classes
+        image = confusion_matrix_image(normalize_by_true_class(confmat), self.class_names, title, text)
+        find_mlflow_logger(trainer, WHO).log_image(HISTORY_KEY, image, step=trainer.global_step)
 
+    # ------------------------------------------------------------------------------------------
+    # bookkeeping: epoch results, the last and the best epoch, training time
+    # ------------------------------------------------------------------------------------------
     def _epoch_end(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
         if stage not in self.stages or trainer.sanity_checking or stage not in self._metrics:
             return None
@@ -410,64 +367,80 @@ class CVMetricsCallback(Callback):
             pl_module.log(f"{stage}/{k}", v, on_step=False, on_epoch=True, sync_dist=True)
         return snap
 
+    def _end_validation_epoch(self, trainer: pl.Trainer, snap: dict[str, Any]) -> None:
+        self.last_epoch = trainer.current_epoch
+        if trainer.state.fn != "fit":  # trainer.validate(): plot now
+            self.last_snapshot = None
+            self._log_artifacts(trainer, "val", snap, None)
+            return
+        self.last_snapshot = snap
+        if self.confusion_matrix_history and "confmat" in snap and trainer.is_global_zero:
+            self._log_confusion_history(trainer, snap["confmat"])
+
+    def _track_best(self, score: Any) -> None:
+        if is_new_best(score, self.best_score, self.mode):
+            self.best_score = float(score)
+            self.best_epoch = self.last_epoch
+            self.best_snapshot = self.last_snapshot
+
+    def _log_fit_end(self, trainer: pl.Trainer) -> None:
+        use_best = self.monitor is not None and self.best_snapshot is not None
+        epoch = self.best_epoch if use_best else self.last_epoch
+        snap = self.best_snapshot if use_best else self.last_snapshot
+        if snap is not None and "val" in self.stages:
+            self._log_artifacts(trainer, "val", snap, epoch)
+        summary = fit_summary(self.train_time_s, epoch, self.monitor if use_best else None, self.best_score)
+        find_mlflow_logger(trainer, WHO).log_metrics(summary, step=trainer.global_step)
+
+    def _elapsed_s(self) -> float:
+        return self.train_time_s + (time.monotonic() - self._fit_start if self._fit_start is not None else 0.0)
+
+    def _reset(self, stage: str) -> None:
+        for m in self._metrics.get(stage, {}).values():
+            m.reset()
+
+    # ------------------------------------------------------------------------------------------
+    # hooks: a guard and one call
+    # ------------------------------------------------------------------------------------------
     @override
-    def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_end("val", trainer, pl_module, outputs, batch)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        find_mlflow_logger(trainer, WHO)  # fails before training when there is no MLflowCVLogger
+        self.monitor, self.mode = resolve_monitor(self._monitor_arg, self._mode_arg, trainer.checkpoint_callbacks)
 
     @override
-    def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._batch_end("test", trainer, pl_module, outputs, batch)
+        stage = _stage(trainer)
+        if stage in self.stages and not trainer.sanity_checking:
+            self._update(stage, pl_module, outputs, batch)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for m in self._metrics.get("val", {}).values():
-            m.reset()
+        self._reset(_stage(trainer))
 
-    @override
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for m in self._metrics.get("test", {}).values():
-            m.reset()
+    # test batches and epochs take the same path: the stage comes from the Trainer
+    on_test_batch_end = on_validation_batch_end
+    on_test_epoch_start = on_validation_epoch_start
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         snap = self._epoch_end("val", trainer, pl_module)
-        if snap is None:
-            return
-        self.last_epoch = trainer.current_epoch
-        self.last_snapshot = snap
+        if snap is not None:
+            self._end_validation_epoch(trainer, snap)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Runs after the epoch's metrics are final and before ModelCheckpoint (checkpoint callbacks run last).
-        if trainer.sanity_checking or self.last_snapshot is None or "val" not in self.stages:
-            return
-        if trainer.state.fn != "fit":  # trainer.validate(): plot now
-            self._log_artifacts(trainer, "val", self.last_snapshot, None)
-            self.last_snapshot = None
-            return
-        if self.monitor is None:
-            return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            return
-        score = float(value)
-        if math.isnan(score):
-            return
-        better = (
-            self.best_score is None
-            or (self.mode == "max" and score > self.best_score)
-            or (self.mode == "min" and score < self.best_score)
-        )
-        if better:
-            self.best_score = score
-            self.best_epoch = self.last_epoch
-            self.best_snapshot = self.last_snapshot
+        # After the epoch's metrics are final and before ModelCheckpoint (checkpoint callbacks run last).
+        tracking = self.monitor is not None and self.last_snapshot is not None and "val" in self.stages
+        if tracking and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._track_best(trainer.callback_metrics.get(self.monitor))
 
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -479,28 +452,15 @@ class CVMetricsCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.monotonic()
 
-    def _elapsed_s(self) -> float:
-        return self.train_time_s + (time.monotonic() - self._fit_start if self._fit_start is not None else 0.0)
-
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = self._elapsed_s()
-        self.train_time_s, self._fit_start = total, None
-        if not trainer.is_global_zero:
-            return
-        logger = find_mlflow_logger(trainer, WHO)
-        use_best = self.monitor is not None and self.best_snapshot is not None
-        epoch = self.best_epoch if use_best else self.last_epoch
-        snap = self.best_snapshot if use_best else self.last_snapshot
-        if snap is not None and "val" in self.stages:
-            self._log_artifacts(trainer, "val", snap, epoch)
-        summary: dict[str, float] = {"time/train_hrs": total / 3600.0}
-        if epoch is not None:
-            summary["best/epoch"] = float(epoch)
-        if use_best and self.best_score is not None:
-            summary[f"best/{self.monitor}"] = self.best_score
-        logger.log_metrics(summary, step=trainer.global_step)
+        self.train_time_s, self._fit_start = self._elapsed_s(), None
+        if trainer.is_global_zero:
+            self._log_fit_end(trainer)
 
+    # ------------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------------
     @property
     @override
     def state_key(self) -> str:

@@ -17,8 +17,11 @@ from mlflow import MlflowClient
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mlflow_cv.callbacks.cv_metrics import CVMetricsCallback, match_detections, table_csv
+from lightning_mlflow_cv.callbacks.cv_metrics import CVMetricsCallback
 from lightning_mlflow_cv.logger import MLflowCVLogger
+from lightning_mlflow_cv.metrics.best_epoch import fit_summary, is_new_best, resolve_monitor
+from lightning_mlflow_cv.metrics.functional import confusion_matrix_record, normalize_by_true_class, table_csv
+from lightning_mlflow_cv.tasks.object_detection import match_detections
 
 CPU = SimpleNamespace(device=torch.device("cpu"))  # what _update needs of a LightningModule
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_cv_metrics.py"
@@ -215,6 +218,66 @@ def test_table_csv():
     assert table_csv([]) == ""
 
 
+@pytest.mark.parametrize(
+    ("score", "best", "mode", "expected"),
+    [
+        (0.5, None, "max", True),  # first epoch: any real score
+        (0.5, None, "min", True),
+        (0.6, 0.5, "max", True),
+        (0.4, 0.5, "max", False),
+        (0.4, 0.5, "min", True),
+        (0.6, 0.5, "min", False),
+        (0.5, 0.5, "max", False),  # tie: the earlier epoch stays best, as in ModelCheckpoint
+        (0.5, 0.5, "min", False),
+        (float("nan"), None, "max", False),  # NaN never wins, not even first
+        (float("nan"), 0.5, "min", False),
+        (None, None, "max", False),  # monitor not logged this epoch
+        (torch.tensor(0.7), 0.5, "max", True),  # callback_metrics hold 0-d tensors
+        (torch.tensor(float("nan")), None, "max", False),
+        (float("inf"), 0.5, "max", True),
+    ],
+)
+def test_is_new_best(score, best, mode, expected):
+    assert is_new_best(score, best, mode) is expected
+
+
+def test_best_epoch_helpers_track_like_model_checkpoint():
+    # a whole history: the best is the first epoch reaching the extreme; NaN epochs are skipped
+    for mode, history, best_epoch in (
+        ("max", [0.2, float("nan"), 0.7, 0.7, 0.1], 2),
+        ("min", [float("nan"), 0.9, 0.3, 0.3, 0.5], 2),
+        ("max", [float("nan"), float("nan")], None),
+    ):
+        best, epoch = None, None
+        for e, score in enumerate(history):
+            if is_new_best(score, best, mode):
+                best, epoch = score, e
+        assert epoch == best_epoch, (mode, history)
+    with pytest.raises(ValueError, match=r"is_new_best: `mode` must be 'min' or 'max', got 'maximum'"):
+        is_new_best(0.5, None, "maximum")
+    ckpt = ModelCheckpoint(monitor="val/loss", mode="min")
+    assert resolve_monitor(None, None, [ModelCheckpoint(), ckpt]) == ("val/loss", "min")
+    assert resolve_monitor(None, "max", [ckpt]) == ("val/loss", "max")
+    assert resolve_monitor("val/f1", None, [ckpt]) == ("val/f1", "max")
+    assert resolve_monitor(None, None, [ModelCheckpoint()]) == (None, "max")
+    assert fit_summary(7200.0, 4, "val/f1", 0.75) == {"time/train_hrs": 2.0, "best/epoch": 4.0, "best/val/f1": 0.75}
+    assert fit_summary(0.0, None, None, 0.75) == {"time/train_hrs": 0.0}
+
+
+def test_confusion_matrix_normalisation_and_record_match_sklearn():
+    from sklearn import metrics as skm
+
+    y = np.array([0, 0, 0, 1, 1, 3, 3, 3, 3])  # class 2 never true: its row stays 0, not NaN
+    p = np.array([0, 1, 2, 1, 1, 3, 0, 3, 2])
+    cm = torch.from_numpy(skm.confusion_matrix(y, p, labels=range(4)))
+    expected = skm.confusion_matrix(y, p, labels=range(4), normalize="true")
+    np.testing.assert_allclose(normalize_by_true_class(cm).numpy(), expected, atol=1e-12)
+    record = confusion_matrix_record(cm, list("abcd"), "val", 3)
+    assert record["matrix"] == cm.tolist() and record["labels"] == list("abcd") and record["epoch"] == 3
+    np.testing.assert_allclose(np.array(record["normalized"]), expected, atol=1e-6)
+    assert json.loads(json.dumps(record)) == record  # JSON as is
+
+
 # ----------------------------------------------------------------------------------------------
 # argument errors
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +301,7 @@ def test_table_csv():
         ({"monitor": ""}, r"`monitor` must be a metric name or None"),
         ({"detection_backend": "coco"}, r"`detection_backend` must be 'pycocotools' or 'faster_coco_eval', got 'coco'"),
         ({"max_plot_classes": 0}, r"`max_plot_classes` must be an int >= 1, got 0"),
+        ({"confusion_matrix_history": "yes"}, r"`confusion_matrix_history` must be True or False, got 'yes'"),
         ({"output_fn": "nowhere_module_q:f"}, r"`output_fn` 'nowhere_module_q:f': module 'nowhere_module_q' cannot be imported"),
     ],
 )
@@ -351,6 +415,56 @@ def test_fit_and_test_log_scalars_per_epoch_and_artifacts_once(task, tracking_ur
     if task == "object-detection":  # shifted boxes: found at IoU 0.5, not all at 0.95
         assert 0.3 < run.data.metrics["val/mAP50"] <= 1.0
         assert run.data.metrics["val/mAP50-95"] < run.data.metrics["val/mAP50"]
+
+
+def _image_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    """Steps of the image series ``key`` in the store (MLflow's ``images/<key>+step+N+...png`` names)."""
+    prefix = key.replace("/", "~") + "+step+"
+    names = [Path(f.path).name for f in client.list_artifacts(run_id, "images")]
+    return sorted(int(n[len(prefix) :].split("+")[0]) for n in names if n.startswith(prefix) and n.endswith(".png"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("task", "history"),
+    [("classification", True), ("semantic-segmentation", True), ("object-detection", True), ("classification", False)],
+)
+def test_confusion_matrix_history_one_image_per_validation_step(task, history, tracking_uri, tmp_path):
+    from PIL import Image
+
+    pl.seed_everything(0)
+    model, dm, num_classes, names = _task_setup(task)
+    logger = MLflowCVLogger(experiment_name="cvm", tracking_uri=tracking_uri)
+    cb = CVMetricsCallback(task, num_classes, class_names=names, stages=["val"], confusion_matrix_history=history)
+
+    class GlobalSteps(pl.Callback):
+        steps: list[int] = []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.steps.append(trainer.global_step)
+
+    rec = GlobalSteps()
+    trainer(logger, [cb, rec], max_epochs=2, limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=1).fit(
+        model, datamodule=dm
+    )
+    client = MlflowClient(tracking_uri)
+    scalars, files = EXPECTED[task]
+    # one image per validation epoch (as many as val metric points; none for the sanity check), at its global step
+    steps = rec.steps
+    assert steps == [2, 4] and len(client.get_metric_history(logger.run_id, f"val/{scalars[0]}")) == 2
+    has_confmat = "confusion_matrix.json" in files
+    assert _image_steps(client, logger.run_id, "val/confusion_matrix") == (steps if history and has_confmat else [])
+    if history and has_confmat:
+        images = [f.path for f in client.list_artifacts(logger.run_id, "images") if f.path.endswith(".png")]
+        first = next(p for p in images if f"+step+{steps[0]}+" in p)
+        with Image.open(client.download_artifacts(logger.run_id, first, str(tmp_path / "img"))) as im:
+            assert min(im.size) >= 300, im.size
+    # the fit-end artifacts are the same with and without the history
+    artifacts = [a for a in walk(client, logger.run_id) if a.startswith("cv_metrics/")]
+    assert sorted(artifacts) == sorted(f"cv_metrics/val/{f}" for f in files)
+    if has_confmat:
+        assert artifact_json(client, logger.run_id, "cv_metrics/val/confusion_matrix.json", tmp_path / "dl")["epoch"] == 1
 
 
 def _predict(model, loader):
