@@ -381,5 +381,5 @@ class PredictionGridCallback(Callback):
         for rank, (bad, (image, out)) in enumerate(items, start=1):
             img = _grid.to_display(image, mean, std, self.display_min_size, self.display_max_size)
             panel = task.panel(img, tuple(image.shape[-2:]), out, 0, opts)
-            panels.append(_grid.caption(panel, [f"#{rank} {task.badness_name}: {bad:.3g}"], font_size=opts.font_size))
+            panels.append(_grid.caption(panel, [f"#{rank} {task.badness_name} {bad:.3g}"], font_size=opts.font_size))
         return _grid.make_image_grid(panels, nrow=self.nrow)

@@ -58,7 +58,7 @@ class Classification(CVTask):
     expected_target = "integer class ids Tensor (N,)"
     postprocess = "softmax"
     main_metric = "top1_acc"
-    badness_name = "confidence"
+    badness_name = "conf"
 
     def check_preds(self, preds: Any, n: int | None, num_classes: int | None) -> Tensor:
         return check_logits(preds, n, num_classes, spatial=False)

@@ -483,7 +483,7 @@ def test_worst_mistakes_are_exactly_the_most_confident_errors(store, tmp_path):
     for rank, (conf, _, x, y, pred) in enumerate(top, start=1):
         img = _grid.to_display(x, mean, std, 128, 256)
         panel = _grid.classification_panel(img, y, pred, conf, names, font_size=16)
-        panels.append(_grid.caption(panel, [f"#{rank} confidence: {conf:.3g}"], font_size=16))
+        panels.append(_grid.caption(panel, [f"#{rank} conf {conf:.3g}"], font_size=16))
     expected = _grid.make_image_grid(panels).permute(1, 2, 0).numpy()
     assert np.array_equal(np.asarray(logged[trainer.global_step]), expected)
 
