@@ -1,7 +1,7 @@
 """Per-epoch cost of PredictionGridCallback, as a ratio to the same fit without it (digits demo).
 
 Both arms use MLflowCVLogger on one SQLite store, the digits CNN and data module of the demo, and differ only in
-the callback (16 samples, classification). The arms are interleaved round by round (A B, A B, ...) after one
+the callback (16 samples, classification, with its worst-mistakes grid unless --no-worst). The arms are interleaved round by round (A B, A B, ...) after one
 warm-up fit of each, and the median over rounds is reported, which cancels most drift on a shared machine.
 Also reported: the callback's own time per epoch (its hook, timed inside the fit) and the time to render the
 grid when the validation set is 1x, 10x and 100x larger (bounded cost: it does not grow with the dataset).
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on shared CPUs)")
+    parser.add_argument("--no-worst", action="store_true", help="PredictionGridCallback(worst_mistakes=False)")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -37,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.ERROR)
 
     import lightning
+    import lightning.pytorch as pl
     import mlflow
     import torch
     import torchvision
-    import lightning.pytorch as pl
     from torch.utils.data import ConcatDataset, DataLoader
 
     from lightning_mlflow_cv.callbacks.prediction_grid import PredictionGridCallback
@@ -54,21 +55,28 @@ def main(argv: list[str] | None = None) -> int:
     store = f"sqlite:///{work / 'bench.db'}"
 
     class Timed(PredictionGridCallback):
-        """The real callback, with its hook's wall time recorded."""
+        """The real callback, with its hooks' wall time per epoch recorded (batch hooks + epoch end)."""
 
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.times: list[float] = []
+            self._batch_time = 0.0
+
+        def on_validation_batch_end(self, trainer, pl_module, *a, **kw):
+            t = time.perf_counter()
+            super().on_validation_batch_end(trainer, pl_module, *a, **kw)
+            self._batch_time += time.perf_counter() - t
 
         def on_validation_epoch_end(self, trainer, pl_module):
             t = time.perf_counter()
             super().on_validation_epoch_end(trainer, pl_module)
             if not trainer.sanity_checking:
-                self.times.append(time.perf_counter() - t)
+                self.times.append(time.perf_counter() - t + self._batch_time)
+            self._batch_time = 0.0
 
     def make_cb():
         return Timed("classification", num_samples=args.num_samples, class_names=DIGITS_CLASSES,
-                     mean=DIGITS_MEAN, std=DIGITS_STD)  # fmt: skip
+                     mean=DIGITS_MEAN, std=DIGITS_STD, worst_mistakes=not args.no_worst)  # fmt: skip
 
     def one_fit(with_cb: bool) -> tuple[float, list[float]]:
         pl.seed_everything(0, verbose=False)
@@ -125,14 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}, torchvision "
           f"{torchvision.__version__}, lightning {lightning.__version__}, mlflow {mlflow.__version__}")  # fmt: skip
     print(f"command: {Path(sys.executable).name} benchmarks/prediction_grid_overhead.py --rounds {args.rounds} "
-          f"--epochs {args.epochs} --num-samples {args.num_samples} --threads {args.threads}")  # fmt: skip
+          f"--epochs {args.epochs} --num-samples {args.num_samples} --threads {args.threads}"
+          f"{' --no-worst' if args.no_worst else ''}")  # fmt: skip
     print(f"per-epoch time, median of {args.rounds} interleaved rounds x {args.epochs} epochs:")
     print(f"  no callback:   {mb * 1000:8.1f} ms/epoch")
     print(f"  with callback: {mw * 1000:8.1f} ms/epoch")
-    ratios = [w / b for b, w in zip(base, with_cb)]
+    ratios = [w / b for b, w in zip(base, with_cb, strict=True)]
     print(f"  ratio:         {mw / mb:8.3f}x  (ratio of medians; per-round ratios {', '.join(f'{r:.2f}' for r in ratios)},"
           f" median {statistics.median(ratios):.3f}x)")  # fmt: skip
-    print(f"  callback hook: {mh * 1000:8.1f} ms/epoch (median over {len(hook)} epochs; render + log_image enqueue)"
+    print(f"  callback hooks: {mh * 1000:7.1f} ms/epoch (median over {len(hook)} epochs; batch hooks + render + "
+          "log_image enqueue)"
           f" = {mh / mb:.1%} of a no-callback epoch")  # fmt: skip
     print("render time vs validation-set size (median of 4):")
     for n, s in scaling.items():

@@ -9,6 +9,8 @@ The callbacks :class:`~lightning_mlflow_cv.callbacks.prediction_grid.PredictionG
   :mod:`lightning_mlflow_cv.tasks`, with one error message format (callback, expected format, what arrived).
 - :func:`denormalize`, :func:`to_display`, :func:`display_size`: tensors as the user sees them.
 - :func:`classification_panel`, :func:`detection_panel`, :func:`segmentation_panel`, :func:`make_image_grid`.
+- :func:`font_size_for`: caption text that grows with the tiles; :class:`WorstK`: a running top-k of the worst
+  predictions of an epoch (the prediction grid's worst-mistakes grid).
 
 Everything returns ``uint8`` ``(3, H, W)`` CPU tensors, ready for ``MLflowCVLogger.log_image``.
 """
@@ -347,6 +349,18 @@ def caption(img: Tensor, lines: Sequence[str], color: tuple[int, int, int] = (0,
     return torch.cat([img, s], dim=1)
 
 
+def font_size_for(tile: int) -> int:
+    """Caption text size for tiles whose longer side is ``tile`` pixels: an eighth of it, within [12, 24], so a
+    label stays legible when the grid is shown scaled down.
+
+    Example::
+
+        >>> font_size_for(96), font_size_for(128), font_size_for(512)
+        (12, 16, 24)
+    """
+    return max(12, min(24, round(tile / 8)))
+
+
 def border(img: Tensor, color: tuple[int, int, int], width: int = 3) -> Tensor:
     """Draw a ``width``-pixel frame of ``color`` inside a ``uint8`` ``(3, H, W)`` image."""
     out = img.clone()
@@ -382,20 +396,21 @@ def hstack(images: Sequence[Tensor], gap: int = 2) -> Tensor:
 # panels, one per sample
 # ---------------------------------------------------------------------------------------------
 def classification_panel(img: Tensor, target: int | None, pred: int | None = None, score: float | None = None,
-                         class_names: Sequence[str] | None = None) -> Tensor:  # fmt: skip
+                         class_names: Sequence[str] | None = None, font_size: int = 12) -> Tensor:  # fmt: skip
     """One sample: the image with ``pred`` (and its probability) and ``target`` below.
 
     A wrong prediction gets a red frame and red text; a right one green text. With ``pred=None`` only the
     label is shown (augmentation samples).
     """
     if pred is None:
-        return caption(img, [f"{class_name(int(target), class_names)}" if target is not None else ""])
+        text = class_name(int(target), class_names) if target is not None else ""
+        return caption(img, [text], font_size=font_size)
     wrong = target is not None and int(pred) != int(target)
     p = class_name(int(pred), class_names) + (f" ({score:.0%})" if score is not None else "")
     lines = [f"pred: {p}", f"true: {class_name(int(target), class_names)}" if target is not None else "true: ?"]
     if wrong:
-        return caption(border(img, RED), ["x " + lines[0], lines[1]], color=RED)
-    return caption(img, lines, color=GREEN)
+        return caption(border(img, RED), ["x " + lines[0], lines[1]], color=RED, font_size=font_size)
+    return caption(img, lines, color=GREEN, font_size=font_size)
 
 
 def _scaled_boxes(boxes: Tensor, src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
@@ -426,7 +441,7 @@ def draw_boxes(img: Tensor, boxes: Tensor, labels: Tensor, src_size: tuple[int, 
 
 def detection_panel(img: Tensor, src_size: tuple[int, int], target: Mapping[str, Tensor] | None,
                     pred: Mapping[str, Tensor] | None = None, score_threshold: float = 0.5,
-                    class_names: Sequence[str] | None = None) -> Tensor:  # fmt: skip
+                    class_names: Sequence[str] | None = None, font_size: int = 12) -> Tensor:  # fmt: skip
     """Ground-truth boxes (left) beside predicted boxes with ``score >= score_threshold`` (right).
 
     ``img`` is the display image; boxes are in ``src_size`` (the model input's ``(H, W)``) coordinates.
@@ -434,12 +449,12 @@ def detection_panel(img: Tensor, src_size: tuple[int, int], target: Mapping[str,
     left = img
     if target is not None:
         left = draw_boxes(img, target["boxes"], target["labels"], src_size, None, class_names)
-        left = caption(left, [f"truth: {len(target['boxes'])}"])
+        left = caption(left, [f"truth: {len(target['boxes'])}"], font_size=font_size)
     if pred is None:
         return left
     keep = pred["scores"] >= score_threshold
     right = draw_boxes(img, pred["boxes"][keep], pred["labels"][keep], src_size, pred["scores"][keep], class_names)
-    right = caption(right, [f"pred>={score_threshold:g}: {int(keep.sum())}"])
+    right = caption(right, [f"pred>={score_threshold:g}: {int(keep.sum())}"], font_size=font_size)
     return hstack([left, right])
 
 
@@ -459,18 +474,21 @@ def overlay_mask(img: Tensor, mask: Tensor, num_classes: int, background_class: 
 
 
 def segmentation_panel(img: Tensor, target: Tensor | None, pred: Tensor | None, num_classes: int,
-                       background_class: int | None = None, alpha: float = 0.5) -> Tensor:  # fmt: skip
+                       background_class: int | None = None, alpha: float = 0.5,
+                       font_size: int = 12) -> Tensor:  # fmt: skip
     """Image | ground-truth overlay | predicted overlay, with the predicted mask's pixel accuracy."""
-    parts = [caption(img, ["image"])]
+    parts = [caption(img, ["image"], font_size=font_size)]
     if target is not None:
-        parts.append(caption(overlay_mask(img, target, num_classes, background_class, alpha), ["truth"]))
+        truth = overlay_mask(img, target, num_classes, background_class, alpha)
+        parts.append(caption(truth, ["truth"], font_size=font_size))
     if pred is not None:
         text = "pred"
         if target is not None and target.shape == pred.shape:
             valid = (target >= 0) & (target < num_classes)
             if valid.any():
                 text += f" (acc {float((pred[valid] == target[valid]).float().mean()):.0%})"
-        parts.append(caption(overlay_mask(img, pred, num_classes, background_class, alpha), [text]))
+        predicted = overlay_mask(img, pred, num_classes, background_class, alpha)
+        parts.append(caption(predicted, [text], font_size=font_size))
     return hstack(parts)
 
 
@@ -492,6 +510,51 @@ def make_image_grid(panels: Sequence[Tensor], nrow: int | None = None, padding: 
         padded.append(canvas)
     nrow = nrow or max(1, math.ceil(math.sqrt(len(panels))))
     return make_grid(torch.stack(padded), nrow=nrow, padding=padding, pad_value=255)
+
+
+class WorstK:
+    """The ``k`` worst predictions seen so far, kept as batches arrive (a running top-k), best first by badness.
+
+    :meth:`push` takes a batch's per-image badness (higher = worse; NaN, inf and values <= 0 are not mistakes
+    and never kept) and asks ``make(indices)`` for the items of only those images that enter the top ``k``,
+    so at most ``k`` items (e.g. CPU copies of images and their outputs) are held whatever the number of
+    batches. Ties keep the earlier image.
+
+    Example::
+
+        >>> top = WorstK(2)
+        >>> top.push(torch.tensor([0.2, float("nan"), 0.9]), lambda idx: [f"a{i}" for i in idx])
+        >>> top.push(torch.tensor([0.5, -1.0]), lambda idx: [f"b{i}" for i in idx])
+        >>> [(round(b, 2), item) for b, item in top.items()]
+        [(0.9, 'a2'), (0.5, 'b0')]
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = int(k)
+        self._kept: list[tuple[float, int, Any]] = []
+        self._seen = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def push(self, badness: Tensor, make: Callable[[list[int]], Sequence[Any]]) -> None:
+        """Offer one batch: ``badness`` ``(N,)``; ``make(indices)`` returns one item per index, in order."""
+        b = badness.detach().double().cpu().reshape(-1)
+        order = self._seen
+        self._seen += b.numel()
+        ok = torch.isfinite(b) & (b > 0)
+        if self._kept and len(self._kept) >= self.k:
+            ok &= b > self._kept[-1][0]  # must beat the current k-th (ties: the earlier image stays)
+        idx = torch.nonzero(ok).flatten()
+        if not idx.numel():
+            return
+        idx = idx[b[idx].argsort(descending=True, stable=True)][: self.k].sort().values.tolist()
+        new = [(float(b[i]), order + i, item) for i, item in zip(idx, make(idx), strict=True)]
+        self._kept = sorted(self._kept + new, key=lambda t: (-t[0], t[1]))[: self.k]
+
+    def items(self) -> list[tuple[float, Any]]:
+        """``(badness, item)`` of the kept predictions, worst first."""
+        return [(b, item) for b, _, item in self._kept]
 
 
 def heatmap_overlay(img: Tensor, cam: Tensor, alpha: float = 0.5, cmap: str = "jet") -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -235,3 +236,46 @@ def test_heatmap_overlay_follows_the_map():
     assert out.shape == (3, 32, 32)
     hot, cold = out[:, 0, 0].float(), out[:, 31, 31].float()
     assert hot[0] > 100 and cold[2] > 100  # red at the peak, blue far away (jet colormap)
+
+
+# ------------------------------------------------------------------------------------------------
+# running top-k of the worst predictions
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_worst_k_equals_a_brute_force_sort_and_holds_at_most_k(k):
+    """Differential against sorting the whole stream: the same items in the same order (ties: earlier first);
+    NaN, inf and values <= 0 are never kept; ``make`` is asked only for entrants, never more than k per batch."""
+    g = torch.Generator().manual_seed(k)
+    top = _grid.WorstK(k)
+    stream: list[tuple[float, int]] = []
+    made = 0
+    for _ in range(30):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        bad = torch.randint(-3, 6, (n,), generator=g).double() / 4  # coarse values: many ties
+        bad[torch.rand(n, generator=g) < 0.2] = float("nan")
+        bad[torch.rand(n, generator=g) < 0.05] = float("inf")
+        base = len(stream)
+        stream += [(float(v), base + i) for i, v in enumerate(bad.tolist())]
+
+        def make(idx, base=base):
+            nonlocal made
+            assert len(idx) <= k and idx == sorted(idx)
+            made += len(idx)
+            return [base + i for i in idx]
+
+        top.push(bad, make)
+        assert len(top) <= k
+    keep = [(v, i) for v, i in stream if math.isfinite(v) and v > 0]
+    expected = sorted(keep, key=lambda t: (-t[0], t[1]))[:k]
+    assert top.items() == expected
+    assert made < len(keep) or k >= len(keep)  # later batches offer only what beats the k-th
+
+
+def test_font_grows_with_the_tile():
+    assert [_grid.font_size_for(n) for n in (64, 96, 128, 200, 1000)] == [12, 12, 16, 24, 24]
+    small = _grid.caption(torch.zeros(3, 128, 128, dtype=torch.uint8), ["pred: 7 (93%)"], font_size=12)
+    large = _grid.caption(torch.zeros(3, 128, 128, dtype=torch.uint8), ["pred: 7 (93%)"], font_size=16)
+    assert small.shape[1] == 128 + 15 + 4 and large.shape[1] == 128 + 19 + 4
+    ink = (large[:, 128:] < 128).any(0)  # dark text pixels on the white strip: the label fits, wider than at 12 px
+    cols = ink.any(0).nonzero()
+    assert 60 < int(cols.max()) < 126

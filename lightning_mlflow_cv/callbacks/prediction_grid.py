@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,7 +32,26 @@ class PredictionGridCallback(Callback):
     The samples are picked once (seeded) from the validation dataset and kept in the callback's state, so a
     resumed fit shows the same samples. At each validation epoch end (never during the sanity check) the
     model runs on them in eval mode without gradients; the grid is logged with
-    ``MLflowCVLogger.log_image(key, grid, step=epoch)``, so the MLflow UI shows its history by epoch.
+    ``MLflowCVLogger.log_image(key, grid, step=trainer.global_step)``, so the MLflow UI's image slider and
+    metric charts share one step axis (the optimizer steps, as the other callbacks' images and summaries).
+    Lightning itself logs the end-of-epoch ``val/...`` metrics at the step before (its logging counter
+    advances after that validation), so an epoch's image sits one step after its ``val/...`` points.
+
+    **Worst mistakes.** Beside the fixed samples (which are often all right by the last epoch), a second grid
+    shows the epoch's worst predictions among the validation batches: ``worst_mistakes=True`` (default) logs
+    it as the image series ``<key>_worst_mistakes`` (``val/predictions_worst_mistakes`` by default) at the same
+    step. What "worst" means comes from the task (:meth:`~lightning_mlflow_cv.tasks.CVTask.badness`):
+    classification, the most confident wrong predictions; detection and instance segmentation, the lowest
+    per-image F1 at IoU 0.5 (mask IoU for instances); semantic segmentation, the lowest per-image mIoU;
+    depth, the highest per-image AbsRel; anomaly detection, the scores furthest on the wrong side of the
+    decision threshold (``val/best_threshold`` of ``CVMetricsCallback`` from the previous epoch when logged,
+    else 0). Only images that are mistakes are shown (up to ``num_samples``), each captioned with its rank
+    and badness; no image is logged for an epoch without any. Predictions are read from what
+    ``validation_step`` returns when it follows the task's convention (or through ``output_fn``); otherwise
+    the model's ``forward`` runs once more on each validation batch (return the convention from
+    ``validation_step`` to avoid that cost). Only the ``num_samples`` worst images are held on the CPU while
+    the batches arrive (a running top-k) and the grid is drawn once at epoch end. Under DDP it covers rank
+    0's share of the validation set.
 
     What a panel shows, by ``task`` (output conventions of :mod:`lightning_mlflow_cv.tasks`; short names such as
     ``"detection"`` work too):
@@ -51,9 +70,10 @@ class PredictionGridCallback(Callback):
     - ``"depth-estimation"``: depth ``(N, 1, H, W)``, targets the same (0/NaN invalid): prediction and target
       colour-mapped on one shared scale, and the absolute error, side by side.
 
-    Images are de-normalised with ``mean``/``std``, tiny images are enlarged (whole factors, crisp pixels) so
-    labels stay readable and large ones are shrunk, so the cost per epoch is bounded by ``num_samples`` whatever
-    the dataset size.
+    Images are de-normalised with ``mean``/``std``, tiny images are enlarged (nearest neighbour, whole factors,
+    crisp pixels) until their longer side is at least ``display_min_size`` (128 px by default, so 8x8 digits
+    become 128x128 tiles) and large ones are shrunk; caption text grows with the tiles (16 px for 128-px
+    tiles). The cost per epoch is bounded by ``num_samples`` whatever the dataset size.
 
     Args:
         task: A task of :mod:`lightning_mlflow_cv.tasks` (``"classification"``, ``"object-detection"``,
@@ -81,6 +101,7 @@ class PredictionGridCallback(Callback):
         background_class: Segmentation: a class id left uncoloured in overlays (e.g. 0 for background).
         display_min_size: Smaller images are enlarged until their longer side reaches this many pixels.
         display_max_size: Larger images are shrunk to this many pixels on their longer side.
+        worst_mistakes: Also log the epoch's worst predictions as the image series ``<key>_worst_mistakes``.
 
     Raises:
         ValueError: on invalid arguments (at construction); on a model output or batch that does not follow the
@@ -95,7 +116,8 @@ class PredictionGridCallback(Callback):
         grid = PredictionGridCallback("classification", num_samples=16, class_names=[str(i) for i in range(10)],
                                       mean=(0.2662,), std=(0.3830,))
         trainer = Trainer(logger=MLflowCVLogger(), callbacks=[grid], max_epochs=5)
-        trainer.fit(model, datamodule=dm)   # images/val~predictions+step+0..4 in the run
+        trainer.fit(model, datamodule=dm)
+        # images/val~predictions+step+<global step>+... and images/val~predictions_worst_mistakes+step+...
     """
 
     def __init__(
@@ -114,9 +136,10 @@ class PredictionGridCallback(Callback):
         dataloader_idx: int = 0,
         nrow: int | None = None,
         background_class: int | None = None,
-        display_min_size: int = 96,
+        display_min_size: int = 128,
         display_max_size: int = 256,
         output_fn: str | Callable[[Any, Any], Any] | None = None,
+        worst_mistakes: bool = True,
     ) -> None:
         super().__init__()
         self.task = _grid.check_task(_WHO, task)
@@ -143,6 +166,12 @@ class PredictionGridCallback(Callback):
             raise ValueError(
                 f"{_WHO}: `class_names` must be a list of names (one per class id) or None, got {class_names!r}."
             )
+        if not isinstance(worst_mistakes, bool):
+            raise ValueError(
+                f"{_WHO}: `worst_mistakes` must be True or False, got {worst_mistakes!r}. Fix: worst_mistakes=False "
+                "to log only the fixed samples."
+            )
+        self.worst_mistakes = worst_mistakes
         self.mean, self.std = _grid.check_mean_std(_WHO, mean, std)
         self.class_names = list(class_names) if class_names is not None else None
         self.score_threshold = float(score_threshold)
@@ -160,6 +189,13 @@ class PredictionGridCallback(Callback):
         self.background_class = background_class
         self.indices: list[int] | None = None
         self._samples: tuple[Any, Any, Any] | None = None
+        self._worst: _grid.WorstK | None = None
+        self._worst_opts: PanelOptions | None = None
+
+    @property
+    def worst_key(self) -> str:
+        """The image series of the worst-mistakes grid: ``<key>_worst_mistakes``."""
+        return f"{self.key}_worst_mistakes"
 
     # -----------------------------------------------------------------------------------------
     # state: the chosen samples survive a resume
@@ -189,15 +225,38 @@ class PredictionGridCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         find_mlflow_logger(trainer, who=_WHO)
 
+    def _due(self, trainer: pl.Trainer) -> bool:
+        return (
+            not trainer.sanity_checking
+            and trainer.is_global_zero
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        )
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._worst = _grid.WorstK(self.num_samples) if self.worst_mistakes and self._due(trainer) else None
+        self._worst_opts = None
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if self._worst is not None and dataloader_idx == self.dataloader_idx:
+            self.collect_worst(trainer, pl_module, outputs, batch)
+
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if not self._due(trainer):
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
-            return
+        logger = find_mlflow_logger(trainer, who=_WHO)
         grid = self.render(trainer, pl_module)
         if grid is not None:
-            find_mlflow_logger(trainer, who=_WHO).log_image(self.key, grid, step=trainer.current_epoch)
+            logger.log_image(self.key, grid, step=trainer.global_step)
+        worst = self.render_worst(trainer)
+        self._worst = None
+        if worst is not None:
+            logger.log_image(self.worst_key, worst, step=trainer.global_step)
 
     # -----------------------------------------------------------------------------------------
     # work
@@ -253,14 +312,74 @@ class PredictionGridCallback(Callback):
                 out = self.output_transform(out)
             out = _tasks.check_model_outputs(self.task, out, y, n, _WHO)
         out = task.to_cpu(out)
+        mean, std, opts = self._display(trainer, images[0])
+        panels = []
+        for i in range(min(n, self.num_samples)):
+            img = _grid.to_display(images[i], mean, std, self.display_min_size, self.display_max_size)
+            panels.append(task.panel(img, tuple(images[i].shape[-2:]), out, i, opts))
+        return _grid.make_image_grid(panels, nrow=self.nrow)
+
+    def _display(self, trainer: pl.Trainer, image: torch.Tensor) -> tuple[Any, Any, PanelOptions]:
+        """``(mean, std, panel options)``: the arguments, else the datamodule's attributes; the caption size from
+        the tile size of ``image``."""
         mean = self.mean if self.mean is not None else _datamodule_attr(trainer, "mean")
         std = self.std if self.std is not None else _datamodule_attr(trainer, "std")
         if (mean is None) != (std is None):
             mean = std = None
         names = self.class_names if self.class_names is not None else _datamodule_attr(trainer, "class_names")
-        opts = PanelOptions(names, self.score_threshold, self.background_class)
+        tile = _grid.display_size(image.shape[-2], image.shape[-1], self.display_min_size, self.display_max_size)
+        threshold = None
+        if self.task == "anomaly-detection":  # the decision threshold CVMetricsCallback last logged, if any
+            value = trainer.callback_metrics.get("val/best_threshold")
+            threshold = float(value) if value is not None and bool(torch.isfinite(torch.as_tensor(value))) else None
+        font = _grid.font_size_for(max(tile))
+        opts = PanelOptions(names, self.score_threshold, self.background_class, font_size=font, decision_threshold=threshold)
+        return mean, std, opts
+
+    def _step_outputs(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> tuple[Any, list[torch.Tensor]]:
+        """The checked outputs of one validation batch and its images: ``validation_step``'s return value when
+        it follows the task's convention (through ``output_fn`` when given), else ``forward`` on the batch."""
+        task = _tasks.get_task(self.task, _WHO)
+        x, y = _grid.split_batch(_WHO, self.batch_transform(batch) if self.batch_transform else batch)
+        images = _grid.images_of(x)
+        if self.output_fn is not None:
+            return _tasks.adapt_outputs(self.task, outputs, batch, self.output_fn, None, _WHO), images
+        if isinstance(outputs, Mapping) and task.pred_key in outputs and "targets" in outputs:
+            return _tasks.check_outputs(self.task, outputs, None, _WHO), images
+        with torch.no_grad():
+            preds = pl_module(x)
+        if self.output_transform is not None:
+            preds = self.output_transform(preds)
+        return _tasks.check_model_outputs(self.task, preds, y, len(images), _WHO), images
+
+    def collect_worst(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
+        """Offer one validation batch to the running top-k of worst predictions (only its entrants are copied
+        to the CPU)."""
+        if self._worst is None:
+            return
+        task = _tasks.get_task(self.task, _WHO)
+        out, images = self._step_outputs(pl_module, outputs, batch)
+        if self._worst_opts is None:
+            self._worst_opts = self._display(trainer, images[0])[2]
+
+        def keep(idx: list[int]) -> list[tuple[torch.Tensor, Any]]:
+            return [(images[i].detach().cpu(), task.to_cpu(task.take(out, [i]))) for i in idx]
+
+        self._worst.push(task.badness(out, self._worst_opts), keep)
+
+    def render_worst(self, trainer: pl.Trainer) -> torch.Tensor | None:
+        """The grid of the epoch's worst predictions collected so far, worst first, each captioned with its rank
+        and badness (``uint8`` ``(3, H, W)``); None when there were no mistakes."""
+        if self._worst is None or not len(self._worst):
+            return None
+        task = _tasks.get_task(self.task, _WHO)
+        items = self._worst.items()
+        mean, std, opts = self._display(trainer, items[0][1][0])
+        if self._worst_opts is not None:
+            opts = self._worst_opts
         panels = []
-        for i in range(min(n, self.num_samples)):
-            img = _grid.to_display(images[i], mean, std, self.display_min_size, self.display_max_size)
-            panels.append(task.panel(img, tuple(images[i].shape[-2:]), out, i, opts))
+        for rank, (bad, (image, out)) in enumerate(items, start=1):
+            img = _grid.to_display(image, mean, std, self.display_min_size, self.display_max_size)
+            panel = task.panel(img, tuple(image.shape[-2:]), out, 0, opts)
+            panels.append(_grid.caption(panel, [f"#{rank} {task.badness_name} {bad:.3g}"], font_size=opts.font_size))
         return _grid.make_image_grid(panels, nrow=self.nrow)

@@ -11,6 +11,8 @@ A task is one :class:`CVTask` subclass in its own module. It defines, once:
   :meth:`CVTask.update_metrics`, :meth:`CVTask.compute`;
 - its **prediction panel**: :meth:`CVTask.panel`, and the ground truth alone, :meth:`CVTask.target_panel`
   (augmentation samples);
+- its **per-image badness**: :meth:`CVTask.badness` (higher = worse, NaN = not a mistake), which ranks the
+  prediction grid's worst mistakes, and :meth:`CVTask.take` (the outputs of some images of a batch);
 - its **servable post-processing**: ``postprocess``, a kind understood by the self-contained
   :mod:`lightning_mlflow_cv._pyfunc` (which travels inside every logged model), and :meth:`CVTask.served_metrics`
   for :func:`~lightning_mlflow_cv.evaluation.evaluate`.
@@ -171,6 +173,11 @@ class PanelOptions:
     background_class: int | None = None
     #: Segmentation targets drawn alone: classes to colour (default: the largest id in the mask + 1).
     num_classes: int | None = None
+    #: Caption text size in pixels (the prediction grid scales it with the tile size).
+    font_size: int = 12
+    #: Anomaly detection: the score above which an image counts as anomalous, for :meth:`CVTask.badness`
+    #: (None: 0, i.e. scores centred at the decision threshold).
+    decision_threshold: float | None = None
 
 
 class CVTask:
@@ -198,6 +205,8 @@ class CVTask:
     postprocess: ClassVar[str] = "none"
     #: Metric that a higher value is better of, for docs/examples (``val/<key>``).
     main_metric: ClassVar[str] = ""
+    #: What :meth:`badness` measures, shown under each panel of the worst-mistakes grid.
+    badness_name: ClassVar[str] = "badness"
 
     # -- output convention -----------------------------------------------------------------------
     def check_preds(self, preds: Any, n: int | None, num_classes: int | None) -> Any:
@@ -262,6 +271,28 @@ class CVTask:
         """Panel of one sample's checked CPU target alone (no prediction), drawn as :meth:`panel` draws the
         ground truth: ``target`` is one item of :meth:`check_targets`' result."""
         raise NotImplementedError
+
+    # -- worst mistakes ---------------------------------------------------------------------------
+    def badness(self, out: Any, opts: PanelOptions) -> Tensor:
+        """How bad the prediction on each image of a checked output is: a float ``(N,)`` tensor, higher = worse,
+        NaN (or <= 0) where the image is not a mistake. Pure: reads only ``out`` and ``opts``."""
+        raise NotImplementedError
+
+    def take(self, out: Any, index: Sequence[int]) -> Any:
+        """The typed output of images ``index`` of a checked output (tensor fields indexed in dim 0, per-image
+        lists picked, ``None`` kept), e.g. to keep a few images of a batch."""
+        import dataclasses
+
+        idx = list(index)
+
+        def pick(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                return v[torch.as_tensor(idx, dtype=torch.long, device=v.device)]
+            if isinstance(v, list):
+                return [v[i] for i in idx]
+            return v
+
+        return dataclasses.replace(out, **{f.name: pick(getattr(out, f.name)) for f in dataclasses.fields(out)})
 
     # -- servable model ---------------------------------------------------------------------------
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:

@@ -112,6 +112,21 @@ class AnomalyScores(Metric):
         return anomaly_scores(scores, targets)
 
 
+def anomaly_errors(scores: Tensor, targets: Tensor, threshold: float | None = None) -> Tensor:
+    """Per image: how far its score lies on the wrong side of ``threshold`` (a normal image scored above it, an
+    anomalous one below it); <= 0 when it lies on the right side. ``threshold`` None: 0 (scores centred at the
+    decision threshold, e.g. logits).
+
+    Example::
+
+        >>> bad = anomaly_errors(torch.tensor([0.9, 0.2, 0.1, 0.8]), torch.tensor([0, 0, 1, 1]), threshold=0.5)
+        >>> [round(v, 3) for v in bad.tolist()]  # a false alarm, right, a miss, right
+        [0.4, -0.3, 0.4, -0.3]
+    """
+    s = scores.detach().double() - (0.0 if threshold is None else float(threshold))
+    return torch.where(targets.to(s.device) == 1, -s, s)
+
+
 def _squeeze1(x: Tensor) -> Tensor:
     return x[:, 0] if x.ndim == 2 and x.shape[1] == 1 else x
 
@@ -132,6 +147,7 @@ class AnomalyDetection(CVTask):
     expected_target = "labels Tensor (N,) in {0, 1} (1 = anomalous)"
     postprocess = "anomaly"
     main_metric = "AUROC"
+    badness_name = "score past threshold"
 
     def split_step_outputs(self, outputs: Mapping[str, Any]) -> tuple[Any, Any]:
         return {"scores": outputs["scores"], "maps": outputs.get("maps")}, outputs["targets"]
@@ -204,16 +220,20 @@ class AnomalyDetection(CVTask):
         shown = _grid.heatmap_overlay(img, out.maps[i]) if out.maps is not None else img
         color = _label_color(label)
         lines = [f"score: {float(out.scores[i]):.4g}", _label_line(label)]
-        parts = [_grid.caption(img, ["image"]), _grid.caption(shown, lines, color=color)] if out.maps is not None else [
-            _grid.caption(img, lines, color=color)
-        ]
+        fs = opts.font_size
+        parts = [
+            _grid.caption(img, ["image"], font_size=fs), _grid.caption(shown, lines, color=color, font_size=fs)
+        ] if out.maps is not None else [_grid.caption(img, lines, color=color, font_size=fs)]  # fmt: skip
         return _grid.hstack(parts)
+
+    def badness(self, out: AnomalyOutput, opts: PanelOptions) -> Tensor:
+        return anomaly_errors(out.scores, out.targets, opts.decision_threshold)
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
         from lightning_mlflow_cv import _grid
 
         label = int(target)
-        return _grid.caption(img, [_label_line(label)], color=_label_color(label))
+        return _grid.caption(img, [_label_line(label)], color=_label_color(label), font_size=opts.font_size)
 
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         import numpy as np

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_mlflow_cv.tasks._base import CVTask, PanelOptions, num
@@ -33,6 +34,20 @@ def _curve_cpu(curve: Any) -> tuple[Any, Any, Any]:
     return tuple(cpu(x) for x in curve)  # type: ignore[return-value]
 
 
+def confident_errors(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per image: the softmax probability of the predicted class when the prediction is wrong, NaN when it is
+    right, so the most confident mistakes rank worst.
+
+    Example::
+
+        >>> confident_errors(torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.0]]), torch.tensor([1, 1, 1])).tolist()
+        [0.8807970285415649, nan, 0.7310585975646973]
+    """
+    prob = logits.detach().float().softmax(-1)
+    conf, pred = prob.max(-1)
+    return torch.where(pred != targets.to(pred.device), conf, torch.full_like(conf, float("nan")))
+
+
 class Classification(CVTask):
     """``"classification"``: ``{"logits": (N, C) float, "targets": (N,) int}``."""
 
@@ -43,6 +58,7 @@ class Classification(CVTask):
     expected_target = "integer class ids Tensor (N,)"
     postprocess = "softmax"
     main_metric = "top1_acc"
+    badness_name = "conf"
 
     def check_preds(self, preds: Any, n: int | None, num_classes: int | None) -> Tensor:
         return check_logits(preds, n, num_classes, spatial=False)
@@ -124,12 +140,17 @@ class Classification(CVTask):
 
         prob = out.logits[i].float().softmax(-1)
         pred = int(prob.argmax())
-        return _grid.classification_panel(img, int(out.targets[i]), pred, float(prob[pred]), opts.class_names)
+        return _grid.classification_panel(
+            img, int(out.targets[i]), pred, float(prob[pred]), opts.class_names, font_size=opts.font_size
+        )
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
         from lightning_mlflow_cv import _grid
 
-        return _grid.classification_panel(img, int(target), class_names=opts.class_names)
+        return _grid.classification_panel(img, int(target), class_names=opts.class_names, font_size=opts.font_size)
+
+    def badness(self, out: ClassificationOutput, opts: PanelOptions) -> Tensor:
+        return confident_errors(out.logits, out.targets)
 
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         raise NotImplementedError("classification is evaluated with mlflow.models.evaluate in evaluation.evaluate")

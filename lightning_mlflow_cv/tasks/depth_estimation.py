@@ -92,6 +92,22 @@ class DepthMetrics(Metric):
         }  # fmt: skip
 
 
+def depth_errors(preds: Tensor, targets: Tensor) -> Tensor:
+    """Per image: AbsRel ``mean(|p - t| / t)`` over its valid pixels (target finite and > 0); NaN without any.
+
+    Example::
+
+        >>> t = torch.tensor([[[1.0, 2.0]], [[1.0, 0.0]], [[0.0, float("nan")]]])
+        >>> depth_errors(torch.ones(3, 1, 2), t).tolist()
+        [0.25, 0.0, nan]
+    """
+    p, t = preds.detach().double().reshape(len(preds), -1), targets.detach().double().reshape(len(targets), -1)
+    valid = valid_mask(t)
+    rel = torch.where(valid, (p - t).abs() / torch.where(valid, t, torch.ones_like(t)), torch.zeros_like(t))
+    count = valid.sum(1)
+    return torch.where(count > 0, rel.sum(1) / count.clamp_min(1), torch.full_like(rel[:, 0], float("nan")))
+
+
 def _squeeze_channel(x: Tensor) -> Tensor:
     return x[:, 0] if x.ndim == 4 and x.shape[1] == 1 else x
 
@@ -112,11 +128,12 @@ def _value_range(values: Tensor) -> tuple[float, float]:
     return (float(values.min()), float(values.max())) if values.numel() else (0.0, 1.0)
 
 
-def _target_view(t: Tensor, valid: Tensor, lo: float, hi: float, size: tuple[int, int], lines: list[str]) -> Tensor:
+def _target_view(t: Tensor, valid: Tensor, lo: float, hi: float, size: tuple[int, int], lines: list[str],
+                 font_size: int = 12) -> Tensor:  # fmt: skip
     """The depth target ``(H, W)`` colour-mapped on ``[lo, hi]`` (invalid pixels black) at the display ``size``."""
     from lightning_mlflow_cv import _grid
 
-    return _grid.caption(_grid.resize_image(colorize(t, valid, lo, hi, "viridis"), size), lines)
+    return _grid.caption(_grid.resize_image(colorize(t, valid, lo, hi, "viridis"), size), lines, font_size=font_size)
 
 
 class DepthEstimation(CVTask):
@@ -134,6 +151,7 @@ class DepthEstimation(CVTask):
     expected_target = "depth Tensor (N, 1, H, W) or (N, H, W), 0 or NaN where invalid"
     postprocess = "depth"
     main_metric = "delta_1"
+    badness_name = "AbsRel"
 
     def check_preds(self, preds: Any, n: int | None, num_classes: int | None) -> Tensor:
         if isinstance(preds, Tensor):
@@ -186,13 +204,17 @@ class DepthEstimation(CVTask):
         def show(rgb: Tensor) -> Tensor:
             return _grid.resize_image(rgb, size)
 
+        fs = opts.font_size
         parts = [
-            _grid.caption(img, ["image"]),
-            _grid.caption(show(colorize(p, ones, lo, hi, "viridis")), ["pred", f"[{lo:.3g}, {hi:.3g}]"]),
-            _target_view(t, valid, lo, hi, size, ["target", "black: invalid"]),
-            _grid.caption(show(colorize(err, valid, 0.0, emax, "magma")), ["|error|", f"max {emax:.3g}"]),
+            _grid.caption(img, ["image"], font_size=fs),
+            _grid.caption(show(colorize(p, ones, lo, hi, "viridis")), ["pred", f"[{lo:.3g}, {hi:.3g}]"], font_size=fs),
+            _target_view(t, valid, lo, hi, size, ["target", "black: invalid"], fs),
+            _grid.caption(show(colorize(err, valid, 0.0, emax, "magma")), ["|error|", f"max {emax:.3g}"], font_size=fs),
         ]
         return _grid.hstack(parts)
+
+    def badness(self, out: DepthOutput, opts: PanelOptions) -> Tensor:
+        return depth_errors(out.preds, out.targets)
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
         from lightning_mlflow_cv import _grid
@@ -200,8 +222,9 @@ class DepthEstimation(CVTask):
         t = _squeeze_channel(target.float()[None])[0]
         valid = valid_mask(t)
         lo, hi = _value_range(t[valid])
-        view = _target_view(t, valid, lo, hi, tuple(img.shape[-2:]), [f"target [{lo:.3g}, {hi:.3g}]", "black: invalid"])
-        return _grid.hstack([_grid.caption(img, ["image"]), view])
+        lines = [f"target [{lo:.3g}, {hi:.3g}]", "black: invalid"]
+        view = _target_view(t, valid, lo, hi, tuple(img.shape[-2:]), lines, opts.font_size)
+        return _grid.hstack([_grid.caption(img, ["image"], font_size=opts.font_size), view])
 
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         import numpy as np

@@ -16,6 +16,8 @@ from lightning_mlflow_cv.tasks._registry import register
 from lightning_mlflow_cv.tasks.object_detection import (
     ap50_per_class,
     check_dicts,
+    detection_errors,
+    mask_iou,
     mean_ap,
 )
 
@@ -69,6 +71,7 @@ class InstanceSegmentation(CVTask):
     expected_target = "list of N dicts with 'boxes' (M, 4) xyxy, 'labels' (M,), 'masks' (M, H, W)"
     postprocess = "instances"
     main_metric = "mask_AP"
+    badness_name = "1 - F1@mask IoU 0.5"
 
     def check_preds(self, preds: Any, n: int | None, num_classes: int | None) -> list[dict[str, Tensor]]:
         return check_dicts("preds", preds, ("boxes", "scores", "labels", "masks"), n, num_classes, _mask_check("preds"))
@@ -118,15 +121,18 @@ class InstanceSegmentation(CVTask):
         left = self.target_panel(img, src_size, out.targets[i], opts)
         keep = p["scores"] >= opts.score_threshold
         right = _draw_instances(img, p, keep, src_size, p["scores"][keep], opts.class_names)
-        right = _grid.caption(right, [f"pred>={opts.score_threshold:g}: {int(keep.sum())}"])
+        right = _grid.caption(right, [f"pred>={opts.score_threshold:g}: {int(keep.sum())}"], font_size=opts.font_size)
         return _grid.hstack([left, right])
+
+    def badness(self, out: InstanceOutput, opts: PanelOptions) -> Tensor:
+        return instance_errors(out.preds, out.targets, 0.5, opts.score_threshold)
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
         from lightning_mlflow_cv import _grid
 
         everything = torch.ones(len(target["boxes"]), dtype=torch.bool)
         shown = _draw_instances(img, target, everything, src_size, None, opts.class_names)
-        return _grid.caption(shown, [f"truth: {len(target['boxes'])}"])
+        return _grid.caption(shown, [f"truth: {len(target['boxes'])}"], font_size=opts.font_size)
 
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         from torchmetrics.detection import MeanAveragePrecision
@@ -144,6 +150,24 @@ class InstanceSegmentation(CVTask):
             "mask_AP": float(res["segm_map"]), "bbox_AP": float(res["bbox_map"]),
             "mask_AP50": float(res["segm_map_50"]), "bbox_AP50": float(res["bbox_map_50"]),
         }  # fmt: skip
+
+
+def instance_errors(preds: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]],
+                    iou_threshold: float = 0.5, score_threshold: float = 0.5) -> Tensor:  # fmt: skip
+    """Per image: ``1 - F1`` of its instances with ``score >= score_threshold`` matched to its ground truth by
+    mask IoU >= ``iou_threshold`` (same class, greedy by score); 0 for an image with neither.
+
+    Example::
+
+        >>> m = torch.zeros(1, 8, 8, dtype=torch.bool)
+        >>> m[0, :4, :4] = True
+        >>> gt = {"boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0]]), "labels": torch.tensor([1]), "masks": m}
+        >>> good = dict(gt, scores=torch.tensor([0.9]))
+        >>> bad = dict(good, masks=m.flip(-1))  # same box count, mask on the other side
+        >>> instance_errors([good, bad], [gt, gt]).tolist()
+        [0.0, 1.0]
+    """
+    return detection_errors(preds, targets, iou_threshold, score_threshold, key="masks", iou_fn=mask_iou)
 
 
 def _draw_instances(img: Tensor, d: Mapping[str, Tensor], keep: Tensor, src_size: tuple[int, int],

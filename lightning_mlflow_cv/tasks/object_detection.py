@@ -3,7 +3,7 @@ recall at one IoU and score threshold; the served model returns boxes after scor
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,12 +81,14 @@ def match_detections(
     num_classes: int,
     iou_threshold: float = 0.5,
     score_threshold: float = 0.5,
+    iou_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-class true positives, false positives and false negatives of one image's detections.
 
     Predictions with ``score >= score_threshold`` are taken in descending score order; each matches the
     unmatched ground-truth box of its class with the highest IoU if that IoU is ``>= iou_threshold`` (a true
-    positive), else it is a false positive. Ground-truth boxes left unmatched are false negatives.
+    positive), else it is a false positive. Ground-truth boxes left unmatched are false negatives. ``iou_fn``
+    (default ``torchvision.ops.box_iou``) pairs other per-instance items, e.g. :func:`mask_iou` for masks.
 
     Returns:
         ``(tp, fp, fn)``, each a ``(num_classes,)`` long tensor.
@@ -116,7 +118,7 @@ def match_detections(
         if len(pb) == 0:
             fn[c] += len(gb)
             continue
-        iou = box_iou(pb.double(), gb.double())
+        iou = (iou_fn or box_iou)(pb.double(), gb.double())
         matched = torch.zeros(len(gb), dtype=torch.bool)
         for i in range(len(pb)):
             cand = iou[i].masked_fill(matched, -1.0)
@@ -128,6 +130,57 @@ def match_detections(
                 fp[c] += 1
         fn[c] += int((~matched).sum())
     return tp, fp, fn
+
+
+def detection_errors(
+    preds: Sequence[Mapping[str, Tensor]],
+    targets: Sequence[Mapping[str, Tensor]],
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.5,
+    key: str = "boxes",
+    iou_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Per image: ``1 - F1`` of its detections with ``score >= score_threshold`` matched to its ground truth as
+    :func:`match_detections` does (same class, IoU >= ``iou_threshold``); 0 for an image with neither
+    ground truth nor kept detections. ``key``/``iou_fn``: what is matched (``"masks"`` with :func:`mask_iou`
+    for instance segmentation).
+
+    Example::
+
+        >>> gt = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}] * 2
+        >>> box = torch.tensor([[0.0, 0.0, 10.0, 9.0]])
+        >>> good = {"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+        >>> bad = dict(good, boxes=torch.tensor([[20.0, 20.0, 30.0, 30.0]]))
+        >>> detection_errors([good, bad], gt).tolist()
+        [0.0, 1.0]
+    """
+    out = []
+    for p, t in zip(preds, targets, strict=True):
+        labels = torch.cat([p["labels"].reshape(-1).cpu(), t["labels"].reshape(-1).cpu()])
+        n_cls = int(labels.max()) + 1 if labels.numel() else 1
+        tp, fp, fn = match_detections(
+            p[key], p["scores"], p["labels"], t[key], t["labels"], n_cls, iou_threshold, score_threshold, iou_fn
+        )
+        tp_, wrong = int(tp.sum()), int(fp.sum() + fn.sum())
+        out.append(wrong / (2 * tp_ + wrong) if wrong else 0.0)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def mask_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of every pair of masks ``a`` ``(K, H, W)`` and ``b`` ``(M, H, W)`` (nonzero = inside): ``(K, M)``.
+
+    Example::
+
+        >>> m = torch.zeros(2, 4, 4)
+        >>> m[0, :2] = 1
+        >>> m[1, :, :2] = 1
+        >>> mask_iou(m, m[:1]).tolist()
+        [[1.0], [0.3333333333333333]]
+    """
+    fa, fb = (a.reshape(a.shape[0], -1) != 0).double(), (b.reshape(b.shape[0], -1) != 0).double()
+    inter = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1.0), torch.zeros_like(inter))
 
 
 class DetectionMatchCounts(Metric):
@@ -214,6 +267,7 @@ class ObjectDetection(CVTask):
     expected_target = "list of N dicts with 'boxes' (K, 4) xyxy and 'labels' (K,)"
     postprocess = "boxes"
     main_metric = "mAP50"
+    badness_name = "1 - F1@0.5"
 
     def check_preds(self, preds: Any, n: int | None, num_classes: int | None) -> list[dict[str, Tensor]]:
         return check_dicts("preds", preds, ("boxes", "scores", "labels"), n, num_classes)
@@ -277,12 +331,18 @@ class ObjectDetection(CVTask):
               opts: PanelOptions) -> Tensor:  # fmt: skip
         from lightning_mlflow_cv import _grid
 
-        return _grid.detection_panel(img, src_size, out.targets[i], out.preds[i], opts.score_threshold, opts.class_names)
+        return _grid.detection_panel(
+            img, src_size, out.targets[i], out.preds[i], opts.score_threshold, opts.class_names, opts.font_size
+        )
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
         from lightning_mlflow_cv import _grid
 
-        return _grid.detection_panel(img, src_size, target, None, class_names=opts.class_names)
+        return _grid.detection_panel(img, src_size, target, None, class_names=opts.class_names,
+                                     font_size=opts.font_size)  # fmt: skip
+
+    def badness(self, out: DetectionOutput, opts: PanelOptions) -> Tensor:
+        return detection_errors(out.preds, out.targets, 0.5, opts.score_threshold)
 
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         from torchmetrics.detection import MeanAveragePrecision

@@ -27,6 +27,32 @@ class SegmentationOutput:
     targets: Tensor
 
 
+def segmentation_errors(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per image: ``1 - mean IoU`` of the argmax prediction over the classes present in its target or prediction;
+    target ids outside ``[0, C)`` (an ignore index) are left out; NaN for an image without a valid pixel.
+
+    Example::
+
+        >>> t = torch.tensor([[[0, 0], [1, 1]], [[0, 0], [1, 1]]])
+        >>> logits = torch.stack([torch.nn.functional.one_hot(t[0], 2), torch.ones(2, 2, 2).long()]).permute(0, 3, 1, 2)
+        >>> segmentation_errors(logits.float(), t).tolist()  # right; then everything class 0 (mIoU (0.5 + 0) / 2)
+        [0.0, 0.75]
+    """
+    n, c = logits.shape[:2]
+    pred = logits.detach().argmax(1).reshape(n, -1)
+    t = targets.to(pred.device).reshape(n, -1)
+    valid = (t >= 0) & (t < c)
+    img = torch.arange(n, device=pred.device)[:, None].expand_as(t)
+    flat = (img * c * c + t.clamp(0, c - 1) * c + pred)[valid]
+    cm = torch.bincount(flat, minlength=n * c * c).reshape(n, c, c).double()
+    tp = cm.diagonal(dim1=1, dim2=2)
+    union = cm.sum(2) + cm.sum(1) - tp
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp_min(1.0), torch.zeros_like(tp))
+    miou = iou.sum(1) / present.sum(1).clamp_min(1)
+    return torch.where(present.any(1), 1.0 - miou, torch.full_like(miou, float("nan")))
+
+
 class SemanticSegmentation(CVTask):
     """``"semantic-segmentation"`` (``"segmentation"``): ``{"logits": (N, C, H, W) float, "targets": (N, H, W) int}``."""
 
@@ -38,6 +64,7 @@ class SemanticSegmentation(CVTask):
     expected_target = "integer masks Tensor (N, H, W)"
     postprocess = "masks"
     main_metric = "mIoU"
+    badness_name = "1 - mIoU"
 
     def check_preds(self, preds: Any, n: int | None, num_classes: int | None) -> Tensor:
         return check_logits(preds, n, num_classes, spatial=True)
@@ -92,13 +119,17 @@ class SemanticSegmentation(CVTask):
         from lightning_mlflow_cv import _grid
 
         logits = out.logits[i]
-        return _grid.segmentation_panel(img, out.targets[i], logits.argmax(0), logits.shape[0], opts.background_class)
+        return _grid.segmentation_panel(img, out.targets[i], logits.argmax(0), logits.shape[0], opts.background_class,
+                                        font_size=opts.font_size)  # fmt: skip
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
         from lightning_mlflow_cv import _grid
 
         n = opts.num_classes or (int(target.max()) + 1 if target.numel() else 1)
-        return _grid.segmentation_panel(img, target, None, n, opts.background_class)
+        return _grid.segmentation_panel(img, target, None, n, opts.background_class, font_size=opts.font_size)
+
+    def badness(self, out: SegmentationOutput, opts: PanelOptions) -> Tensor:
+        return segmentation_errors(out.logits, out.targets)
 
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
         """Mean IoU over the whole dataset (one confusion matrix, then the mean over the classes present in targets

@@ -54,7 +54,7 @@ class Shapes(Dataset):
 
 
 def det_collate(batch):
-    return tuple(zip(*batch))
+    return tuple(zip(*batch, strict=True))
 
 
 class TinySegmenter(pl.LightningModule):
@@ -181,12 +181,24 @@ def logged_images(store: str, run_id: str, prefix: str, dst: Path) -> dict[int, 
     return out
 
 
-# panel (width, height) for 4 samples in a 2x2 grid with padding 4: width = 2 * w + 12, height = 2 * h + 12
+# panel (width, height) for 4 samples in a 2x2 grid with padding 4: width = 2 * w + 12, height = 2 * h + 12;
+# tiles are enlarged to >= 128 px, captions in a 16 px font (lines of 19 px + 4 px margin)
 PANEL = {
-    "classification": (96, 96 + 34),  # 8x8 digits x12, two caption lines
-    "object-detection": (2 * 96 + 2, 96 + 19),  # 16x16 shapes x6, truth | prediction
-    "semantic-segmentation": (3 * 96 + 4, 96 + 19),  # image | truth | prediction
+    "classification": (128, 128 + 2 * 19 + 4),  # 8x8 digits x16, two caption lines
+    "object-detection": (2 * 128 + 2, 128 + 19 + 4),  # 16x16 shapes x8, truth | prediction
+    "semantic-segmentation": (3 * 128 + 4, 128 + 19 + 4),  # image | truth | prediction
 }
+
+
+class StepRecorder(pl.Callback):
+    """``trainer.global_step`` at each validation epoch end (outside the sanity check)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,9 +212,10 @@ def test_one_grid_per_epoch_with_expected_size(task, store, tmp_path):
         PredictionGridCallback(task, num_samples=4, class_names=[f"digit{i}" for i in range(10)],
                                mean=(0.2662,), std=(0.3830,))
     )  # fmt: skip
-    trainer, logger = fit(store, model, train, val, [cb], max_epochs=3, num_sanity_val_steps=2)
+    rec = StepRecorder()
+    trainer, logger = fit(store, model, train, val, [cb, rec], max_epochs=3, num_sanity_val_steps=2)
     images = logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")
-    assert sorted(images) == [0, 1, 2]  # one per epoch, none for the sanity check
+    assert sorted(images) == rec.steps == [2, 4, 6]  # one per epoch at its global step, none for the sanity check
     w, h = PANEL[task]
     for img in images.values():
         assert img.size == (2 * w + 12, 2 * h + 12)
@@ -215,7 +228,7 @@ def test_classification_grid_content_matches_predictions(store, tmp_path):
     model, train, val = make_task("classification")
     cb = PredictionGridCallback("classification", num_samples=4, nrow=4, mean=(0.2662,), std=(0.3830,))
     trainer, logger = fit(store, model, train, val, [cb], max_epochs=1)
-    img = logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")[0]
+    img = logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")[trainer.global_step]
     x = torch.stack([val.dataset[i][0] for i in cb.indices])
     y = torch.stack([val.dataset[i][1] for i in cb.indices])
     model.eval()
@@ -225,7 +238,7 @@ def test_classification_grid_content_matches_predictions(store, tmp_path):
 
     arr = np.asarray(img)
     for i, is_wrong in enumerate(wrong):
-        x0 = 4 + i * (96 + 4)
+        x0 = 4 + i * (128 + 4)
         top_left = arr[4, x0]
         assert (tuple(top_left) == (230, 30, 30)) == is_wrong, (i, top_left, wrong)
 
@@ -234,7 +247,7 @@ def test_every_n_epochs(store, tmp_path):
     model, train, val = make_task("semantic-segmentation")
     cb = PredictionGridCallback("semantic-segmentation", num_samples=2, every_n_epochs=2, key="seg/grid")
     _, logger = fit(store, model, train, val, [cb], max_epochs=4)
-    assert sorted(logged_images(store, logger.run_id, "seg/grid", tmp_path / "dl")) == [1, 3]
+    assert sorted(logged_images(store, logger.run_id, "seg/grid", tmp_path / "dl")) == [4, 8]  # epochs 1 and 3
 
 
 def test_datamodule_supplies_names_and_stats(store, tmp_path):
@@ -246,7 +259,7 @@ def test_datamodule_supplies_names_and_stats(store, tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
     trainer.fit(DigitsClassifier(width=4), datamodule=dm)
     logger.flush()
-    img = logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")[0]
+    img = logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")[trainer.global_step]
     # digit backgrounds are 0 before normalisation: de-normalised with the datamodule's stats they are black
     import numpy as np
 
@@ -269,8 +282,9 @@ def test_resume_shows_the_same_samples(store, tmp_path):
     model2, _, _ = make_task("classification")
     _, logger = fit(store, model2, train, val, [second], max_epochs=2, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     assert second.indices == first.indices
-    # the resumed fit continues the checkpoint's run: epoch 0 from the first fit, epoch 1 from the second
-    assert sorted(logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")) == [0, 1]
+    # the resumed fit continues the checkpoint's run: epoch 0 from the first fit, epoch 1 from the second, each at
+    # its global step (2 training batches per epoch)
+    assert sorted(logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")) == [2, 4]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,8 +309,8 @@ def adapters(tmp_path, monkeypatch):
 def test_output_transform_by_import_path(task, out, fn, adapters, store, tmp_path):
     model, train, val = make_task(task, out)
     cb = PredictionGridCallback(task, num_samples=2, output_transform=f"grid_adapters:{fn}")
-    _, logger = fit(store, model, train, val, [cb], max_epochs=1)
-    assert sorted(logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")) == [0]
+    trainer, logger = fit(store, model, train, val, [cb], max_epochs=1)
+    assert sorted(logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")) == [trainer.global_step]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,12 +319,13 @@ def test_output_transform_by_import_path(task, out, fn, adapters, store, tmp_pat
 @pytest.mark.parametrize(
     ("task", "model_out", "match"),
     [
-        ("classification", "seg", r"task='classification' expects model outputs as logits Tensor \(N, C\).*got Tensor\(2, 2, 16, 16\)"),
-        ("semantic-segmentation", "flat", r"task='semantic-segmentation' expects model outputs as logits Tensor \(N, C, H, W\).*got Tensor\(2, 512\)"),
-        ("object-detection", "tuple", r"task='object-detection' expects model outputs as list of N dicts.*got list\[2\] of tuple\[3\]"),
+        ("classification", "seg", r"task='classification' expects model outputs as logits Tensor \(N, C\).*got Tensor\(8, 2, 16, 16\)"),
+        ("semantic-segmentation", "flat", r"task='semantic-segmentation' expects model outputs as logits Tensor \(N, C, H, W\).*got Tensor\(8, 512\)"),
+        ("object-detection", "tuple", r"task='object-detection' expects model outputs as list of N dicts.*got list\[8\] of tuple\[3\]"),
     ],
 )
-def test_wrong_output_format_fails_at_first_grid(task, model_out, match, store):
+def test_wrong_output_format_fails_at_first_validation_batch(task, model_out, match, store):
+    """The worst-mistakes collection reads the first validation batch (8 images), before the first grid."""
     if task == "object-detection":
         model, train, val = make_task(task, model_out)
     else:  # a segmenter (logits (N, 2, 16, 16) or flattened) where the callback expects another format
@@ -325,7 +340,7 @@ def test_wrong_target_format(store):
     cb = PredictionGridCallback("object-detection", num_samples=2, output_transform=lambda out: [
         {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
     ] * out.shape[0])  # fmt: skip
-    with pytest.raises(ValueError, match=r"task='object-detection' expects targets as list of N dicts .*got Tensor\(2, 16, 16\) int64"):
+    with pytest.raises(ValueError, match=r"task='object-detection' expects targets as list of N dicts .*got Tensor\(8, 16, 16\) int64"):
         fit(store, model, train, val, [cb], max_epochs=1)
 
 
@@ -354,6 +369,7 @@ def test_needs_mlflow_cv_logger(tmp_path):
         ({"display_min_size": 300}, r"`display_max_size` \(256\) must be >= `display_min_size` \(300\)"),
         ({"output_transform": "no_such_pkg_zz:fn"}, r"`output_transform`='no_such_pkg_zz:fn': cannot import module"),
         ({"batch_transform": "json.loads"}, r"`batch_transform` must be a callable or an import path"),
+        ({"worst_mistakes": "yes"}, r"`worst_mistakes` must be True or False, got 'yes'\. Fix: worst_mistakes=False"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -411,3 +427,79 @@ def test_two_grids_coexist_and_each_resumes_its_own_samples(store, tmp_path):
     model2, _, _ = make_task("classification")
     fit(store, model2, train, val, [a2, b2], max_epochs=2, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     assert a2.indices == a.indices and b2.indices == b.indices
+
+
+# ------------------------------------------------------------------------------------------------
+# one step axis with the metrics; readable tiles
+# ------------------------------------------------------------------------------------------------
+def test_images_share_the_metrics_step_axis_and_tiles_are_readable(store, tmp_path):
+    """Both image series are logged at ``trainer.global_step`` of each epoch end (the step axis of the metrics,
+    not the epoch); digits tiles are 128 px. Lightning logs the end-of-epoch validation metrics one step earlier
+    (its logging counter advances after that validation), so each image sits at most one step after its epoch's
+    ``val/acc`` point."""
+    model, train, val = make_task("classification")
+    cb = PredictionGridCallback("classification", num_samples=16, mean=(0.2662,), std=(0.3830,))
+    rec = StepRecorder()
+    _, logger = fit(store, model, train, val, [cb, rec], max_epochs=2, num_sanity_val_steps=0)
+    fixed = logged_images(store, logger.run_id, "val/predictions", tmp_path / "a")
+    worst = logged_images(store, logger.run_id, cb.worst_key, tmp_path / "b")
+    metric_steps = [m.step for m in mlflow.MlflowClient(store).get_metric_history(logger.run_id, "val/acc")]
+    assert sorted(fixed) == sorted(worst) == rec.steps == [2, 4]
+    assert [i - m for i, m in zip(rec.steps, sorted(metric_steps), strict=True)] in ([0, 0], [1, 1])
+    # 16 samples in a 4x4 grid of 128-px tiles (8x8 digits enlarged x16) with two 19-px caption lines
+    assert fixed[4].size == (4 * 128 + 5 * 4, 4 * (128 + 2 * 19 + 4) + 5 * 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# worst mistakes
+# ------------------------------------------------------------------------------------------------
+def test_worst_mistakes_are_exactly_the_most_confident_errors(store, tmp_path):
+    """Differential: the logged worst-mistakes grid equals the grid of the top-k most confident wrong predictions
+    found by a brute-force sort over the same validation outputs (2 batches of 64 digits)."""
+    import numpy as np
+
+    from lightning_mlflow_cv import _grid
+
+    model, train, val = make_task("classification")
+    k, names, mean, std = 5, [f"d{i}" for i in range(10)], (0.2662,), (0.3830,)
+    cb = PredictionGridCallback("classification", num_samples=k, class_names=names, mean=mean, std=std)
+    trainer, logger = fit(store, model, train, val, [cb], max_epochs=1, num_sanity_val_steps=0)
+    logged = logged_images(store, logger.run_id, "val/predictions_worst_mistakes", tmp_path / "dl")
+    assert sorted(logged) == [trainer.global_step]
+
+    # brute force over the same outputs: the model after fit is the model that was validated (no step after it)
+    model.eval()
+    rows = []  # (confidence, arrival order, image, target, prediction) of every wrong prediction
+    with torch.no_grad():
+        for b, (x, y) in enumerate(val):
+            if b == 2:  # limit_val_batches=2
+                break
+            prob = model(x).softmax(1)
+            conf, pred = prob.max(1)
+            rows += [(float(conf[i]), b * 64 + i, x[i], int(y[i]), int(pred[i])) for i in range(len(y)) if pred[i] != y[i]]
+    assert len(rows) > k  # a barely trained model: plenty of mistakes to choose from
+    top = sorted(rows, key=lambda r: (-r[0], r[1]))[:k]
+    panels = []
+    for rank, (conf, _, x, y, pred) in enumerate(top, start=1):
+        img = _grid.to_display(x, mean, std, 128, 256)
+        panel = _grid.classification_panel(img, y, pred, conf, names, font_size=16)
+        panels.append(_grid.caption(panel, [f"#{rank} conf {conf:.3g}"], font_size=16))
+    expected = _grid.make_image_grid(panels).permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(logged[trainer.global_step]), expected)
+
+
+@pytest.mark.parametrize("task", ["object-detection", "semantic-segmentation"])
+def test_worst_mistakes_without_step_outputs_and_switched_off(task, store, tmp_path):
+    """A validation_step that returns nothing: the batches go through forward once more; ``worst_mistakes=False``
+    logs only the fixed samples."""
+    model, train, val = make_task(task)
+    on = PredictionGridCallback(task, num_samples=3, mean=0.5, std=0.25)
+    off = PredictionGridCallback(task, num_samples=2, mean=0.5, std=0.25, key="plain", worst_mistakes=False)
+    trainer, logger = fit(store, model, train, val, [on, off], max_epochs=1)
+    client = mlflow.MlflowClient(store)
+    names = [f.path.split("/")[-1] for f in client.list_artifacts(logger.run_id, "images") if f.path.endswith(".png")]
+    worst = logged_images(store, logger.run_id, on.worst_key, tmp_path / "dl")
+    assert list(worst) == [trainer.global_step]
+    assert any(n.startswith("plain+") for n in names) and not any(n.startswith("plain_worst") for n in names)
+    w, h = PANEL[task]  # the untrained model errs on every image: 3 panels (2x2 layout), each with a rank line
+    assert worst[trainer.global_step].size == (2 * w + 12, 2 * (h + 19 + 4) + 12)
