@@ -18,7 +18,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from typing_extensions import override
+
+from lightning_mlflow_cv.examples._base import ExampleDataModule, ExampleModule, Split
 
 #: Normalisation of the digits images after scaling to [0, 1].
 DIGITS_MEAN = (0.2662,)
@@ -59,7 +62,7 @@ class NormalizedDigits(Dataset):
         return (x - self.mean) / self.std, self.labels[i]
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(ExampleDataModule):
     """Train/val/test split of scikit-learn's digits (seeded), as normalised ``(1, 8, 8)`` tensors.
 
     Args:
@@ -76,6 +79,10 @@ class DigitsDataModule(pl.LightningDataModule):
         trainer.fit(DigitsClassifier(), datamodule=dm)
     """
 
+    mean = DIGITS_MEAN
+    std = DIGITS_STD
+    class_names = DIGITS_CLASSES
+
     def __init__(
         self,
         batch_size: int = 64,
@@ -86,41 +93,24 @@ class DigitsDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.mean = DIGITS_MEAN
-        self.std = DIGITS_STD
-        self.class_names = DIGITS_CLASSES
         self.train_transform = None
         if augment:
             from torchvision.transforms import v2
 
             self.train_transform = v2.Compose([v2.RandomAffine(degrees=10, translate=(0.1, 0.1))])
 
-    def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "train_set"):
-            return
+    @override
+    def make_sets(self) -> tuple[Dataset, Dataset, Dataset]:
         images, labels = load_digits_tensors()
         g = torch.Generator().manual_seed(self.hparams.split_seed)
         perm = torch.randperm(len(labels), generator=g)
         n_val = int(len(labels) * self.hparams.val_fraction)
         val, test, train = perm[:n_val], perm[n_val : 2 * n_val], perm[2 * n_val :]
-        self.train_set = NormalizedDigits(images[train], labels[train], self.train_transform)
-        self.val_set = NormalizedDigits(images[val], labels[val])
-        self.test_set = NormalizedDigits(images[test], labels[test])
-
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
+        train_set = NormalizedDigits(images[train], labels[train], self.train_transform)
+        return train_set, NormalizedDigits(images[val], labels[val]), NormalizedDigits(images[test], labels[test])
 
 
-class DigitsClassifier(pl.LightningModule):
+class DigitsClassifier(ExampleModule):
     """A small CNN for 8x8 digits. ``validation_step``/``test_step`` return ``{"logits", "targets"}``.
 
     Args:
@@ -150,28 +140,20 @@ class DigitsClassifier(pl.LightningModule):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, 64), nn.ReLU(), nn.Linear(64, num_classes))
         self.example_input_array = torch.zeros(1, 1, 8, 8)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
-    def _step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
+    @override
+    def _step(self, batch: Any, stage: Split) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
-        acc = (logits.argmax(1) == y).float().mean()
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step)
-        self.log(f"{stage}/acc", acc, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        self.log_stage(stage, "loss", loss)
+        self.log_stage(stage, "acc", (logits.argmax(1) == y).float().mean())
         return {"loss": loss, "logits": logits.detach(), "targets": y}
 
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._step(batch, "test")
-
+    @override
     def configure_optimizers(self) -> Any:
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,69 @@ def make_git_repo(path: Path) -> str:
     return git(path, "rev-parse", "HEAD")
 
 
-class MlflowServer:
+class _ServerProcess:
+    """A server subprocess in its own session, logging to ``self.log``: a subclass's ``start`` runs :meth:`_spawn`
+    and :meth:`_wait_ready` (polls a URL until it answers), :meth:`stop` ends its process group; ``with server:``
+    starts it and always stops it."""
+
+    log: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def _wait_ready(self, url: str, timeout: float, what: str, poll_s: float = 0.3) -> bool:
+        """True once ``url`` answers; False when the process exited first (``proc`` is None then, the log says
+        why); after ``timeout`` seconds: stop it and raise with the log's tail."""
+        assert self.proc is not None
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                self.proc = None
+                return False
+            try:
+                with urllib.request.urlopen(url, timeout=1):
+                    return True
+            except OSError:
+                if time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{what} did not start in {timeout}s: {self.log.read_text()[-3000:]}") from None
+                time.sleep(poll_s)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=15)
+        self.proc = None
+
+
+def _running(server_class: Callable[[Path], _ServerProcess], root: Path) -> Iterator[Any]:
+    """A fixture's body: ``server_class(root)`` started in a fresh ``root``, stopped at the end."""
+    root.mkdir()
+    with server_class(root) as server:
+        yield server
+
+
+class MlflowServer(_ServerProcess):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts); stop/start keep the data."""
 
     def __init__(
@@ -131,54 +193,23 @@ class MlflowServer:
         ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
         log_start = self.log.stat().st_size if self.log.exists() else 0
-        self.proc = subprocess.Popen(
-            cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                self.proc = None
-                if self._auto_port and "in use" in self.log.read_bytes()[log_start:].decode(errors="replace").lower():
-                    self.port = free_port()  # taken since we chose it (a busy machine): try another
-                    return self.start(timeout)
-                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
-                    if r.status == 200:
-                        self._auto_port = False  # clients know this port now: restarts keep it
-                        return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not start in {timeout}s: {self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc is None:
+        self._spawn(cmd, env)
+        if self._wait_ready(f"{self.uri}/health", timeout, "mlflow server"):
+            self._auto_port = False  # clients know this port now: restarts keep it
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
-        self.proc = None
+        if self._auto_port and "in use" in self.log.read_bytes()[log_start:].decode(errors="replace").lower():
+            self.port = free_port()  # taken since we chose it (a busy machine): try another
+            return self.start(timeout)
+        raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-3000:]}")
 
 
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
     """A started real `mlflow server` subprocess; always stopped at the end."""
-    root = tmp_path / "server"
-    root.mkdir()
-    server = MlflowServer(root)
-    server.start()
-    yield server
-    server.stop()
+    yield from _running(MlflowServer, tmp_path / "server")
 
 
-class S3Server:
+class S3Server(_ServerProcess):
     """moto's standalone S3-compatible server on 127.0.0.1 (bucket ``mlflow``); stop/start keep the objects.
 
     moto keeps its state in memory: the server records every request (``MOTO_ENABLE_RECORDING``) and a restart
@@ -216,20 +247,9 @@ class S3Server:
         if self.auth:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"  # create_user, create_access_key, put_user_policy
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moto server exited: {self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"moto server did not start in {timeout}s: {self.log.read_text()[-3000:]}") from None
-                time.sleep(0.2)
+        self._spawn(cmd, env)
+        if not self._wait_ready(f"{self.endpoint}/moto-api/", timeout, "moto server", poll_s=0.2):
+            raise RuntimeError(f"moto server exited: {self.log.read_text()[-3000:]}")
         if restart:
             req = urllib.request.Request(f"{self.endpoint}/moto-api/recorder/replay-recording", method="POST")
             urllib.request.urlopen(req, timeout=120).close()
@@ -263,30 +283,11 @@ class S3Server:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.BUCKET, Prefix=prefix)
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
-        self.proc = None
-
 
 @pytest.fixture
 def s3_server(tmp_path: Path):
     """A started moto S3 server with the bucket ``mlflow``; always stopped at the end."""
-    root = tmp_path / "s3"
-    root.mkdir()
-    server = S3Server(root)
-    server.start()
-    yield server
-    server.stop()
+    yield from _running(S3Server, tmp_path / "s3")
 
 
 @pytest.fixture(scope="session")

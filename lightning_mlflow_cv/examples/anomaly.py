@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
+from typing_extensions import override
 
+from lightning_mlflow_cv.examples._base import ExampleDataModule, ExampleModule, Split
 from lightning_mlflow_cv.examples.shapes import make_shapes
 
 
@@ -37,7 +38,7 @@ def plant_defects(images: Tensor, seed: int, fraction: float = 0.5, size: int = 
     return out, labels
 
 
-class ShapesAnomalyDataModule(pl.LightningDataModule):
+class ShapesAnomalyDataModule(ExampleDataModule):
     """Normal generated shapes for training; validation/test sets where half the images have a defect.
 
     Args:
@@ -52,35 +53,21 @@ class ShapesAnomalyDataModule(pl.LightningDataModule):
         trainer.fit(ShapesAutoencoder(), datamodule=ShapesAnomalyDataModule())
     """
 
+    class_names = ["normal", "anomalous"]
+
     def __init__(self, num_train: int = 512, num_val: int = 128, image_size: int = 32, batch_size: int = 32,
                  seed: int = 0) -> None:  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
-        self.mean = (0.0, 0.0, 0.0)
-        self.std = (1.0, 1.0, 1.0)
-        self.class_names = ["normal", "anomalous"]
 
-    def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "train_set"):
-            return
-        h = self.hparams
-        train = make_shapes(h.num_train, size=h.image_size, seed=h.seed).images
-        self.train_set = TensorDataset(train, torch.zeros(h.num_train, dtype=torch.long))
-        for name, off in (("val_set", 1), ("test_set", 2)):
-            x, y = plant_defects(make_shapes(h.num_val, size=h.image_size, seed=h.seed + off).images, seed=h.seed + off)
-            setattr(self, name, TensorDataset(x, y))
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, self.hparams.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.hparams.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, self.hparams.batch_size)
+    def make_split(self, n: int, seed: int, split: Split) -> Dataset:
+        images = make_shapes(n, size=self.hparams.image_size, seed=seed).images
+        if split == "train":
+            return TensorDataset(images, torch.zeros(n, dtype=torch.long))
+        return TensorDataset(*plant_defects(images, seed=seed))
 
 
-class ShapesAutoencoder(pl.LightningModule):
+class ShapesAutoencoder(ExampleModule):
     """A small conv autoencoder; ``forward`` returns ``{"scores": (N,), "maps": (N, H, W)}``.
 
     Args:
@@ -110,29 +97,27 @@ class ShapesAutoencoder(pl.LightningModule):
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decoder(self.encoder(x))
 
+    @override
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         err = (self.reconstruct(x) - x).pow(2).mean(1, keepdim=True)
         k = self.hparams.smooth
         maps = nn.functional.avg_pool2d(err, k, 1, k // 2)[:, 0]
         return {"scores": maps.flatten(1).amax(1), "maps": maps}
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, _ = batch
         loss = nn.functional.mse_loss(self.reconstruct(x), x)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
+    @override
+    def _step(self, batch: Any, stage: Split) -> dict[str, Tensor]:
         x, y = batch
         out = self(x)
         self.log(f"{stage}/loss", nn.functional.mse_loss(self.reconstruct(x), x), sync_dist=True)
         return {"scores": out["scores"], "targets": y, "maps": out["maps"]}
 
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._eval_step(batch, "test")
-
+    @override
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
+from typing_extensions import override
+
+from lightning_mlflow_cv.examples._base import ExampleDataModule, ExampleModule, Split
 
 
 def make_depth_scenes(n: int, size: int = 32, seed: int = 0, noise: float = 0.03) -> tuple[Tensor, Tensor]:
@@ -65,7 +67,7 @@ def make_depth_scenes(n: int, size: int = 32, seed: int = 0, noise: float = 0.03
     return images, depths
 
 
-class DepthScenesDataModule(pl.LightningDataModule):
+class DepthScenesDataModule(ExampleDataModule):
     """Train/val/test sets of :func:`make_depth_scenes`.
 
     Args:
@@ -84,27 +86,12 @@ class DepthScenesDataModule(pl.LightningDataModule):
                  seed: int = 0) -> None:  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
-        self.mean = (0.0, 0.0, 0.0)
-        self.std = (1.0, 1.0, 1.0)
 
-    def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "train_set"):
-            return
-        h = self.hparams
-        for name, off, n in (("train_set", 0, h.num_train), ("val_set", 1, h.num_val), ("test_set", 2, h.num_val)):
-            setattr(self, name, TensorDataset(*make_depth_scenes(n, h.image_size, h.seed + off)))
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, self.hparams.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, self.hparams.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, self.hparams.batch_size)
+    def make_split(self, n: int, seed: int, split: Split) -> Dataset:
+        return TensorDataset(*make_depth_scenes(n, self.hparams.image_size, seed))
 
 
-class DepthEncoderDecoder(pl.LightningModule):
+class DepthEncoderDecoder(ExampleModule):
     """A small U-Net-style encoder-decoder predicting depth ``(N, 1, H, W)`` (positive: softplus).
 
     Trained with an L1 loss on log depth over valid pixels (target > 0).
@@ -134,6 +121,7 @@ class DepthEncoderDecoder(pl.LightningModule):
         self.up1, self.dec1 = nn.ConvTranspose2d(2 * w, w, 2, 2), block(2 * w, w)
         self.head = nn.Conv2d(w, 1, 1)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         e1 = self.enc1(x)
         e2 = self.enc2(nn.functional.max_pool2d(e1, 2))
@@ -147,28 +135,19 @@ class DepthEncoderDecoder(pl.LightningModule):
         valid = target > 0
         return (pred[valid].log() - target[valid].log()).abs().mean()
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
         loss = self.loss(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
+    @override
+    def _step(self, batch: Any, stage: Split) -> dict[str, Tensor]:
         x, y = batch
         pred = self(x)
         self.log(f"{stage}/loss", self.loss(pred, y), sync_dist=True)
         return {"preds": pred, "targets": y}
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._eval_step(batch, "test")
-
-    def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 10))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
 __all__ = ["DepthEncoderDecoder", "DepthScenesDataModule", "make_depth_scenes"]

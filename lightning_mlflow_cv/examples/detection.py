@@ -14,34 +14,41 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from typing_extensions import override
 
-from lightning_mlflow_cv.examples.shapes import SHAPE_CLASSES, make_shapes
+from lightning_mlflow_cv.examples._base import ExampleDataModule, ExampleModule, Split
+from lightning_mlflow_cv.examples.shapes import SHAPE_CLASSES, Shapes, make_shapes
 
 
 class ShapesDetectionDataset(Dataset):
     """Generated shapes as ``(image (3, S, S) float in [0, 1], {"boxes": (K, 4) xyxy, "labels": (K,)})``."""
 
     def __init__(self, n: int, size: int = 64, seed: int = 0) -> None:
-        self.data = make_shapes(n, size=size, seed=seed)
+        s = make_shapes(n, size=size, seed=seed)
+        self.images = s.images
+        self.targets = [self.target(s, i) for i in range(n)]
+
+    def target(self, s: Shapes, i: int) -> dict[str, Tensor]:
+        """Image ``i``'s target dict."""
+        return {"boxes": s.boxes[i], "labels": s.labels[i]}
 
     def __len__(self) -> int:
-        return len(self.data.images)
+        return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.data.images[i], {"boxes": self.data.boxes[i], "labels": self.data.labels[i]}
+        return self.images[i], self.targets[i]
 
 
 def collate_detection(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """Images and targets as lists (torchvision detection style)."""
-    images, targets = zip(*batch)
+    images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
 
 
-class ShapesDetectionDataModule(pl.LightningDataModule):
+class ShapesDetectionDataModule(ExampleDataModule):
     """Train/val/test sets of generated shapes for detection (different seeds, no download).
 
     Args:
@@ -58,36 +65,18 @@ class ShapesDetectionDataModule(pl.LightningDataModule):
         trainer.fit(ShapesDetector(), datamodule=dm)
     """
 
+    class_names = SHAPE_CLASSES
+    collate_fn = staticmethod(collate_detection)
+
     def __init__(
         self, num_train: int = 512, num_val: int = 128, image_size: int = 64, batch_size: int = 16, seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.class_names = SHAPE_CLASSES
-        self.mean = (0.0, 0.0, 0.0)
-        self.std = (1.0, 1.0, 1.0)
 
-    def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "train_set"):
-            return
-        h = self.hparams
-        self.train_set = ShapesDetectionDataset(h.num_train, h.image_size, h.seed)
-        self.val_set = ShapesDetectionDataset(h.num_val, h.image_size, h.seed + 1)
-        self.test_set = ShapesDetectionDataset(h.num_val, h.image_size, h.seed + 2)
-
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        h = self.hparams
-        return DataLoader(ds, h.batch_size, shuffle=shuffle, num_workers=h.num_workers, collate_fn=collate_detection)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
+    def make_split(self, n: int, seed: int, split: Split) -> Dataset:
+        return ShapesDetectionDataset(n, self.hparams.image_size, seed)
 
 
 def tiny_backbone(width: int = 32) -> nn.Module:
@@ -101,36 +90,65 @@ def tiny_backbone(width: int = 32) -> nn.Module:
     return body
 
 
-def build_faster_rcnn(num_classes: int = len(SHAPE_CLASSES), image_size: int = 64, width: int = 32) -> nn.Module:
-    """A small :class:`torchvision.models.detection.FasterRCNN`: tiny backbone, one feature map, no weights."""
-    from torchvision.models.detection import FasterRCNN
+def rcnn_options(image_size: int = 64) -> dict[str, Any]:
+    """Keyword arguments the small Faster and Mask R-CNNs share: the image size, no normalisation (the images are
+    in [0, 1]), anchors scaled to the image, one feature map, few proposals and samples."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.ops import MultiScaleRoIAlign
 
     s = image_size / 64
     anchors = AnchorGenerator(sizes=((int(8 * s), int(16 * s), int(24 * s)),), aspect_ratios=((0.5, 1.0, 2.0),))
-    return FasterRCNN(
-        tiny_backbone(width),
-        num_classes=num_classes,
-        min_size=image_size,
-        max_size=image_size,
-        image_mean=[0.0, 0.0, 0.0],
-        image_std=[1.0, 1.0, 1.0],
-        rpn_anchor_generator=anchors,
-        box_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2),
-        representation_size=128,
-        rpn_pre_nms_top_n_train=300,
-        rpn_pre_nms_top_n_test=150,
-        rpn_post_nms_top_n_train=150,
-        rpn_post_nms_top_n_test=50,
-        rpn_batch_size_per_image=128,
-        box_batch_size_per_image=64,
-        box_detections_per_img=20,
-        box_score_thresh=0.05,
-    )
+    return {
+        "min_size": image_size,
+        "max_size": image_size,
+        "image_mean": [0.0, 0.0, 0.0],
+        "image_std": [1.0, 1.0, 1.0],
+        "rpn_anchor_generator": anchors,
+        "box_roi_pool": MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2),
+        "rpn_pre_nms_top_n_train": 300,
+        "rpn_pre_nms_top_n_test": 150,
+        "rpn_post_nms_top_n_train": 150,
+        "rpn_post_nms_top_n_test": 50,
+        "rpn_batch_size_per_image": 128,
+        "box_batch_size_per_image": 64,
+        "box_detections_per_img": 20,
+        "box_score_thresh": 0.05,
+    }
 
 
-class ShapesDetector(pl.LightningModule):
+def build_faster_rcnn(num_classes: int = len(SHAPE_CLASSES), image_size: int = 64, width: int = 32) -> nn.Module:
+    """A small :class:`torchvision.models.detection.FasterRCNN`: tiny backbone, one feature map, no weights."""
+    from torchvision.models.detection import FasterRCNN
+
+    return FasterRCNN(tiny_backbone(width), num_classes=num_classes, representation_size=128, **rcnn_options(image_size))
+
+
+class RCNNModule(ExampleModule):
+    """Training and evaluation of a torchvision R-CNN held as ``self.model`` on ``(images, targets)`` list batches:
+    training logs ``train/loss`` (the sum) and each of the model's losses; evaluation returns
+    ``{"preds": self(images), "targets": targets}``. AdamW with a cosine schedule."""
+
+    optimizer_class = torch.optim.AdamW
+    weight_decay = 1e-4
+    model: nn.Module
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.model(images, targets)
+        loss = sum(losses.values())
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, batch_size=len(images))
+        return loss
+
+    @override
+    def _step(self, batch: Any, stage: Split) -> dict[str, Any]:
+        images, targets = batch
+        return {"preds": self(images), "targets": targets}
+
+
+class ShapesDetector(RCNNModule):
     """Faster R-CNN on generated shapes. ``validation_step``/``test_step`` return ``{"preds", "targets"}``.
 
     Args:
@@ -149,30 +167,6 @@ class ShapesDetector(pl.LightningModule):
         self.save_hyperparameters()
         self.model = build_faster_rcnn(num_classes, image_size, width)
 
+    @override
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         return self.model(images)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images, targets = batch
-        losses = self.model(images, targets)
-        loss = sum(losses.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
-        for k, v in losses.items():
-            self.log(f"train/{k}", v, batch_size=len(images))
-        return loss
-
-    def _eval_step(self, batch: Any) -> dict[str, Any]:
-        images, targets = batch
-        preds = self.model(images)
-        return {"preds": preds, "targets": targets}
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch)
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch)
-
-    def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 10))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
+from typing_extensions import override
 
+from lightning_mlflow_cv.examples._base import ExampleDataModule, ExampleModule, Split
 from lightning_mlflow_cv.examples.shapes import SHAPE_CLASSES, make_shapes
 
 #: Normalisation of the generated images (PredictionGridCallback undoes it for display).
@@ -32,7 +33,7 @@ def _normalised(n: int, size: int, seed: int) -> Dataset:
     return TensorDataset((s.images - mean) / std, s.masks)
 
 
-class ShapesSegmentationDataModule(pl.LightningDataModule):
+class ShapesSegmentationDataModule(ExampleDataModule):
     """Train/val/test sets of generated shapes with per-pixel class masks (0 = background).
 
     Args:
@@ -48,35 +49,19 @@ class ShapesSegmentationDataModule(pl.LightningDataModule):
         trainer.fit(ShapesSegmenter(), datamodule=ShapesSegmentationDataModule())
     """
 
+    class_names = SHAPE_CLASSES
+    mean = SHAPES_MEAN
+    std = SHAPES_STD
+
     def __init__(
         self, num_train: int = 512, num_val: int = 128, image_size: int = 64, batch_size: int = 32, seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.class_names = SHAPE_CLASSES
-        self.mean = SHAPES_MEAN
-        self.std = SHAPES_STD
 
-    def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "train_set"):
-            return
-        h = self.hparams
-        self.train_set = _normalised(h.num_train, h.image_size, h.seed)
-        self.val_set = _normalised(h.num_val, h.image_size, h.seed + 1)
-        self.test_set = _normalised(h.num_val, h.image_size, h.seed + 2)
-
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False)
+    def make_split(self, n: int, seed: int, split: Split) -> Dataset:
+        return _normalised(n, self.hparams.image_size, seed)
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -115,7 +100,7 @@ class TinyUNet(nn.Module):
         return self.head(d1)
 
 
-class ShapesSegmenter(pl.LightningModule):
+class ShapesSegmenter(ExampleModule):
     """TinyUNet trained with cross-entropy. ``validation_step``/``test_step`` return ``{"logits", "targets"}``.
 
     Args:
@@ -134,27 +119,14 @@ class ShapesSegmenter(pl.LightningModule):
         self.net = TinyUNet(num_classes, width)
         self.example_input_array = torch.zeros(1, 3, 64, 64)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def _step(self, batch: Any, stage: str) -> dict[str, Tensor]:
+    @override
+    def _step(self, batch: Any, stage: Split) -> dict[str, Tensor]:
         x, y = batch
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        self.log_stage(stage, "loss", loss)
         return {"loss": loss, "logits": logits.detach(), "targets": y}
-
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._step(batch, "test")
-
-    def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs or 10))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
