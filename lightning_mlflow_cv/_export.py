@@ -50,7 +50,7 @@ def monitored_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
     """The first ``ModelCheckpoint`` that monitors a metric and has a best checkpoint on disk, else ``None``."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+    for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path and os.path.isfile(cb.best_model_path):
             return cb
     return None
