@@ -26,8 +26,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lightning-mlflow-cv demo
 
-lint: $(STAMP)  ## ruff (pyproject's [tool.ruff]) and the docstring examples; `make test` runs it first
+lint: $(STAMP)  ## ruff and mypy (pyproject's [tool.ruff], [tool.mypy]) and the docstring examples; `make test` runs it first
 	$(VENV)/bin/ruff check lightning_mlflow_cv
+	$(PY) -m mypy
 	$(PY) -m pytest -q --doctest-modules lightning_mlflow_cv
 
 test: $(STAMP) lint

@@ -28,7 +28,12 @@ import json
 import threading
 import urllib.request
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.artifact_repo import ArtifactRepository
+    from PIL import Image
 
 _lock = threading.Lock()
 _warned: set[str] = set()
@@ -130,7 +135,7 @@ def is_endpoint_not_found(err: BaseException) -> bool:
     return code == "ENDPOINT_NOT_FOUND" or "ENDPOINT_NOT_FOUND" in str(err)[:2000]
 
 
-def logged_models_supported(client: Any, uri: str) -> bool:
+def logged_models_supported(client: MlflowClient, uri: str) -> bool:
     """Whether LoggedModels work on this client and store. Cached per store after one probe.
 
     The client must be MLflow 3; an HTTP store must answer ``logged-models/search`` (a 2.x server answers
@@ -186,15 +191,15 @@ def no_logged_models_reason(uri: str) -> str:
 
 
 # -- artifacts -------------------------------------------------------------------------------------------
-_repo_cache: dict[tuple[str, str], Any] = {}
+_repo_cache: dict[tuple[str, str], ArtifactRepository] = {}
 
 
-def _client_uri(client: Any) -> str | None:
+def _client_uri(client: MlflowClient) -> str | None:
     tc = getattr(client, "_tracking_client", None)
     return getattr(tc, "tracking_uri", None)
 
 
-def artifact_repo(client: Any, run_id: str) -> Any:
+def artifact_repo(client: MlflowClient, run_id: str) -> ArtifactRepository:
     """The run's artifact repository, resolved against the *client's* tracking URI.
 
     MLflow 2.x resolves a proxied (``mlflow-artifacts:``) artifact location with the global tracking URI,
@@ -228,7 +233,7 @@ def artifact_repo(client: Any, run_id: str) -> Any:
     return repo
 
 
-def log_artifact(client: Any, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+def log_artifact(client: MlflowClient, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
     """``client.log_artifact`` that uses the client's tracking URI on every MLflow version."""
     if mlflow_version() >= (3, 0, 0):
         client.log_artifact(run_id, local_path, artifact_path)
@@ -236,7 +241,7 @@ def log_artifact(client: Any, run_id: str, local_path: str, artifact_path: str |
     artifact_repo(client, run_id).log_artifact(local_path, artifact_path)
 
 
-def log_artifacts(client: Any, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
+def log_artifacts(client: MlflowClient, run_id: str, local_dir: str, artifact_path: str | None = None) -> None:
     """``client.log_artifacts`` that uses the client's tracking URI on every MLflow version."""
     if mlflow_version() >= (3, 0, 0):
         client.log_artifacts(run_id, local_dir, artifact_path)
@@ -248,7 +253,7 @@ def log_artifacts(client: Any, run_id: str, local_dir: str, artifact_path: str |
 COMPRESSED_IMAGE_SIZE = 256  # MLflow's own value (mlflow.tracking.multimedia.COMPRESSED_IMAGE_SIZE)
 
 
-def compress_image_size(image: Any) -> Any:
+def compress_image_size(image: Image.Image) -> Image.Image:
     """The UI's thumbnail: MLflow's ``compress_image_size`` where it exists, the same resize otherwise."""
     if has_multimedia():
         from mlflow.tracking.multimedia import compress_image_size as mlflow_compress
@@ -268,7 +273,8 @@ def meta_dataset(source: Any, name: str, digest: str | None = None) -> Any:
     if has_meta_dataset():
         from mlflow.data.meta_dataset import MetaDataset
 
-        return MetaDataset(source, name=name, digest=digest)
+        # MLflow leaves Dataset.profile abstract on MetaDataset, but Dataset has no ABCMeta: it instantiates.
+        return MetaDataset(source, name=name, digest=digest)  # type: ignore[abstract]
     from mlflow.entities import Dataset
 
     config = {"name": name, "source": source.to_json(), "source_type": source._get_source_type(), "schema": ""}

@@ -16,18 +16,23 @@ import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+_C = TypeVar("_C")
 
 log = logging.getLogger(__name__)
 
 # trainer -> (key, module copy): one best-weights copy per fit end, shared by the three callbacks
-_BEST_CACHE: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], nn.Module, str]] = weakref.WeakKeyDictionary()
+_BEST_CACHE: weakref.WeakKeyDictionary[pl.Trainer, tuple[tuple[int, str | None, int], nn.Module, str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class _Forward(nn.Module):
@@ -41,11 +46,11 @@ class _Forward(nn.Module):
         return self.net(x)
 
 
-def monitored_checkpoint(trainer: pl.Trainer) -> Any | None:
+def monitored_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
     """The first ``ModelCheckpoint`` that monitors a metric and has a best checkpoint on disk, else ``None``."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+    for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path and os.path.isfile(cb.best_model_path):
             return cb
     return None
@@ -69,7 +74,9 @@ def best_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[nn.
         try:
             state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state)
-            source = f"best checkpoint {ckpt.best_model_path} ({ckpt.monitor}={float(ckpt.best_model_score):.6g})"
+            score = ckpt.best_model_score
+            shown = f"{float(score):.6g}" if score is not None else "unknown"
+            source = f"best checkpoint {ckpt.best_model_path} ({ckpt.monitor}={shown})"
         except Exception as err:  # noqa: BLE001 - fall back to the final weights, say so
             warnings.warn(
                 f"could not load the best checkpoint {ckpt.best_model_path} with weights_only=True ({err}); "
@@ -258,7 +265,7 @@ def onnx_session(path: str | os.PathLike[str], intra_op_threads: int | None = No
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def find_callback(trainer: pl.Trainer, cls: type) -> Any | None:
+def find_callback(trainer: pl.Trainer, cls: type[_C]) -> _C | None:
     """The first callback of type ``cls`` on the trainer, or ``None``."""
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(cb, cls):

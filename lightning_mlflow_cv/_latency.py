@@ -46,8 +46,14 @@ def latency_stats(blocks_s: Sequence[Sequence[float]] | Sequence[float], batch_s
         >>> s["latency/torch/p50_ms"], s["latency/torch/p95_iqr_ms"]
         (2.5, 0.0)
     """
-    blocks = [list(b) for b in blocks_s] if blocks_s and isinstance(blocks_s[0], Sequence) else [list(blocks_s)]  # type: ignore[arg-type]
-    blocks = [b for b in blocks if len(b)]
+    blocks: list[list[float]] = []
+    flat: list[float] = []  # a flat list of floats is one block
+    for b in blocks_s:
+        if isinstance(b, Sequence):
+            blocks.append(list(b))
+        else:
+            flat.append(b)
+    blocks = [b for b in [*blocks, flat] if b]
     if not blocks:
         raise ValueError("latency_stats: `blocks_s` holds no timed call; time at least one call.")
     if batch_size < 1:

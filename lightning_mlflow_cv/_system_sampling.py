@@ -9,6 +9,7 @@ MLflow's node convention applies: ``system/<node_id>/<name>`` (here ``node_id`` 
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ GPU_NAMES = (
 )
 
 
-def require_psutil(who: str) -> Any:
+def require_psutil(who: str) -> types.ModuleType:
     """``psutil``, or an ImportError in one line naming the extra to install."""
     try:
         import psutil
@@ -56,17 +57,19 @@ class HostSampler:
 
     disk_path: str = os.sep
     _net0: tuple[float, float] = field(default=(0.0, 0.0), init=False)
-    _psutil: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._psutil = require_psutil("SystemMetricsCallback")
-        self._psutil.cpu_percent()  # the first call only starts psutil's measuring interval
-        net = self._psutil.net_io_counters()
+        require_psutil("SystemMetricsCallback")
+        import psutil
+
+        psutil.cpu_percent()  # the first call only starts psutil's measuring interval
+        net = psutil.net_io_counters()
         self._net0 = (net.bytes_recv / 1e6, net.bytes_sent / 1e6) if net is not None else (0.0, 0.0)
 
     def sample(self) -> dict[str, float]:
         """One sample: ``{name: value}`` with the names of :data:`HOST_NAMES`."""
-        ps = self._psutil
+        import psutil as ps
+
         mem = ps.virtual_memory()
         disk = ps.disk_usage(self.disk_path)
         out = {

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from lightning_mlflow_cv.callbacks.save_config import MLflowSaveConfigCallback
@@ -28,10 +30,13 @@ class MLflowCVCLI(LightningCLI):
     It backs the ``lightning-mlflow-cv`` console script's ``fit``/``validate``/``test``/``predict``.
 
     Args:
-        *args: As ``LightningCLI``.
+        model_class: As ``LightningCLI``.
+        datamodule_class: As ``LightningCLI``.
         save_config_callback: As ``LightningCLI``; default ``MLflowSaveConfigCallback``.
+        save_config_kwargs: As ``LightningCLI``.
+        trainer_class: As ``LightningCLI``.
         trainer_defaults: As ``LightningCLI``; a ``logger`` entry replaces the MLflowCVLogger default.
-        **kwargs: As ``LightningCLI``.
+        **kwargs: As ``LightningCLI`` (``args``, ``run``, ``parser_kwargs``, ...).
 
     Example::
 
@@ -48,11 +53,14 @@ class MLflowCVCLI(LightningCLI):
 
     def __init__(
         self,
-        *args: Any,
+        model_class: type[LightningModule] | Callable[..., LightningModule] | None = None,
+        datamodule_class: type[LightningDataModule] | Callable[..., LightningDataModule] | None = None,
         save_config_callback: type[SaveConfigCallback] | None = MLflowSaveConfigCallback,
+        save_config_kwargs: dict[str, Any] | None = None,
+        trainer_class: type[Trainer] | Callable[..., Trainer] = Trainer,
         trainer_defaults: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> None:
+    ) -> None:  # LightningCLI's first six parameters, in its order, so positional calls keep their meaning
         from jsonargparse import lazy_instance
 
         from lightning_mlflow_cv.logger import MLflowCVLogger
@@ -61,4 +69,12 @@ class MLflowCVCLI(LightningCLI):
         defaults.update(trainer_defaults or {})
         if kwargs.get("args") is not None and list(kwargs["args"]) == sys.argv[1:]:
             kwargs["args"] = None  # the console script passes sys.argv itself; avoid LightningCLI's "both given" warning
-        super().__init__(*args, save_config_callback=save_config_callback, trainer_defaults=defaults, **kwargs)
+        super().__init__(
+            model_class,
+            datamodule_class,
+            save_config_callback=save_config_callback,
+            save_config_kwargs=save_config_kwargs,
+            trainer_class=trainer_class,
+            trainer_defaults=defaults,
+            **kwargs,
+        )

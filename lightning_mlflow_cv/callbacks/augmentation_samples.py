@@ -80,7 +80,8 @@ class AugmentationSamplesCallback(Callback):
         display_max_size: int = 256,
     ) -> None:
         super().__init__()
-        self.num_samples = _grid.check_positive_int(_WHO, "num_samples", num_samples)
+        _grid.check_positive_int(_WHO, "num_samples", num_samples)
+        self.num_samples = num_samples
         self.mean, self.std = _grid.check_mean_std(_WHO, mean, std)
         if not isinstance(artifact_file, str) or not artifact_file.lower().endswith(".png"):
             raise ValueError(
@@ -95,8 +96,10 @@ class AugmentationSamplesCallback(Callback):
         self.background_class = background_class
         self.batch_transform = _grid.resolve_callable(_WHO, "batch_transform", batch_transform)
         self.nrow = _grid.check_positive_int(_WHO, "nrow", nrow, allow_none=True)
-        self.display_min_size = _grid.check_positive_int(_WHO, "display_min_size", display_min_size)
-        self.display_max_size = _grid.check_positive_int(_WHO, "display_max_size", display_max_size)
+        _grid.check_positive_int(_WHO, "display_min_size", display_min_size)
+        self.display_min_size = display_min_size
+        _grid.check_positive_int(_WHO, "display_max_size", display_max_size)
+        self.display_max_size = display_max_size
         self.artifact_file = artifact_file.strip("/")
         self.logged = False
         self._images: list[torch.Tensor] = []
@@ -152,7 +155,7 @@ class AugmentationSamplesCallback(Callback):
         for i, x in enumerate(self._images):
             img = _grid.to_display(x, mean, std, self.display_min_size, self.display_max_size)
             if task is not None:  # the ground truth as the prediction grid draws it (lightning_mlflow_cv.tasks)
-                img = task.target_panel(img, tuple(x.shape[-2:]), self._targets[i], opts)
+                img = task.target_panel(img, (x.shape[-2], x.shape[-1]), self._targets[i], opts)
             panels.append(img)
         return _grid.make_image_grid(panels, nrow=self.nrow)
 

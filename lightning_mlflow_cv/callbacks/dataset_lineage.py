@@ -42,7 +42,7 @@ __all__ = [
 _WHO = "DatasetLineageCallback"
 Context = Literal["training", "validation", "testing"]
 #: MLflow's dataset contexts, in the order the callback logs them.
-CONTEXTS: tuple[str, ...] = ("training", "validation", "testing")
+CONTEXTS: tuple[Context, ...] = ("training", "validation", "testing")
 #: MLflow's SQL stores keep at most 36 characters of a dataset digest; the full SHA-256 goes in a param.
 _MLFLOW_DIGEST_CHARS = 32
 _PATH_ATTRS = ("root", "path", "data_path", "root_dir", "data_dir", "directory", "file", "filename", "archive")
@@ -208,7 +208,7 @@ def hash_path(
     cache = cache if cache is not None else DigestCache(None)
     stats = HashStats()
     single = isinstance(paths, (str, os.PathLike))
-    roots = [Path(paths)] if single else [Path(p) for p in paths]  # type: ignore[union-attr]
+    roots = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     entries: list[tuple[str, str]] = []
     missing = [str(r) for r in roots if not r.exists()]
     if missing:
@@ -415,7 +415,7 @@ class DatasetLineageCallback(Callback):
         hash_files: bool = True,
         cache_path: str | os.PathLike[str] | None | Literal["default"] = "default",
         chunk_size_mb: float = 1.0,
-        contexts: Iterable[Context] = CONTEXTS,  # type: ignore[assignment]
+        contexts: Iterable[Context] = CONTEXTS,
     ) -> None:
         super().__init__()
         for arg, value in (("sources", sources), ("names", names)):
@@ -531,7 +531,7 @@ class DatasetLineageCallback(Callback):
             return CodeDatasetSource({"uri": raw})
 
     def _mlflow_dataset(self, context: str, desc: DatasetDescription, suffix: str) -> tuple[Any, str | None]:
-        import mlflow.data
+        from mlflow.data.numpy_dataset import from_numpy
 
         from lightning_mlflow_cv._compat import meta_dataset
 
@@ -542,7 +542,7 @@ class DatasetLineageCallback(Callback):
         if desc.kind == "arrays":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = mlflow.data.from_numpy(desc.features, targets=desc.targets, source=source, name=name or desc.name)
+                ds = from_numpy(desc.features, targets=desc.targets, source=source, name=name or desc.name)
             return ds, None
         if desc.kind == "files":
             default_name = desc.root.name if desc.root is not None and desc.root.name else desc.name

@@ -102,7 +102,8 @@ class GradCAMCallback(Callback):
                 "Fix: e.g. target_layer='features.3'; list names with `[n for n, _ in model.named_modules()]`."
             )
         self.target_layer = target_layer
-        self.num_samples = _grid.check_positive_int(_WHO, "num_samples", num_samples)
+        _grid.check_positive_int(_WHO, "num_samples", num_samples)
+        self.num_samples = num_samples
         self.every_n_epochs = _grid.check_positive_int(_WHO, "every_n_epochs", every_n_epochs, allow_none=True)
         if target not in ("predicted", "true"):
             raise ValueError(f"{_WHO}: `target` must be 'predicted' or 'true', got {target!r}.")
@@ -120,8 +121,10 @@ class GradCAMCallback(Callback):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
             raise ValueError(f"{_WHO}: `alpha` must be a number in (0, 1], got {alpha!r}. Fix: e.g. alpha=0.5.")
         self.alpha = float(alpha)
-        self.display_min_size = _grid.check_positive_int(_WHO, "display_min_size", display_min_size)
-        self.display_max_size = _grid.check_positive_int(_WHO, "display_max_size", display_max_size)
+        _grid.check_positive_int(_WHO, "display_min_size", display_min_size)
+        self.display_min_size = display_min_size
+        _grid.check_positive_int(_WHO, "display_max_size", display_max_size)
+        self.display_max_size = display_max_size
         self.indices: list[int] | None = None
         self._samples: tuple[Any, Any] | None = None
 

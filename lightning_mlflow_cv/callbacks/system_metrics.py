@@ -20,6 +20,8 @@ from lightning_mlflow_cv._system_sampling import (
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
+    from lightning_mlflow_cv.logger import MLflowCVLogger
+
 _NAME = "SystemMetricsCallback"
 
 
@@ -80,7 +82,7 @@ class SystemMetricsCallback(Callback):
         self._lock = threading.Lock()
         self._host: HostSampler | None = None
         self._gpus: GPUSampler | None = None
-        self._logger: Any = None
+        self._logger: MLflowCVLogger | None = None
         self._node: int | None = None
         self._direct = False
 
@@ -121,7 +123,7 @@ class SystemMetricsCallback(Callback):
             return
         with self._lock:
             step, self.step = self.step, self.step + 1
-            if self._direct:
+            if self._direct and self._logger is not None:
                 self._logger.log_metrics(metric_keys(figures, self._node), step=step)
             else:
                 self._buffer.append((step, figures))

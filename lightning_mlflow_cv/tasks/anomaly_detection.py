@@ -90,6 +90,8 @@ class AnomalyScores(Metric):
     """
 
     full_state_update = False
+    scores: list[Tensor]
+    targets: list[Tensor]
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -31,7 +31,7 @@ def _curve_cpu(curve: Any) -> tuple[Any, Any, Any]:
     def cpu(x: Any) -> Any:
         return [t.cpu() for t in x] if isinstance(x, (list, tuple)) else x.cpu()
 
-    return tuple(cpu(x) for x in curve)  # type: ignore[return-value]
+    return tuple(cpu(x) for x in curve)
 
 
 def confident_errors(logits: Tensor, targets: Tensor) -> Tensor:

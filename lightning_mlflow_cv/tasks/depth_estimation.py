@@ -55,6 +55,14 @@ class DepthMetrics(Metric):
 
     full_state_update = False
     _SUMS = ("abs_rel", "sq_rel", "sq_err", "sq_log_err", "d1", "d2", "d3")
+    count: Tensor
+    abs_rel: Tensor
+    sq_rel: Tensor
+    sq_err: Tensor
+    sq_log_err: Tensor
+    d1: Tensor
+    d2: Tensor
+    d3: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -198,7 +206,7 @@ class DepthEstimation(CVTask):
         lo, hi = _value_range(torch.cat([t[valid], p[valid]]) if bool(valid.any()) else p.reshape(-1))
         err = (p - t).abs()
         emax = float(err[valid].max()) if bool(valid.any()) else 1.0
-        size = tuple(img.shape[-2:])
+        size = (img.shape[-2], img.shape[-1])
         ones = torch.ones_like(valid)
 
         def show(rgb: Tensor) -> Tensor:
@@ -223,7 +231,7 @@ class DepthEstimation(CVTask):
         valid = valid_mask(t)
         lo, hi = _value_range(t[valid])
         lines = [f"target [{lo:.3g}, {hi:.3g}]", "black: invalid"]
-        view = _target_view(t, valid, lo, hi, tuple(img.shape[-2:]), lines, opts.font_size)
+        view = _target_view(t, valid, lo, hi, (img.shape[-2], img.shape[-1]), lines, opts.font_size)
         return _grid.hstack([_grid.caption(img, ["image"], font_size=opts.font_size), view])
 
     def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:

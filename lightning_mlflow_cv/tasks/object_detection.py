@@ -199,6 +199,9 @@ class DetectionMatchCounts(Metric):
     """
 
     full_state_update = False
+    tp: Tensor
+    fp: Tensor
+    fn: Tensor
 
     def __init__(self, num_classes: int, iou_threshold: float = 0.5, score_threshold: float = 0.5, **kwargs: Any):
         super().__init__(**kwargs)
@@ -306,7 +309,7 @@ class ObjectDetection(CVTask):
         ar_all = torch.atleast_1d(res["mar_100_per_class"]).cpu()
         precision = res.get("precision")  # (T, R, K, A, M), -1 where undefined
         n = cfg.num_classes
-        rows = []
+        rows: list[dict[str, str | float | int | None]] = []
         for k, c in enumerate(classes):
             rows.append(
                 {
@@ -323,7 +326,8 @@ class ObjectDetection(CVTask):
             )
         for r in rows:  # COCO reports -1 for classes without ground truth
             for key in ("ap50_95", "ar100", "ap50"):
-                if r[key] is not None and r[key] < 0:
+                v = r[key]
+                if isinstance(v, float) and v < 0:
                     r[key] = None
         return scalars, {"table": rows}
 
