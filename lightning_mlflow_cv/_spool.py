@@ -39,6 +39,7 @@ from typing import Any
 from lightning_mlflow_cv import _compat, _http
 from lightning_mlflow_cv._keys import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 from lightning_mlflow_cv._redact import redact_text
+from lightning_mlflow_cv._runs import create_run, set_run_status
 
 log = logging.getLogger(__name__)
 
@@ -703,22 +704,6 @@ def _metrics_only(request: dict[str, Any]) -> bool:
     return request["kind"] == "batch" and not request["params"] and not request["tags"]
 
 
-def set_run_status(client: Any, run_id: str, status: str, end_time: int | None = None) -> None:
-    """Set the run status through the store, not ``MlflowClient.set_terminated``: the latter prints the run
-    URL to stdout, credentials included when the tracking URI carries ``user:pass@``."""
-    from mlflow.entities import RunStatus
-
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    if store is None:  # pragma: no cover - other MLflow versions
-        client.set_terminated(run_id, status, end_time=end_time)
-        return
-    if status == "RUNNING":
-        end_time = None
-    else:
-        end_time = end_time or int(time.time() * 1000)
-    store.update_run_info(run_id, RunStatus.from_string(status), end_time, None)
-
-
 def _describe(request: dict[str, Any]) -> str:
     if request["kind"] == "batch":
         items = [f"metric {m.key}={m.value}" for m in request["metrics"]]
@@ -726,33 +711,6 @@ def _describe(request: dict[str, Any]) -> str:
         items += [f"tag {t.key}={t.value[:200]!r}" for t in request["tags"]]
         return ", ".join(items)
     return json.dumps({k: v for k, v in request.items() if k != "kind"})
-
-
-def create_run(client: Any, header: dict[str, Any]) -> str:
-    """Create the run a spool header describes (experiment created when missing)."""
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
-    exp_id = header.get("experiment_id")
-    if exp_id is None:
-        name = header.get("experiment_name") or "Default"
-        exp = client.get_experiment_by_name(name)
-        if exp is None or exp.lifecycle_stage == "deleted":
-            try:
-                exp_id = client.create_experiment(name, artifact_location=header.get("artifact_location"))
-            except Exception as err:  # another process created it between the lookup and here
-                exp = client.get_experiment_by_name(name) if getattr(err, "error_code", None) == "RESOURCE_ALREADY_EXISTS" else None
-                if exp is None or exp.lifecycle_stage == "deleted":
-                    raise
-                exp_id = exp.experiment_id
-        else:
-            exp_id = exp.experiment_id
-    tags = dict(header.get("tags") or {})
-    if header.get("run_name"):
-        tags[MLFLOW_RUN_NAME] = header["run_name"]
-    if header.get("parent_run_id"):
-        tags[MLFLOW_PARENT_RUN_ID] = header["parent_run_id"]
-    run = client.create_run(experiment_id=exp_id, tags=tags, run_name=header.get("run_name"))
-    return run.info.run_id
 
 
 def _plan(batch: list[tuple[dict[str, Any], int]]) -> Iterator[tuple[dict[str, Any], int]]:
