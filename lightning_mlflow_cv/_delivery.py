@@ -27,7 +27,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_B
 from lightning_mlflow_cv import _compat, _http, _journal
 from lightning_mlflow_cv._journal import Spool
 from lightning_mlflow_cv._redact import redact_text
-from lightning_mlflow_cv._spool import create_run, set_run_status
+from lightning_mlflow_cv._runs import create_run, set_run_status
 
 #: Metric-only requests in flight at once to an HTTP tracking server. Metric points are independent (MLflow
 #: orders a history by step and timestamp, not arrival), so a slow or distant server is paid one round trip

@@ -30,12 +30,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH, metric_key, sanitize_key, validate_tags
 from lightning_mlflow_cv._redact import redact_text
-from lightning_mlflow_cv._spool import set_run_status
+from lightning_mlflow_cv._runs import (
+    Stage,
+    active_stage,
+    default_tracking_uri,
+    get_or_create_experiment,
+    set_run_status,
+    status_on_exit,
+)
 from lightning_mlflow_cv._sweep import (
     TRIAL_STATE_TAG,
     Best,
     drain_loggers,
-    experiment_id,
     log_batch,
     new_params,
     param,
@@ -214,8 +220,6 @@ class _TrialTrainable:
         import ray.tune
         from mlflow import MlflowClient
 
-        from lightning_mlflow_cv.pipeline import ACTIVE_STAGE, Stage
-
         ctx = ray.tune.get_context()
         trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
         client = MlflowClient(self.tracking_uri)
@@ -230,14 +234,10 @@ class _TrialTrainable:
         except Exception as err:  # noqa: BLE001 - tracking never stops the sweep
             warn_tracking(_WHO, f"create the MLflow run of trial {trial_id}", err, _KEEPS)
         token = ACTIVE_RAY_TRIAL.set(tr)
-        stage_token = (
-            ACTIVE_STAGE.set(Stage(_run_name(trial_id), tr.run_id, self.experiment_id, self.tracking_uri))
-            if tr.run_id
-            else None
-        )
+        stage = Stage(_run_name(trial_id), tr.run_id, self.experiment_id, self.tracking_uri) if tr.run_id else None
         env = {"MLFLOW_TRACKING_URI": self.tracking_uri, **({"MLFLOW_RUN_ID": tr.run_id} if tr.run_id else {})}
         try:
-            with _env(env):
+            with _env(env), active_stage(stage):
                 out = self.fn(config)
         except SystemExit as err:
             if err.code in (0, None):  # Tune stopped the trial: `tune.report` exits its thread with SystemExit(0)
@@ -249,8 +249,6 @@ class _TrialTrainable:
             self._end(client, tr, "FAIL", redact_text(f"{type(err).__name__}: {err}")[:MAX_TAG_VAL_LENGTH])
             raise
         finally:
-            if stage_token is not None:
-                ACTIVE_STAGE.reset(stage_token)
             ACTIVE_RAY_TRIAL.reset(token)
         self._end(client, tr, "COMPLETE")
         if tr.pending_report is not None:  # the fit's last validation, held back until the run was FINISHED
@@ -537,8 +535,6 @@ def ray_sweep(
     from mlflow import MlflowClient
     from ray import tune
 
-    from lightning_mlflow_cv.logger import default_tracking_uri
-
     uri = tracking_uri or default_tracking_uri()
     clean_tags = validate_tags(tags)
     if not ray.is_initialized():
@@ -546,7 +542,7 @@ def ray_sweep(
     check_store_reachable(uri, ray.nodes(), ray.util.get_node_ip_address())
 
     client = MlflowClient(uri)
-    exp_id = experiment_id(client, experiment or run_name)
+    exp_id = get_or_create_experiment(client, experiment or run_name)
     parent = client.create_run(exp_id, run_name=run_name, tags={**clean_tags, "hpo_sweep": run_name, "hpo_engine": "ray"})
     parent_id = parent.info.run_id
     log_batch(
@@ -586,21 +582,16 @@ def ray_sweep(
         ),
         run_config=rc,
     )
-    status = "FINISHED"
+    outcome = {"status": "FINISHED"}
     results = None
     try:
-        results = tuner.fit()
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
+        with status_on_exit(outcome):
+            results = tuner.fit()
     finally:
         _close_leftovers(client, exp_id, parent_id)
         best = _summarise(client, parent_id, states, metric, mode, metric_name)
         try:
-            set_run_status(client, parent_id, status)
+            set_run_status(client, parent_id, outcome["status"])
         except Exception as err:  # noqa: BLE001
             warn_tracking(_WHO, f"end the parent run {parent_id}", err, _KEEPS)
     return RaySweep(

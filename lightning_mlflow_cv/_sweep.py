@@ -23,25 +23,12 @@ from lightning_mlflow_cv._keys import (
     sanitize_key,
 )
 from lightning_mlflow_cv._redact import redact_text
+from lightning_mlflow_cv._runs import live_loggers
 
 #: Tag on each child run with the trial's state in the engine's words (``RUNNING`` while it runs).
 TRIAL_STATE_TAG = "trial_state"
 #: Name of the parent's sweep plot (objective per trial, in trial order).
 HISTORY_PLOT = "figures/optimization_history.png"
-
-
-def experiment_id(client: Any, name: str) -> str:
-    """Get or create the experiment ``name`` (tolerating another worker creating it at the same time)."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None and exp.lifecycle_stage != "deleted":
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # noqa: BLE001 - created by another worker meanwhile
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
 
 
 def log_batch(
@@ -157,12 +144,9 @@ def write_summary(
 def drain_loggers(run_id: str | None, loggers: Iterable[Any]) -> None:
     """Deliver what a trial's loggers still hold before its run is ended: the ``loggers`` the trial made plus any
     live ``MLflowCVLogger`` writing to ``run_id`` (a default ``MLflowCVLogger()`` inside the objective)."""
-    from lightning_mlflow_cv import logger as logger_mod
-
     found = {id(lg): lg for lg in loggers}
-    for lg in list(logger_mod._live_loggers):
-        if run_id is not None and getattr(lg, "_run_id", None) == run_id:
-            found[id(lg)] = lg
+    if run_id is not None:
+        found.update((id(lg), lg) for lg in live_loggers(run_id))
     for lg in found.values():
         try:
             lg.flush()

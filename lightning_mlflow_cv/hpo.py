@@ -17,9 +17,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH, metric_key, validate_tags
 from lightning_mlflow_cv._ray_sweep import RaySweep, ray_sweep  # noqa: F401 - public names of this module
 from lightning_mlflow_cv._redact import redact_text
-from lightning_mlflow_cv._spool import set_run_status
+from lightning_mlflow_cv._runs import (
+    Stage,
+    active_stage,
+    default_tracking_uri,
+    get_or_create_experiment,
+    set_run_status,
+    status_on_exit,
+)
 from lightning_mlflow_cv._sweep import TRIAL_STATE_TAG, Best, drain_loggers, new_params, warn_tracking, write_summary
-from lightning_mlflow_cv._sweep import experiment_id as _experiment_id
 from lightning_mlflow_cv._sweep import log_batch as _log_batch
 from lightning_mlflow_cv._sweep import param as _param
 
@@ -222,7 +228,7 @@ def _open_study(
             RuntimeWarning,
             stacklevel=3,
         )
-    exp_id = _experiment_id(client, experiment)
+    exp_id = get_or_create_experiment(client, experiment)
     run = client.create_run(
         exp_id,
         run_name=run_name,
@@ -280,8 +286,6 @@ class _Tracker:
         self.lock = threading.Lock()
 
     def wrap(self, objective: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        from lightning_mlflow_cv.pipeline import ACTIVE_STAGE, Stage
-
         def wrapped(trial: Any) -> Any:
             from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -305,19 +309,14 @@ class _Tracker:
             with self.lock:
                 self.pending[trial._trial_id] = tr
             token = _ACTIVE_TRIAL.set(tr)
-            stage_token = (
-                ACTIVE_STAGE.set(Stage(f"trial-{trial.number}", tr.run_id, self.exp_id, self.uri))
-                if tr.run_id
-                else None
-            )
+            stage = Stage(f"trial-{trial.number}", tr.run_id, self.exp_id, self.uri) if tr.run_id else None
             try:
-                return objective(trial)
+                with active_stage(stage):
+                    return objective(trial)
             except BaseException as err:
                 tr.error = redact_text(f"{type(err).__name__}: {err}")[:MAX_TAG_VAL_LENGTH]
                 raise
             finally:
-                if stage_token is not None:
-                    ACTIVE_STAGE.reset(stage_token)
                 _ACTIVE_TRIAL.reset(token)
 
         return wrapped
@@ -499,8 +498,6 @@ def optuna_sweep(
     optuna = _import_optuna()
     from mlflow import MlflowClient
 
-    from lightning_mlflow_cv.logger import default_tracking_uri
-
     uri = tracking_uri or default_tracking_uri()
     client = MlflowClient(uri)
     clean_tags = validate_tags(tags)
@@ -529,26 +526,22 @@ def optuna_sweep(
             ) from err
         _warn_tracking(f"mark the parent run {parent} running", err)
     tracker = _Tracker(client, uri, study, parent, exp_id, metric_name, clean_tags)
-    status = "FINISHED"
+    outcome = {"status": "FINISHED"}
     try:
-        study.optimize(
-            tracker.wrap(objective),
-            n_trials=n_trials,
-            timeout=timeout,
-            catch=catch,
-            callbacks=[tracker, *(callbacks or [])],
-            gc_after_trial=gc_after_trial,
-        )
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
+        with status_on_exit(outcome):
+            study.optimize(
+                tracker.wrap(objective),
+                n_trials=n_trials,
+                timeout=timeout,
+                catch=catch,
+                callbacks=[tracker, *(callbacks or [])],
+                gc_after_trial=gc_after_trial,
+            )
     finally:
         tracker.close_pending()
         _summarise(client, study, parent, metric_name)
         running = [t for t in study.get_trials(deepcopy=False) if t.state.name in ("RUNNING", "WAITING")]
+        status = outcome["status"]
         if status != "FINISHED" or not running:  # other workers still running: the last one ends the parent
             try:
                 set_run_status(client, parent, status)

@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 import warnings
-import weakref
 from argparse import Namespace
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +26,7 @@ from lightning.pytorch.loggers.logger import DummyExperiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
-from lightning_mlflow_cv import _context, _http
+from lightning_mlflow_cv import _http, _trainer_frames
 from lightning_mlflow_cv._delivery import describe_failure, is_retryable, safe_uri
 from lightning_mlflow_cv._journal import Spool
 from lightning_mlflow_cv._keys import (
@@ -42,7 +41,16 @@ from lightning_mlflow_cv._keys import (
     validate_tags,
 )
 from lightning_mlflow_cv._redact import redact
-from lightning_mlflow_cv._spool import create_run
+from lightning_mlflow_cv._runs import (
+    ACTIVE_STAGE,
+    DEFAULT_TRACKING_DB,  # noqa: F401 - kept importable from here
+    create_run,
+    default_tracking_uri,
+    get_or_create_experiment,
+    live_loggers,
+    register_live,
+    same_store,
+)
 from lightning_mlflow_cv._writer import Writer
 from lightning_mlflow_cv.environment import git_commit, hardware_summary
 
@@ -52,8 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The embedded default store (MLflow 3's own default), resolved against the cwd at construction.
-DEFAULT_TRACKING_DB = "mlflow.db"
 #: ``state_key`` under which the run id travels inside Lightning checkpoints.
 CHECKPOINT_KEY = "MLflowCVLogger"
 _IMAGE_KEY_ILLEGAL = re.compile(r"[^a-zA-Z0-9_\-./ ]")
@@ -68,15 +74,6 @@ _CHECKPOINT_META = (
     "_every_n_val_epochs",
 )
 _STATUS = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
-_live_loggers: weakref.WeakSet[MLflowCVLogger] = weakref.WeakSet()
-
-
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db`` (read at call time)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path.cwd() / DEFAULT_TRACKING_DB}"
 
 
 def _context_tags() -> dict[str, str]:
@@ -91,6 +88,12 @@ def _context_tags() -> dict[str, str]:
     except Exception as err:  # noqa: BLE001 - a context provider failing must not stop training
         log.warning("MLflowCVLogger: MLflow's context tags could not be resolved (%s); the run is created without them", err)
         return {}
+
+
+def _lightning_version() -> str:
+    import lightning
+
+    return f"Lightning {lightning.__version__}"
 
 
 def run_id_from_checkpoint(path: str | os.PathLike[str]) -> str | None:
@@ -115,7 +118,8 @@ def run_id_from_checkpoint(path: str | os.PathLike[str]) -> str | None:
 
 
 class _RunIdInCheckpoint(Callback):
-    """Internal: stores the run id in every checkpoint so a resumed fit continues the same run."""
+    """Internal: shares rank 0's run id with every rank (``setup``) and stores it in every checkpoint, so a resumed
+    fit continues the same run (added to ``trainer.callbacks`` when Lightning first touches the logger)."""
 
     def __init__(self, logger: MLflowCVLogger) -> None:
         self._logger = logger  # a plain reference: a Trainer that holds this callback must stay picklable
@@ -126,11 +130,19 @@ class _RunIdInCheckpoint(Callback):
         return CHECKPOINT_KEY
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._logger._share_run_id(trainer)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         try:
             return {"run_id": self._logger._run_id, "experiment_id": self._logger._experiment_id}
         except ReferenceError:
             return {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._logger._check_resumed_run(state_dict.get("run_id"))
 
 
 class MLflowCVLogger(MLFlowLogger):
@@ -158,7 +170,12 @@ class MLflowCVLogger(MLFlowLogger):
     - **CV tags**: ``tags`` may hold task, backbone, dataset, env, team, git_commit, hardware (and any other
       key); ``task`` is checked, ``git_commit`` and ``hardware`` are filled in when absent.
     - **Resume**: ``trainer.fit(..., ckpt_path=...)`` with a new logger continues the checkpoint's run unless
-      ``run_id=`` says otherwise.
+      ``run_id=`` says otherwise; ``resume_from=`` names that checkpoint explicitly (Lightning publishes
+      ``trainer.ckpt_path`` only after the run is chosen, so the plain form reads it from Lightning's call frames,
+      a fallback that warns if Lightning changes them).
+    - **Pipelines and sweeps**: inside ``pipeline_run(...).stage(...)`` (or a sweep trial), a logger given no
+      ``run_id`` logs into the stage's run when its ``tracking_uri`` is unset or names the same store, and warns
+      (naming both stores) when it names another.
     - **DDP**: the run is created once on global rank 0, and every rank gets the same :attr:`run_id`.
     - **Artifacts**: :meth:`log_image` (step history in the MLflow UI), :meth:`log_figure`,
       :meth:`log_artifact`, :meth:`log_dict`, :meth:`log_text`, all under the same failure policy.
@@ -198,10 +215,13 @@ class MLflowCVLogger(MLFlowLogger):
             delivered; best with a core to spare (e.g. GPU training). ``"thread"``: a low-priority background
             thread; best when training keeps every core busy. :attr:`writer_choice` says what was chosen and
             why; see benchmarks/README.md for the measurements behind the rule.
+        resume_from: A Lightning checkpoint whose MLflow run this logger continues (read when the run starts);
+            what ``trainer.fit(ckpt_path=...)`` does implicitly, said explicitly.
 
     Raises:
-        ValueError: ``nested=True`` with no active MLflow run, both ``nested`` and ``parent_run_id``,
-            or a non-positive ``flush_interval_s``.
+        ValueError: ``nested=True`` with no active MLflow run, both ``nested`` and ``parent_run_id``, both
+            ``run_id`` and ``resume_from``, or a non-positive ``flush_interval_s``.
+        FileNotFoundError: ``resume_from`` is not a file.
 
     Example::
 
@@ -234,6 +254,7 @@ class MLflowCVLogger(MLFlowLogger):
         request_timeout_s: float = 10.0,
         finalize_timeout_s: float = 60.0,
         writer: Literal["auto", "process", "thread"] | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
     ) -> None:
         if flush_interval_s <= 0:
             raise ValueError(
@@ -253,6 +274,19 @@ class MLflowCVLogger(MLFlowLogger):
                 f"MLflowCVLogger: pass either `nested=True` or `parent_run_id=` (got parent_run_id={parent_run_id!r} "
                 "and nested=True). `nested` uses the active `mlflow.start_run()` run as parent."
             )
+        if resume_from is not None:
+            if run_id is not None:
+                raise ValueError(
+                    f"MLflowCVLogger: pass either `run_id=` or `resume_from=` (got run_id={run_id!r} and "
+                    f"resume_from={os.fspath(resume_from)!r}). `resume_from` continues the run stored in that "
+                    "checkpoint; `run_id` names the run directly."
+                )
+            if not Path(resume_from).is_file():
+                raise FileNotFoundError(
+                    f"MLflowCVLogger: `resume_from` must be a Lightning checkpoint file, got {os.fspath(resume_from)!r}, "
+                    "which does not exist. Pass the checkpoint you resume the fit from (e.g. the `ckpt_path` of "
+                    "`trainer.fit`), or no `resume_from` to start a new run."
+                )
         parent_experiment_id = None
         if nested:
             import mlflow
@@ -268,12 +302,21 @@ class MLflowCVLogger(MLFlowLogger):
             parent_experiment_id = active.info.experiment_id
             if tracking_uri is None:
                 tracking_uri = mlflow.get_tracking_uri()
-        if tracking_uri is None and run_id is None and parent_run_id is None and not nested:
-            from lightning_mlflow_cv.pipeline import ACTIVE_STAGE
-
-            stage = ACTIVE_STAGE.get()
-            if stage is not None:  # inside `pipeline_run(...).stage(...)`: log into the stage's run
-                tracking_uri, run_id = stage.tracking_uri, stage.run_id
+        stage = ACTIVE_STAGE.get()
+        if stage is not None and run_id is None and parent_run_id is None and not nested and resume_from is None:
+            # inside `pipeline_run(...).stage(...)` or a sweep trial: log into its run when this is the same store
+            if tracking_uri is None or same_store(tracking_uri, stage.tracking_uri):
+                tracking_uri, run_id = tracking_uri or stage.tracking_uri, stage.run_id
+            else:
+                warnings.warn(
+                    f"MLflowCVLogger: created inside the pipeline stage (or sweep trial) {stage.name!r}, whose run "
+                    f"{stage.run_id} lives in {safe_uri(stage.tracking_uri)}, but `tracking_uri` "
+                    f"{safe_uri(tracking_uri)!r} is another store, so this logger starts a separate top-level run "
+                    f"there. Fix: drop `tracking_uri` (or pass {safe_uri(stage.tracking_uri)!r}) to log into the "
+                    "stage's run, or pass `run_id=` / `parent_run_id=` to say which run this is.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         tracking_uri = tracking_uri or default_tracking_uri()
         user_tags = validate_tags(redact(dict(tags or {})))
         if "git_commit" not in user_tags:
@@ -295,6 +338,7 @@ class MLflowCVLogger(MLFlowLogger):
             run_id=run_id,
         )
         self._explicit_run_id = run_id is not None
+        self._resume_from = None if resume_from is None else os.fspath(resume_from)
         self._context_tags = context_tags
         self._save_dir_arg = None if save_dir is None else os.fspath(save_dir)
         self._root_dir = os.getcwd()  # the Trainer's default_root_dir once attached (Lightning's checkpoint root)
@@ -357,8 +401,18 @@ class MLflowCVLogger(MLFlowLogger):
         return self._mlflow_client
 
     def _initialize(self) -> None:
-        ctx = _context.trainer_context()
+        ctx = _trainer_frames.trainer_context()
         trainer = ctx.trainer
+        if ctx.missed:
+            self._warn_once(
+                "frames",
+                "MLflowCVLogger: Lightning touched the logger without going through `Trainer._run` -> "
+                f"`_call_setup_hook`, the frames it reads the resumed checkpoint from (checked on Lightning "
+                f"{_trainer_frames.CHECKED_ON}; this is {_lightning_version()}). A fit resumed with `ckpt_path=` "
+                "starts a new MLflow run instead of continuing the checkpoint's. Fix: "
+                "`MLflowCVLogger(resume_from=<the checkpoint>)` (or `run_id=`) continues that run.",
+                RuntimeWarning,
+            )
         if trainer is not None:
             self._attach(trainer)
         if not self._initialized:
@@ -367,28 +421,46 @@ class MLflowCVLogger(MLFlowLogger):
 
                 # as Lightning's logger does: `with mlflow.start_run(run_id=logger.run_id)` then finds the run
                 mlflow.set_tracking_uri(self._tracking_uri)
-                if not self._explicit_run_id and ctx.ckpt_path and self._run_id is None:
-                    self._run_id = run_id_from_checkpoint(ctx.ckpt_path)
+                ckpt = self._resume_from or ctx.ckpt_path
+                if not self._explicit_run_id and ckpt and self._run_id is None:
+                    self._run_id = run_id_from_checkpoint(ckpt)
                 self._start_run(trainer)
             self._initialized = True
-        if ctx.all_ranks and not self._broadcast_done:
-            # Lightning touches `experiment` on every rank right before the "pre_setup" barrier.
-            if trainer is not None and trainer.world_size > 1:
-                import torch.distributed as dist
-
-                if dist.is_available() and dist.is_initialized():
-                    self._run_id, self._experiment_id = trainer.strategy.broadcast(
-                        (self._run_id, self._experiment_id), src=0
-                    )
-            self._broadcast_done = True
-        elif trainer is not None and trainer.world_size <= 1:
+        if trainer is not None and trainer.world_size <= 1:
             self._broadcast_done = True  # single process: nothing to share
-        # without a Trainer (e.g. `logger.run_id` read before `fit`), a later DDP setup still broadcasts
+        # with more processes, the internal callback's `setup` hook (run on every rank) shares rank 0's run id;
+        # without a Trainer (e.g. `logger.run_id` read before `fit`), the Trainer's setup attaches it later
+
+    def _share_run_id(self, trainer: pl.Trainer) -> None:
+        """Give every rank rank 0's run id (called on every rank by the internal callback's ``setup``)."""
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                self._run_id, self._experiment_id = trainer.strategy.broadcast(
+                    (self._run_id, self._experiment_id), src=0
+                )
+        self._broadcast_done = True
+
+    def _check_resumed_run(self, ckpt_run_id: str | None) -> None:
+        """Lightning restored a checkpoint written under run ``ckpt_run_id``: warn when this fit logs elsewhere
+        without being told to (the frame fallback missed the checkpoint)."""
+        if rank_zero_only.rank != 0 or not ckpt_run_id or self._explicit_run_id or self.resumed:
+            return
+        if ckpt_run_id != self._run_id:
+            self._warn_once(
+                "resume-missed",
+                f"MLflowCVLogger: this fit restored a checkpoint of MLflow run {ckpt_run_id}, but logs into the new "
+                f"run {self._run_id}: the checkpoint was not known when the run was chosen. Fix: "
+                "`MLflowCVLogger(resume_from=<the checkpoint>)` continues the checkpoint's run.",
+                RuntimeWarning,
+            )
 
     def _attach(self, trainer: pl.Trainer) -> None:
         self._root_dir = os.fspath(trainer.default_root_dir)
         if not any(isinstance(cb, _RunIdInCheckpoint) for cb in trainer.callbacks):
-            trainer.callbacks.append(_RunIdInCheckpoint(self))
+            # first: its `setup` shares the run id before other callbacks' `setup` may read it on any rank
+            trainer.callbacks.insert(0, _RunIdInCheckpoint(self))
 
     def _start_run(self, trainer: pl.Trainer | None) -> None:
         self._warn_if_autolog()
@@ -459,10 +531,7 @@ class MLflowCVLogger(MLFlowLogger):
         self._open_spool(self._run_id, header)
 
     def _resolve_experiment_id(self, client: MlflowClient) -> str:
-        exp = client.get_experiment_by_name(self._experiment_name)
-        if exp is not None and exp.lifecycle_stage != "deleted":
-            return exp.experiment_id
-        return client.create_experiment(self._experiment_name, artifact_location=self._artifact_location)
+        return get_or_create_experiment(client, self._experiment_name, self._artifact_location)
 
     def _open_spool(self, key: str, header: dict[str, Any]) -> None:
         from lightning_mlflow_cv._journal import default_spool_dir
@@ -500,7 +569,7 @@ class MLflowCVLogger(MLFlowLogger):
                 else:
                     self._writer = Writer(lambda: MlflowClient(uri), self._spool, bound, uri, **common)  # type: ignore[arg-type]
                 self._writer.start()
-                _live_loggers.add(self)
+                register_live(self)
             return self._writer
 
     def _choose_writer(self) -> str:
@@ -509,7 +578,7 @@ class MLflowCVLogger(MLFlowLogger):
             return self._writer_mode
         from lightning_mlflow_cv._writer_choice import choose_writer, machine_from
 
-        kind, why = choose_writer(machine_from(_context.trainer_context().trainer))
+        kind, why = choose_writer(machine_from(_trainer_frames.trainer_context().trainer))
         self.writer_choice = f"{kind}: {why}"
         log.debug("MLflowCVLogger: writer %s", self.writer_choice)
         return kind
@@ -532,6 +601,13 @@ class MLflowCVLogger(MLFlowLogger):
         if self._tracking_uri.startswith("file:"):
             return super().save_dir
         return self._save_dir_arg or self._root_dir
+
+    @property
+    def known_run_id(self) -> str | None:
+        """The run id as known now, without creating or resuming the run (unlike :attr:`run_id`): ``None`` before
+        the run started (and, under DDP, on ranks other than 0 before the Trainer's ``setup``); an ``offline-...``
+        placeholder while the store is unreachable."""
+        return self._run_id
 
     @property
     def tracking_uri(self) -> str:
@@ -955,7 +1031,7 @@ def to_pil_image(image: Any) -> Any:
 
 @atexit.register
 def _flush_at_exit() -> None:  # pragma: no cover - exercised by process exit
-    for lg in list(_live_loggers):
+    for lg in live_loggers():
         writer = lg._writer
         if writer is not None and writer.is_alive():
             try:

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_mlflow_cv._keys import validate_tags
-from lightning_mlflow_cv._spool import set_run_status
-
-#: The stage a default-configured MLflowCVLogger logs into (set by ``Pipeline.stage``).
-ACTIVE_STAGE: contextvars.ContextVar[Stage | None] = contextvars.ContextVar("lmc_active_stage", default=None)
-
-
-@dataclass
-class Stage:
-    """A child run of a pipeline: ``run_id``, ``name``, and the store it lives in."""
-
-    name: str
-    run_id: str
-    experiment_id: str
-    tracking_uri: str
+from lightning_mlflow_cv._runs import (
+    ACTIVE_STAGE,  # noqa: F401 - kept importable from here
+    Stage,
+    active_stage,
+    default_tracking_uri,
+    get_or_create_experiment,
+    set_run_status,
+    status_on_exit,
+)
 
 
 @dataclass
@@ -61,13 +55,11 @@ class Pipeline:
         )
         stage = Stage(name, run.info.run_id, self.experiment_id, self.tracking_uri)
         self.stages.append(stage)
-        token = ACTIVE_STAGE.set(stage)
         outcome = {"status": "FINISHED"}
         try:
-            with _status_on_exit(outcome):
+            with active_stage(stage), status_on_exit(outcome):
                 yield stage
         finally:
-            ACTIVE_STAGE.reset(token)
             self._summarise(client, stage)
             set_run_status(client, stage.run_id, outcome["status"])
 
@@ -109,32 +101,16 @@ def pipeline_run(
     """
     from mlflow import MlflowClient
 
-    from lightning_mlflow_cv.logger import default_tracking_uri
-
     uri = tracking_uri or default_tracking_uri()
     client = MlflowClient(uri)
-    exp_name = experiment or name
-    exp = client.get_experiment_by_name(exp_name)
-    exp_id = exp.experiment_id if exp is not None and exp.lifecycle_stage != "deleted" else client.create_experiment(exp_name)
+    exp_id = get_or_create_experiment(client, experiment or name)
     run = client.create_run(exp_id, run_name=name, tags={**validate_tags(tags), "pipeline": name})
     pipe = Pipeline(name, run.info.run_id, exp_id, uri)
     outcome = {"status": "FINISHED"}
     try:
-        with _status_on_exit(outcome):
+        with status_on_exit(outcome):
             yield pipe
     finally:
         client.set_tag(pipe.run_id, "pipeline_stages", ",".join(s.name for s in pipe.stages))
         set_run_status(client, pipe.run_id, outcome["status"])
 
-
-@contextlib.contextmanager
-def _status_on_exit(outcome: dict[str, str]) -> Iterator[None]:
-    """Record the MLflow status a block ended with: KILLED on Ctrl+C, FAILED on any other exception."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        outcome["status"] = "KILLED"
-        raise
-    except BaseException:
-        outcome["status"] = "FAILED"
-        raise

@@ -36,6 +36,27 @@ def test_ddp_creates_exactly_one_run_with_the_same_id_on_both_ranks(tracking_uri
     assert len(client.get_metric_history(run.info.run_id, "train/m0")) == 16
 
 
+def test_ddp_shares_the_run_id_through_the_callbacks_setup_hook_when_lightnings_frames_are_renamed(
+    tracking_uri, tmp_path
+):
+    """The run id reaches rank 1 through the internal callback's public `setup` hook, not through Lightning's
+    private frames: with the frames the fallback looks for renamed, each rank warns once and both still agree."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), tracking_uri, str(out), "renamed"], capture_output=True, text=True,
+        timeout=240, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "checked on Lightning 2.6.6" in proc.stderr
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["run_id"] == ranks[1]["run_id"] is not None
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert [r.info.run_id for r in runs] == [ranks[0]["run_id"]] and runs[0].info.status == "FINISHED"
+
+
 SPAWN_SCRIPT = Path(__file__).parent / "scripts" / "ddp_spawn_logger.py"
 
 

@@ -1,4 +1,7 @@
-"""2-process CPU DDP (gloo) fit with MLflowCVLogger; each rank writes what it saw to OUT/rank<N>.json."""
+"""2-process CPU DDP (gloo) fit with MLflowCVLogger; each rank writes what it saw to OUT/rank<N>.json.
+
+Usage: ddp_logger.py URI OUT [renamed]
+"""
 
 import json
 import os
@@ -26,6 +29,10 @@ class Record(pl.Callback):
 
 def main() -> None:
     uri, out = sys.argv[1], Path(sys.argv[2])
+    if sys.argv[3:] == ["renamed"]:  # as if Lightning renamed the frames the logger's fallback looks for
+        from lightning_mlflow_cv import _trainer_frames
+
+        _trainer_frames.SETUP_FRAME, _trainer_frames.RUN_FRAME = "_renamed_setup_hook", "_renamed_run"
     logger = MLflowCVLogger(tracking_uri=uri, experiment_name="ddp", tags={"task": "classification"})
     train, val = loaders()
     trainer = pl.Trainer(
