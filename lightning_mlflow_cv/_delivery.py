@@ -25,7 +25,7 @@ from typing import Any
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from lightning_mlflow_cv import _compat, _http, _journal
-from lightning_mlflow_cv._journal import Spool
+from lightning_mlflow_cv._journal import Spool, metric_points
 from lightning_mlflow_cv._redact import redact_text
 from lightning_mlflow_cv._runs import create_run, set_run_status
 
@@ -385,7 +385,7 @@ def _plan(batch: list[tuple[dict[str, Any], int]]) -> Iterator[tuple[dict[str, A
     for rec, end in batch:
         t = rec.get("t")
         if t == "m":
-            items = [Metric(k, v, rec["ts"], rec["s"]) for k, v in rec["d"].items()]
+            items = [Metric(k, v, rec["ts"], rec["s"]) for k, v in metric_points(rec)]
             if nonempty() and full(len(items), 0):
                 yield cur, cur_end  # keep a record whole: a request then ends exactly at its ack offset
                 cur = {"kind": "batch", "metrics": [], "params": [], "tags": []}

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import threading
 import time
 import warnings
@@ -42,6 +43,33 @@ log = logging.getLogger(__name__)
 
 #: One compact JSON encoder for every append (``json.dumps`` builds a new one per call with these separators).
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+def metric_record(step: int, ts: int, keys_json: str, values: list[float]) -> str:
+    """One journal line of metric points, as the training thread writes it: values packed, not formatted.
+
+    Formatting a float as decimal text (what ``json.dumps`` does) costs about a microsecond per value, most of
+    what logging a step cost the training thread; packing the float64s and writing them as hex costs a few
+    hundredths of that. ``keys_json`` is the JSON list of the keys, which the logger encodes once per key set.
+    :func:`metric_points` reads it (and the older ``"d"`` form) back.
+
+    Example::
+
+        >>> import json
+        >>> line = metric_record(3, 1700000000000, '["loss","acc"]', [0.5, 1.0])
+        >>> metric_points(json.loads(line))
+        [('loss', 0.5), ('acc', 1.0)]
+    """
+    packed = struct.pack(f"<{len(values)}d", *values).hex()
+    return f'{{"t":"m","s":{step},"ts":{ts},"k":{keys_json},"v":"{packed}"}}\n'
+
+
+def metric_points(rec: dict[str, Any]) -> list[tuple[str, float]]:
+    """The ``(key, value)`` pairs of a metric record (``"t": "m"``), packed or as a ``"d"`` mapping."""
+    if "v" in rec:
+        keys = rec["k"]
+        return list(zip(keys, struct.unpack(f"<{len(keys)}d", bytes.fromhex(rec["v"])), strict=True))
+    return list(rec["d"].items())
+
 
 #: Compact the journal when everything is delivered and it grew past this size.
 COMPACT_BYTES = 32 * 1024 * 1024
@@ -97,7 +125,8 @@ class Spool:
                 self._end = self.path.stat().st_size
                 self.acked = _read_int(self.ack_path)
                 self._header = [line for line in self._iter_lines(0, header_only=True)]
-            self._fh = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - kept open for the run
+            # unbuffered binary: an append is one encode and one write(2), nothing held in a Python buffer
+            self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open for the run
         except OSError as err:
             self._to_memory(err)
 
@@ -114,6 +143,12 @@ class Spool:
             for r, line in zip(records, lines, strict=True):
                 if r.get("t") in ("run", "bind"):
                     self._header.append(line)
+            self.append_lines(lines)
+
+    def append_lines(self, lines: list[str]) -> None:
+        """Append already-encoded journal lines (each ending in a newline); never raises, as :meth:`append`."""
+        data = "".join(lines).encode("utf-8")
+        with self._lock:
             if self._memory is not None:
                 self._memory.extend(lines)
                 self._end += len(lines)
@@ -123,18 +158,25 @@ class Spool:
                     fd = self._fh.fileno()
                     fcntl.flock(fd, fcntl.LOCK_EX)  # the writer process may be compacting the file
                     try:
-                        self._fh.write("".join(lines))
-                        self._fh.flush()
+                        self._write(data)
                     finally:
                         fcntl.flock(fd, fcntl.LOCK_UN)
                 else:
-                    self._fh.write("".join(lines))
-                    self._fh.flush()
-                self._end += sum(len(line.encode("utf-8")) for line in lines)
+                    self._write(data)
+                self._end += len(data)
             except OSError as err:
                 self._to_memory(err)
                 self._memory.extend(lines)  # type: ignore[union-attr]
                 self._end += len(lines)
+
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data`` (a raw file may write less than asked)."""
+        view = memoryview(data)
+        while view:
+            n = self._fh.write(view)
+            if n is None:  # pragma: no cover - non-blocking files only
+                raise OSError("spool write would block")
+            view = view[n:]
 
     def stage_file(self, src: str | os.PathLike[str], name: str | None = None) -> str:
         """Keep a copy of ``src`` inside the spool so later deletion by the caller loses nothing."""
@@ -258,8 +300,7 @@ class Spool:
             if self.acked < os.fstat(fd).st_size:
                 return  # something arrived since: compact next time
             os.ftruncate(fd, 0)
-            self._fh.write("".join(self._header))
-            self._fh.flush()
+            self._write("".join(self._header).encode("utf-8"))
             self._end = self.acked = os.fstat(fd).st_size
             self.generation += 1  # offsets read before the truncation are now meaningless
         finally:

@@ -11,8 +11,6 @@ from typing import Any
 
 from mlflow.utils import validation as _v
 
-from lightning_mlflow_cv import tasks as _tasks
-
 #: Lightning's ``MLFlowLogger`` rule for metric keys: every character outside this set is deleted
 #: (``lightning/pytorch/loggers/mlflow.py``: ``re.sub("[^a-zA-Z0-9_/. -]+", "", k)``).
 _LIGHTNING_METRIC_REJECTED = re.compile(r"[^a-zA-Z0-9_/. -]+")
@@ -34,8 +32,6 @@ MAX_METRICS_PER_BATCH: int = _v.MAX_METRICS_PER_BATCH
 MAX_PARAMS_TAGS_PER_BATCH: int = _v.MAX_PARAMS_TAGS_PER_BATCH
 MAX_ENTITIES_PER_BATCH: int = _v.MAX_ENTITIES_PER_BATCH
 
-#: CV tasks the tag schema knows (the registry of :mod:`lightning_mlflow_cv.tasks`); anything else warns.
-CV_TASKS: tuple[str, ...] = _tasks.TASKS
 #: Keys of the CV tag schema (other keys are allowed too).
 CV_TAG_KEYS = ("task", "backbone", "dataset", "env", "team", "git_commit", "hardware")
 
@@ -179,10 +175,16 @@ def validate_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
     """
     out = {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
     task = out.get("task")
-    if task is not None and task not in CV_TASKS:
-        hint = f" (the short name of {_tasks.TASK_ALIASES[task]!r}: tag the canonical name)" if task in _tasks.TASK_ALIASES else ""
+    if task is None:
+        return out
+    # The task registry imports torch/torchmetrics: read it here, not at import, so the writer process stays light.
+    from lightning_mlflow_cv import tasks as _tasks
+
+    known, aliases = _tasks.task_names(), _tasks.task_aliases()
+    if task not in known:
+        hint = f" (the short name of {aliases[task]!r}: tag the canonical name)" if task in aliases else ""
         warnings.warn(
-            f"MLflowCVLogger: tag task={task!r} is not a known CV task{hint}; expected one of {list(CV_TASKS)}. "
+            f"MLflowCVLogger: tag task={task!r} is not a known CV task{hint}; expected one of {list(known)}. "
             "The tag is logged as given; use one of the known names so runs can be compared by task.",
             UserWarning,
             stacklevel=3,

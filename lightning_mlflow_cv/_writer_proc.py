@@ -80,6 +80,8 @@ class ProcessWriter:
         self._seq = 0
         self._dead = False
         self._send_lock = threading.Lock()
+        self._alive = False
+        self._next_poll = 0.0
 
     def start(self) -> None:
         pkg_parent = str(Path(__file__).resolve().parents[1])
@@ -175,7 +177,15 @@ class ProcessWriter:
     is_process = True
 
     def is_alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        """Whether the child runs. Called on every logging step: it asks the OS at most every 0.5 s
+        (a ``waitpid`` per step would be most of what logging costs the training thread)."""
+        if self._proc is None:
+            return False
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._next_poll = now + 0.5
+            self._alive = self._proc.poll() is None
+        return self._alive and not self._dead
 
     @property
     def run_id(self) -> str | None:

@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from lightning_mlflow_cv import _http, _trainer_frames
 from lightning_mlflow_cv._delivery import describe_failure, is_retryable, safe_uri
-from lightning_mlflow_cv._journal import Spool
+from lightning_mlflow_cv._journal import Spool, metric_record
 from lightning_mlflow_cv._keys import (
     MAX_KEY_LENGTH,
     MAX_PARAM_VAL_LENGTH,
@@ -358,6 +358,8 @@ class MLflowCVLogger(MLFlowLogger):
         self._params: dict[str, str] = {}
         self._whole_params: dict[str, str] = {}
         self._key_cache: dict[str, str] = {}
+        self._metric_names: dict[str, str] = {}  # metric key as logged -> as stored (log_metrics' fast path)
+        self._metric_key_sets: dict[tuple[str, ...], str] = {}  # stored keys of one step -> their JSON list
         self._warned: set[str] = set()
         self._pending_points = 0
         self._broadcast_done = False
@@ -697,6 +699,13 @@ class MLflowCVLogger(MLFlowLogger):
             self._writer = None
             self._ensure_writer()
 
+    def _warn_non_numeric(self, key: str, value: Any) -> None:
+        self._warn_once(
+            f"nonnum:{key}",
+            f"MLflowCVLogger: metric {key!r} has a non-numeric value {str(value)[:100]!r} ({type(value).__name__}) and "
+            "is not logged. Log numbers (or 1-element tensors); put text in a tag or `log_text`.",
+        )
+
     def _warn_once(self, key: str, msg: str, category: type[Warning] = UserWarning) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -727,22 +736,30 @@ class MLflowCVLogger(MLFlowLogger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Enqueue metric points (non-blocking). NaN/inf are kept; non-numeric values are dropped with a warning."""
+        # The training thread's hot path (every logging step): no per-key calls or string building once a key
+        # has been seen; what Lightning passes (python floats) goes straight through.
         spool = self._spool_ready()
-        metrics = _add_prefix(dict(metrics), self._prefix, self.LOGGER_JOIN_CHAR)
+        if self._prefix:
+            metrics = _add_prefix(dict(metrics), self._prefix, self.LOGGER_JOIN_CHAR)
+        names = self._metric_names
         out: dict[str, float] = {}
         for k, v in metrics.items():
-            value = metric_value(v)
-            if value is None:
-                self._warn_once(
-                    f"nonnum:{k}",
-                    f"MLflowCVLogger: metric {k!r} has a non-numeric value {str(v)[:100]!r} ({type(v).__name__}) and "
-                    "is not logged. Log numbers (or 1-element tensors); put text in a tag or `log_text`.",
-                )
-                continue
-            out[self._key(k, "metric")] = value
+            if type(v) is not float:
+                v = metric_value(v)
+                if v is None:
+                    self._warn_non_numeric(k, metrics[k])
+                    continue
+            name = names.get(k)
+            if name is None:
+                name = names[k] = self._key(k, "metric")
+            out[name] = v
         if not out:
             return
-        spool.append({"t": "m", "s": int(step or 0), "ts": int(time.time() * 1000), "d": out})
+        names_key = tuple(out)
+        keys_json = self._metric_key_sets.get(names_key)
+        if keys_json is None:
+            keys_json = self._metric_key_sets[names_key] = json.dumps(list(names_key), separators=(",", ":"))
+        spool.append_lines([metric_record(int(step or 0), int(time.time() * 1000), keys_json, list(out.values()))])
         self._pending_points += len(out)
         if self._synchronous:
             self._pending_points = 0

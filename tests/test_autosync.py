@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from tiny import TinyModel, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger, _autosync
-from lightning_mlflow_cv._journal import Spool
+from lightning_mlflow_cv._journal import Spool, metric_points
 
 
 class _StopServerAt(pl.Callback):
@@ -35,7 +35,7 @@ def _spooled_points(path: Path) -> dict[str, list[tuple[int, int, float]]]:
     for line in path.read_text().splitlines():
         rec = json.loads(line)
         if rec["t"] == "m":
-            for k, v in rec["d"].items():
+            for k, v in metric_points(rec):
                 out.setdefault(k, []).append((rec["s"], rec["ts"], v))
     return {k: sorted(v) for k, v in out.items()}
 
@@ -106,6 +106,7 @@ _SCAN = """
 import json, sys, time
 from pathlib import Path
 from lightning_mlflow_cv import _autosync
+from lightning_mlflow_cv._spool import metric_points
 import mlflow.store.tracking.rest_store  # noqa: F401 - imported before the start line
 directory, uri, go, ready = sys.argv[1:5]
 Path(ready).touch()

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from tiny import N_METRICS, TinyModel, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv._journal import metric_points
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 ADMIN, PASSWORD = "admin", "Team-s3cret-Pw-42"
@@ -89,7 +90,7 @@ def test_team_server_train_register_and_wrong_credentials(team_server, tmp_path,
     assert len(auth) == 1 and "MLFLOW_TRACKING_PASSWORD" in auth[0]
     spool = bad.last_spool_path
     lines = [json.loads(x) for x in spool.read_text().splitlines()]
-    keys = [k for r in lines if r["t"] == "m" for k in r["d"]]
+    keys = [k for r in lines if r["t"] == "m" for k, _ in metric_points(r)]
     assert sum(k.startswith("train/m") for k in keys) == 16 * N_METRICS  # every step's 8 metrics
     assert keys.count("val/loss") == 1
 

@@ -62,3 +62,17 @@ def test_machine_from_a_trainer_reads_its_accelerator_and_processes():
     m = machine_from(tr)
     assert m.accelerator == "cpu" and m.processes == 1
     assert m.cores == usable_cores() and m.torch_threads == torch.get_num_threads()
+
+
+def test_writer_process_does_not_import_torch() -> None:
+    """The child writer only needs MLflow: importing torch/torchvision/torchmetrics there cost ~6 CPU seconds per
+    fit (on the spare core the process writer is for, and on the fit's critical path for short fits)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lightning_mlflow_cv._writer_proc import main; from mlflow import MlflowClient; "
+        "print(sorted(m for m in ('torch', 'torchvision', 'torchmetrics', 'lightning') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

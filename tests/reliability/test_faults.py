@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from mlflow import MlflowClient
 from tiny import N_METRICS, TinyModel, history_counts, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv._journal import metric_points
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 SCRIPTS = Path(__file__).parents[1] / "scripts"
@@ -78,7 +78,7 @@ def test_sigkill_mid_fit_then_resume_continues_the_run_and_replays_the_spool(mlf
     pending = list(spool.glob(f"{run_id}.jsonl"))
     assert pending, "the killed fit left its undelivered points in the spool"
     before = [json.loads(x) for x in pending[0].read_text().splitlines()]
-    spooled_steps = sorted({r["s"] for r in before if r["t"] == "m" and "train/m0" in r["d"]})
+    spooled_steps = sorted({r["s"] for r in before if r["t"] == "m" and "train/m0" in dict(metric_points(r))})
     assert spooled_steps, "points logged before the kill were not in the spool"
 
     second = subprocess.run([*common, "resume"], capture_output=True, text=True, timeout=180, cwd=tmp_path)
