@@ -52,7 +52,7 @@ def one_run(workdir: Path, dynamo: bool, epochs: int) -> dict[str, float]:
 
     from lightning_mlflow_cv import MLflowCVLogger, _export
     from lightning_mlflow_cv.callbacks import inference_latency, model_registry, onnx_export
-    from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+    from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 
     times: dict[str, float] = defaultdict(float)
     patches = [

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.utils.data import ConcatDataset, DataLoader
 
     from lightning_mlflow_cv.callbacks.prediction_grid import PredictionGridCallback
-    from lightning_mlflow_cv.demo import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule
+    from lightning_mlflow_cv.demos.digits import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule
     from lightning_mlflow_cv.logger import MLflowCVLogger
 
     torch.set_num_threads(args.threads)

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "sync":
         return _sync(argv[1:])
     if cmd == "demo":
-        from lightning_mlflow_cv.demo import main as demo_main
+        from lightning_mlflow_cv.demos.digits import main as demo_main
 
         return demo_main(argv[1:])
     if cmd == "promote":

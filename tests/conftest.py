@@ -293,7 +293,7 @@ def s3_server(tmp_path: Path):
 @pytest.fixture(scope="session")
 def digits():
     """(uint8 images (N,1,8,8), labels (N,)) from scikit-learn's bundled digits."""
-    from lightning_mlflow_cv.demo import load_digits_tensors
+    from lightning_mlflow_cv.demos.digits import load_digits_tensors
 
     return load_digits_tensors()
 

@@ -79,7 +79,7 @@ def secret_model_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     pkg = tmp_path / "usercode"
     pkg.mkdir()
     (pkg / "secret_models.py").write_text(textwrap.dedent("""
-        from lightning_mlflow_cv.demo import DigitsClassifier
+        from lightning_mlflow_cv.demos.digits import DigitsClassifier
 
         class SecretDigits(DigitsClassifier):
             def __init__(self, api_key: str = "", db_url: str = "", lr: float = 0.003) -> None:
@@ -123,7 +123,7 @@ def test_cli_logs_redacted_config_per_run_without_clash(
         p = run.data.params
         # params: the class paths from the config, the model's hparams once (through Lightning), no internals
         assert p["config/model/class_path"] == secret_model_module
-        assert p["config/data/class_path"] == "lightning_mlflow_cv.demo.DigitsDataModule"
+        assert p["config/data/class_path"] == "lightning_mlflow_cv.demos.digits.DigitsDataModule"
         assert p["lr"] == str(lr) and p["max_epochs"] == "1" and p["batch_size"] == "64"
         assert p["api_key"] == "***REDACTED***"
         assert p["db_url"] == "postgresql://***REDACTED***@db.example.com/prod"
@@ -149,8 +149,8 @@ def test_cli_logs_redacted_config_per_run_without_clash(
 def test_cli_without_mlflow_logger_warns_and_still_trains(tmp_path: Path) -> None:
     from lightning_mlflow_cv.cli_lightning import MLflowCVCLI
 
-    minimal = ["fit", *FAST, "--model=lightning_mlflow_cv.demo.DigitsClassifier",
-               "--data=lightning_mlflow_cv.demo.DigitsDataModule", "--trainer.logger=false",
+    minimal = ["fit", *FAST, "--model=lightning_mlflow_cv.demos.digits.DigitsClassifier",
+               "--data=lightning_mlflow_cv.demos.digits.DigitsDataModule", "--trainer.logger=false",
                "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false"]
     with pytest.warns(UserWarning, match=r"MLflowSaveConfigCallback needs an MLflowCVLogger.*The config is not logged"):
         cli = MLflowCVCLI(args=minimal)
@@ -186,7 +186,7 @@ def test_console_script_fit_against_mlflow_server(tmp_path: Path, mlflow_server)
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     p = run.data.params
-    assert p["config/model/class_path"] == "lightning_mlflow_cv.demo.DigitsClassifier"
+    assert p["config/model/class_path"] == "lightning_mlflow_cv.demos.digits.DigitsClassifier"
     assert not [k for k in p if k.startswith("config/trainer/")]  # logger internals stay in the config artifact
     assert p["global_seed"] == "42" and p["augment/RandomAffine/degrees"] == "[-10.0, 10.0]"
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "configs")}
@@ -216,8 +216,8 @@ def test_plain_lightning_cli_with_mlflowcvlogger_in_yaml(tmp_path: Path, trackin
             },
             "enable_progress_bar": False,
         },
-        "model": "lightning_mlflow_cv.demo.DigitsClassifier",
-        "data": "lightning_mlflow_cv.demo.DigitsDataModule",
+        "model": "lightning_mlflow_cv.demos.digits.DigitsClassifier",
+        "data": "lightning_mlflow_cv.demos.digits.DigitsDataModule",
     }))
     cli = LightningCLI(args=["fit", "--config", str(config), *FAST])
     logger = cli.trainer.logger

@@ -6,7 +6,7 @@ from lightning.pytorch import Trainer
 
 from lightning_mlflow_cv.callbacks.save_config import MLflowSaveConfigCallback
 from lightning_mlflow_cv.cli_lightning import MLflowCVCLI
-from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.logger import MLflowCVLogger
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from lightning_mlflow_cv import MLflowCVLogger, _compat
 from lightning_mlflow_cv.callbacks.dataset_lineage import DatasetLineageCallback
 from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback
-from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.evaluation import classifier_metrics, evaluate
 from lightning_mlflow_cv.promotion import promote
 

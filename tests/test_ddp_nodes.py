@@ -103,7 +103,7 @@ def test_two_nodes_give_one_run_one_copy_of_each_artifact_and_metrics_over_both(
         assert files.count(single) == 1, (single, files)
     assert len(client.search_model_versions("name = 'ddp-digits'")) == 1
     # val/acc covers both nodes' shards: it matches the final weights on the whole validation split
-    from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+    from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 
     dm = DigitsDataModule(batch_size=512)
     dm.setup("fit")

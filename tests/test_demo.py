@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lightning_mlflow_cv.demo import main
+from lightning_mlflow_cv.demos.digits import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # the demo trains for 2 epochs: minutes on a busy machine
 

@@ -64,7 +64,7 @@ def test_segmentation_example_yaml(tracking_uri):
 
 
 def test_make_demo_run_demo(tracking_uri):
-    from lightning_mlflow_cv.demo import run_demo
+    from lightning_mlflow_cv.demos.digits import run_demo
 
     out = run_demo(max_epochs=1, experiment_name="demo-smoke", tracking_uri=tracking_uri)
     client = MlflowClient(tracking_uri)

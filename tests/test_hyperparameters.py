@@ -7,7 +7,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
-from lightning_mlflow_cv.demo import DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DigitsDataModule
 from lightning_mlflow_cv.hyperparameters import (
     dataloader_params,
     find_train_transform,

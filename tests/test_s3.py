@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from tiny import TinyModel, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger, ModelRegistryCallback, ReproducibilityCallback
-from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule, demo_callbacks
+from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule, demo_callbacks
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 _AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "MLFLOW_S3_ENDPOINT_URL")

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_mlflow_cv.callbacks.augmentation_samples import AugmentationSamplesCallback
-from lightning_mlflow_cv.demo import DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.logger import MLflowCVLogger
 
 

@@ -347,10 +347,10 @@ class ShiftDetector(pl.LightningModule):
 
 
 def _task_setup(task: str):
-    from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
-    from lightning_mlflow_cv.examples.detection import ShapesDetectionDataModule
-    from lightning_mlflow_cv.examples.segmentation import ShapesSegmentationDataModule, ShapesSegmenter
-    from lightning_mlflow_cv.examples.shapes import SHAPE_CLASSES
+    from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
+    from lightning_mlflow_cv.demos.detection import ShapesDetectionDataModule
+    from lightning_mlflow_cv.demos.segmentation import ShapesSegmentationDataModule, ShapesSegmenter
+    from lightning_mlflow_cv.demos.shapes import SHAPE_CLASSES
 
     if task == "classification":
         return DigitsClassifier(width=4), DigitsDataModule(batch_size=128, augment=False), 10, None
@@ -478,7 +478,7 @@ def _predict(model, loader):
 def test_classification_fit_best_epoch_and_test_values_match_sklearn(tracking_uri, tmp_path):
     from sklearn import metrics as skm
 
-    from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+    from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 
     pl.seed_everything(0)
     dm = DigitsDataModule(batch_size=64, augment=False)
@@ -519,7 +519,7 @@ def test_classification_fit_best_epoch_and_test_values_match_sklearn(tracking_ur
 
 
 def test_detection_test_values_match_pycocotools(tracking_uri):
-    from lightning_mlflow_cv.examples.detection import ShapesDetectionDataModule
+    from lightning_mlflow_cv.demos.detection import ShapesDetectionDataModule
 
     dm = ShapesDetectionDataModule(num_train=8, num_val=20, image_size=48, batch_size=6)
     model = ShiftDetector(shift=2.0)
@@ -534,7 +534,7 @@ def test_detection_test_values_match_pycocotools(tracking_uri):
 
 
 def test_validate_logs_plots_and_wrong_outputs_fail_at_first_batch(tracking_uri):
-    from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+    from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 
     dm = DigitsDataModule(batch_size=256, augment=False)
     logger = MLflowCVLogger(experiment_name="cvm", tracking_uri=tracking_uri)
@@ -557,7 +557,7 @@ def test_validate_logs_plots_and_wrong_outputs_fail_at_first_batch(tracking_uri)
 
 
 def test_output_fn_by_import_path_and_missing_logger(tracking_uri):
-    from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+    from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 
     class RawLogits(DigitsClassifier):
         def validation_step(self, batch, batch_idx):
@@ -574,7 +574,7 @@ def test_output_fn_by_import_path_and_missing_logger(tracking_uri):
 
 @pytest.mark.slow
 def test_state_dict_round_trip_and_resume_keeps_best_epoch_and_time(tracking_uri, tmp_path):
-    from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+    from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 
     pl.seed_everything(0)
     dm = DigitsDataModule(batch_size=128, augment=False)

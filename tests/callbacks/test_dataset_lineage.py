@@ -24,7 +24,7 @@ from lightning_mlflow_cv.callbacks.dataset_lineage import (
     hash_path,
     sha256_file,
 )
-from lightning_mlflow_cv.demo import DigitsClassifier, NormalizedDigits
+from lightning_mlflow_cv.demos.digits import DigitsClassifier, NormalizedDigits
 from lightning_mlflow_cv.logger import MLflowCVLogger
 
 

@@ -16,7 +16,7 @@ from conftest import import_real
 from torch.utils.data import DataLoader
 
 from lightning_mlflow_cv.callbacks.gradcam import GradCAMCallback
-from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.logger import MLflowCVLogger
 
 import_real("captum", "captum")

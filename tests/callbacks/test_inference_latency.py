@@ -17,7 +17,7 @@ from lightning_mlflow_cv.callbacks.inference_latency import (
     time_calls,
 )
 from lightning_mlflow_cv.callbacks.onnx_export import ONNXExportCallback
-from lightning_mlflow_cv.demo import DEMO_GATES, DigitsClassifier, DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DEMO_GATES, DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.promotion import evaluate_gates, parse_gates
 
 STATS = ("p50_ms", "p95_ms", "p99_ms", "p95_iqr_ms", "imgs_per_sec")

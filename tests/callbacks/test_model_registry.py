@@ -25,7 +25,7 @@ from lightning_mlflow_cv import MLflowCVLogger, _packaging, _pyfunc
 from lightning_mlflow_cv._model_card import model_card_markdown
 from lightning_mlflow_cv.callbacks.cv_metrics import CVMetricsCallback
 from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback
-from lightning_mlflow_cv.demo import DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule, load_digits_tensors
+from lightning_mlflow_cv.demos.digits import DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule, load_digits_tensors
 from lightning_mlflow_cv.evaluation import evaluate
 
 SHA = "a" * 64

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from lightning_mlflow_cv import MLflowCVLogger
 from lightning_mlflow_cv.callbacks.onnx_export import ONNXExportCallback, onnx_parity
-from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from lightning_mlflow_cv._redact import REDACTED
 from lightning_mlflow_cv.callbacks.reproducibility import ReproducibilityCallback
-from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.logger import MLflowCVLogger
 
 PIP_SECRET = "pipS3cretXyz"

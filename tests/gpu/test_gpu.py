@@ -64,7 +64,7 @@ def test_bf16_fit_with_full_callback_set(tracking_uri: str, tmp_path: Path) -> N
 
     from lightning_mlflow_cv import MLflowCVLogger
     from lightning_mlflow_cv import callbacks as cbs
-    from lightning_mlflow_cv.demo import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule
+    from lightning_mlflow_cv.demos.digits import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule
 
     callbacks = [
         ModelCheckpoint(monitor="val/acc", mode="max", dirpath=str(tmp_path / "ckpt")),

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from lightning_mlflow_cv import InferenceLatencyCallback, MLflowCVLogger, ModelRegistryCallback, ONNXExportCallback
 from lightning_mlflow_cv._journal import metric_points
-from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from lightning_mlflow_cv import MLflowCVLogger
 from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback
 from lightning_mlflow_cv.cli import promote_main
-from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.promotion import promote, registry_unsupported
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lightning_mlflow_cv import MLflowCVLogger, ModelRegistryCallback
-from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 
 
 class _Payload:

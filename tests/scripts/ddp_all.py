@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_mlflow_cv import MLflowCVLogger
 from lightning_mlflow_cv import callbacks as cbs
-from lightning_mlflow_cv.demo import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule
+from lightning_mlflow_cv.demos.digits import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule
 
 
 def callbacks() -> list[pl.Callback]:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from lightning_mlflow_cv.demo import DIGITS_MEAN, DIGITS_STD, load_digits_tensors
+    from lightning_mlflow_cv.demos.digits import DIGITS_MEAN, DIGITS_STD, load_digits_tensors
 
     images, labels = load_digits_tensors()
     x = (images.float() / 255.0 - DIGITS_MEAN[0]) / DIGITS_STD[0]
@@ -83,7 +83,7 @@ def task_callbacks():
 
 
 def build_model():
-    from lightning_mlflow_cv.demo import DigitsClassifier
+    from lightning_mlflow_cv.demos.digits import DigitsClassifier
 
     torch.manual_seed(0)
     return DigitsClassifier(width=4)

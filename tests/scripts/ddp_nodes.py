@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddp_all import callbacks  # noqa: E402
 
 from lightning_mlflow_cv import MLflowCVLogger  # noqa: E402
-from lightning_mlflow_cv.demo import DigitsClassifier, DigitsDataModule  # noqa: E402
+from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 
 
 class Record(pl.Callback):

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 from typing_extensions import override
 
-from lightning_mlflow_cv.examples._base import ExampleDataModule, ExampleModule, Split
-from lightning_mlflow_cv.examples.shapes import make_shapes
+from lightning_mlflow_cv.demos._base import ExampleDataModule, ExampleModule, Split
+from lightning_mlflow_cv.demos.shapes import make_shapes
 
 
 def plant_defects(images: Tensor, seed: int, fraction: float = 0.5, size: int = 6) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 from typing_extensions import override
 
-from lightning_mlflow_cv.examples._base import ExampleDataModule, ExampleModule, Split
+from lightning_mlflow_cv.demos._base import ExampleDataModule, ExampleModule, Split
 
 
 def make_depth_scenes(n: int, size: int = 32, seed: int = 0, noise: float = 0.03) -> tuple[Tensor, Tensor]:

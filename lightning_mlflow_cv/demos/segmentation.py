@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 from typing_extensions import override
 
-from lightning_mlflow_cv.examples._base import ExampleDataModule, ExampleModule, Split
-from lightning_mlflow_cv.examples.shapes import SHAPE_CLASSES, make_shapes
+from lightning_mlflow_cv.demos._base import ExampleDataModule, ExampleModule, Split
+from lightning_mlflow_cv.demos.shapes import SHAPE_CLASSES, make_shapes
 
 #: Normalisation of the generated images (PredictionGridCallback undoes it for display).
 SHAPES_MEAN = (0.35, 0.35, 0.35)

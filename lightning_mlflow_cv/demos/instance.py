@@ -17,15 +17,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_mlflow_cv.examples._base import ExampleDataModule, Split
-from lightning_mlflow_cv.examples.detection import (
+from lightning_mlflow_cv.demos._base import ExampleDataModule, Split
+from lightning_mlflow_cv.demos.detection import (
     RCNNModule,
     ShapesDetectionDataset,
     collate_detection,
     rcnn_options,
     tiny_backbone,
 )
-from lightning_mlflow_cv.examples.shapes import SHAPE_CLASSES, Shapes
+from lightning_mlflow_cv.demos.shapes import SHAPE_CLASSES, Shapes
 
 
 class ShapesInstanceDataset(ShapesDetectionDataset):

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_mlflow_cv.examples._base import ExampleDataModule, ExampleModule, Split
-from lightning_mlflow_cv.examples.shapes import SHAPE_CLASSES, Shapes, make_shapes
+from lightning_mlflow_cv.demos._base import ExampleDataModule, ExampleModule, Split
+from lightning_mlflow_cv.demos.shapes import SHAPE_CLASSES, Shapes, make_shapes
 
 
 class ShapesDetectionDataset(Dataset):

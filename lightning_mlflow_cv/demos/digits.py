@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_mlflow_cv.examples._base import ExampleDataModule, ExampleModule, Split
+from lightning_mlflow_cv.demos._base import ExampleDataModule, ExampleModule, Split
 
 #: Normalisation of the digits images after scaling to [0, 1].
 DIGITS_MEAN = (0.2662,)
