@@ -152,6 +152,10 @@ def check(workdir: Path, out: Path, timeout_ms: int = 60_000) -> list[str]:
         visit(f"{run_url}/model-metrics", "val/acc")
         search_charts("val/predictions")
         grid = "img[src*='get-artifact'][src*='predictions']"
+        try:  # the UI renders a card's image only once the card is in view (other image cards come first)
+            page.get_by_text("val/predictions", exact=True).first.scroll_into_view_if_needed(timeout=timeout_ms)
+        except Exception:  # noqa: BLE001 - the wait below reports it
+            pass
         try:
             page.wait_for_function(
                 f"() => [...document.querySelectorAll(\"{grid}\")].some(i => i.complete && i.naturalWidth > 0)",
@@ -160,6 +164,8 @@ def check(workdir: Path, out: Path, timeout_ms: int = 60_000) -> list[str]:
             loaded = True
         except Exception:  # noqa: BLE001 - reported below
             loaded = False
+        if not loaded and os.environ.get("BROWSER_CHECK_DEBUG"):
+            print(page.evaluate("() => [...document.querySelectorAll('img')].map(i => [i.src.slice(-160), i.complete, i.naturalWidth])"))
         expect(loaded, "the prediction grid image loads in its image card")
         page.screenshot(path=str(out / "image_card.png"))
 

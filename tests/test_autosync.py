@@ -106,7 +106,6 @@ _SCAN = """
 import json, sys, time
 from pathlib import Path
 from lightning_mlflow_cv import _autosync
-from lightning_mlflow_cv._spool import metric_points
 import mlflow.store.tracking.rest_store  # noqa: F401 - imported before the start line
 directory, uri, go, ready = sys.argv[1:5]
 Path(ready).touch()

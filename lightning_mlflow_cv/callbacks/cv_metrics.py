@@ -350,11 +350,12 @@ class CVMetricsCallback(Callback):
             )
 
     def _log_confusion_history(self, trainer: pl.Trainer, confmat: torch.Tensor) -> None:
-        """One ``val/confusion_matrix`` image (PIL-drawn, a few ms) at the Trainer's global step."""
+        """One ``val/confusion_matrix`` image (PIL-drawn, a few ms) per epoch, at step = epoch (as the prediction grid:
+        MLflow 3.17's image card opens at step 0)."""
         title = f"val confusion matrix (normalised by true class), epoch {trainer.current_epoch}"
         text = self.num_classes <= self.max_plot_classes
         image = confusion_matrix_image(normalize_by_true_class(confmat), self.class_names, title, text)
-        find_mlflow_logger(trainer, WHO).log_image(HISTORY_KEY, image, step=trainer.global_step)
+        find_mlflow_logger(trainer, WHO).log_image(HISTORY_KEY, image, step=trainer.current_epoch)
 
     # ------------------------------------------------------------------------------------------
     # bookkeeping: epoch results, the last and the best epoch, training time

@@ -32,10 +32,9 @@ class PredictionGridCallback(Callback):
     The samples are picked once (seeded) from the validation dataset and kept in the callback's state, so a
     resumed fit shows the same samples. At each validation epoch end (never during the sanity check) the
     model runs on them in eval mode without gradients; the grid is logged with
-    ``MLflowCVLogger.log_image(key, grid, step=trainer.global_step)``, so the MLflow UI's image slider and
-    metric charts share one step axis (the optimizer steps, as the other callbacks' images and summaries).
-    Lightning itself logs the end-of-epoch ``val/...`` metrics at the step before (its logging counter
-    advances after that validation), so an epoch's image sits one step after its ``val/...`` points.
+    ``MLflowCVLogger.log_image(key, grid, step=trainer.current_epoch)``. The step is the epoch, not the global
+    step, on purpose: MLflow 3.17's image card opens at step 0 and showed nothing for images logged at global
+    steps (checked in headless Chromium, ``tests/browser_check.py``), so each grid is the epoch's image.
 
     **Worst mistakes.** Beside the fixed samples (which are often all right by the last epoch), a second grid
     shows the epoch's worst predictions among the validation batches: ``worst_mistakes=True`` (default) logs
@@ -252,11 +251,11 @@ class PredictionGridCallback(Callback):
         logger = find_mlflow_logger(trainer, who=_WHO)
         grid = self.render(trainer, pl_module)
         if grid is not None:
-            logger.log_image(self.key, grid, step=trainer.global_step)
+            logger.log_image(self.key, grid, step=trainer.current_epoch)
         worst = self.render_worst(trainer)
         self._worst = None
         if worst is not None:
-            logger.log_image(self.worst_key, worst, step=trainer.global_step)
+            logger.log_image(self.worst_key, worst, step=trainer.current_epoch)
 
     # -----------------------------------------------------------------------------------------
     # work

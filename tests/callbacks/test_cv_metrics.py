@@ -442,7 +442,7 @@ def test_confusion_matrix_history_one_image_per_validation_step(task, history, t
 
         def on_validation_epoch_end(self, trainer, pl_module):
             if not trainer.sanity_checking:
-                self.steps.append(trainer.global_step)
+                self.steps.append(trainer.current_epoch)
 
     rec = GlobalSteps()
     trainer(logger, [cb, rec], max_epochs=2, limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=1).fit(
@@ -450,9 +450,9 @@ def test_confusion_matrix_history_one_image_per_validation_step(task, history, t
     )
     client = MlflowClient(tracking_uri)
     scalars, files = EXPECTED[task]
-    # one image per validation epoch (as many as val metric points; none for the sanity check), at its global step
+    # one image per validation epoch (as many as val metric points; none for the sanity check), at step = epoch
     steps = rec.steps
-    assert steps == [2, 4] and len(client.get_metric_history(logger.run_id, f"val/{scalars[0]}")) == 2
+    assert steps == [0, 1] and len(client.get_metric_history(logger.run_id, f"val/{scalars[0]}")) == 2
     has_confmat = "confusion_matrix.json" in files
     assert _image_steps(client, logger.run_id, "val/confusion_matrix") == (steps if history and has_confmat else [])
     if history and has_confmat:

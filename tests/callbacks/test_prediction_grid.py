@@ -191,14 +191,14 @@ PANEL = {
 
 
 class StepRecorder(pl.Callback):
-    """``trainer.global_step`` at each validation epoch end (outside the sanity check)."""
+    """``trainer.current_epoch`` at each validation epoch end (outside the sanity check)."""
 
     def __init__(self) -> None:
         self.steps: list[int] = []
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            self.steps.append(trainer.global_step)
+            self.steps.append(trainer.current_epoch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_one_grid_per_epoch_with_expected_size(task, store, tmp_path):
     rec = StepRecorder()
     trainer, logger = fit(store, model, train, val, [cb, rec], max_epochs=3, num_sanity_val_steps=2)
     images = logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")
-    assert sorted(images) == rec.steps == [2, 4, 6]  # one per epoch at its global step, none for the sanity check
+    assert sorted(images) == rec.steps == [0, 1, 2]  # one per epoch at step = epoch, none for the sanity check
     w, h = PANEL[task]
     for img in images.values():
         assert img.size == (2 * w + 12, 2 * h + 12)
@@ -228,7 +228,7 @@ def test_classification_grid_content_matches_predictions(store, tmp_path):
     model, train, val = make_task("classification")
     cb = PredictionGridCallback("classification", num_samples=4, nrow=4, mean=(0.2662,), std=(0.3830,))
     trainer, logger = fit(store, model, train, val, [cb], max_epochs=1)
-    img = logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")[trainer.global_step]
+    img = logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")[trainer.current_epoch - 1]
     x = torch.stack([val.dataset[i][0] for i in cb.indices])
     y = torch.stack([val.dataset[i][1] for i in cb.indices])
     model.eval()
@@ -247,7 +247,7 @@ def test_every_n_epochs(store, tmp_path):
     model, train, val = make_task("semantic-segmentation")
     cb = PredictionGridCallback("semantic-segmentation", num_samples=2, every_n_epochs=2, key="seg/grid")
     _, logger = fit(store, model, train, val, [cb], max_epochs=4)
-    assert sorted(logged_images(store, logger.run_id, "seg/grid", tmp_path / "dl")) == [4, 8]  # epochs 1 and 3
+    assert sorted(logged_images(store, logger.run_id, "seg/grid", tmp_path / "dl")) == [1, 3]  # epochs 1 and 3
 
 
 def test_datamodule_supplies_names_and_stats(store, tmp_path):
@@ -259,7 +259,7 @@ def test_datamodule_supplies_names_and_stats(store, tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
     trainer.fit(DigitsClassifier(width=4), datamodule=dm)
     logger.flush()
-    img = logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")[trainer.global_step]
+    img = logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")[trainer.current_epoch - 1]
     # digit backgrounds are 0 before normalisation: de-normalised with the datamodule's stats they are black
     import numpy as np
 
@@ -282,9 +282,8 @@ def test_resume_shows_the_same_samples(store, tmp_path):
     model2, _, _ = make_task("classification")
     _, logger = fit(store, model2, train, val, [second], max_epochs=2, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     assert second.indices == first.indices
-    # the resumed fit continues the checkpoint's run: epoch 0 from the first fit, epoch 1 from the second, each at
-    # its global step (2 training batches per epoch)
-    assert sorted(logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")) == [2, 4]
+    # the resumed fit continues the checkpoint's run: epoch 0 from the first fit, epoch 1 from the second
+    assert sorted(logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")) == [0, 1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,7 +309,7 @@ def test_output_transform_by_import_path(task, out, fn, adapters, store, tmp_pat
     model, train, val = make_task(task, out)
     cb = PredictionGridCallback(task, num_samples=2, output_transform=f"grid_adapters:{fn}")
     trainer, logger = fit(store, model, train, val, [cb], max_epochs=1)
-    assert sorted(logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")) == [trainer.global_step]
+    assert sorted(logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")) == [0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,22 +431,18 @@ def test_two_grids_coexist_and_each_resumes_its_own_samples(store, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # one step axis with the metrics; readable tiles
 # ------------------------------------------------------------------------------------------------
-def test_images_share_the_metrics_step_axis_and_tiles_are_readable(store, tmp_path):
-    """Both image series are logged at ``trainer.global_step`` of each epoch end (the step axis of the metrics,
-    not the epoch); digits tiles are 128 px. Lightning logs the end-of-epoch validation metrics one step earlier
-    (its logging counter advances after that validation), so each image sits at most one step after its epoch's
-    ``val/acc`` point."""
+def test_images_one_per_epoch_at_step_epoch_and_tiles_are_readable(store, tmp_path):
+    """Both image series are logged once per epoch at step = epoch (MLflow 3.17's image card opens at step 0, so
+    images at global steps showed nothing until the slider moved); digits tiles are 128 px."""
     model, train, val = make_task("classification")
     cb = PredictionGridCallback("classification", num_samples=16, mean=(0.2662,), std=(0.3830,))
     rec = StepRecorder()
     _, logger = fit(store, model, train, val, [cb, rec], max_epochs=2, num_sanity_val_steps=0)
     fixed = logged_images(store, logger.run_id, "val/predictions", tmp_path / "a")
     worst = logged_images(store, logger.run_id, cb.worst_key, tmp_path / "b")
-    metric_steps = [m.step for m in mlflow.MlflowClient(store).get_metric_history(logger.run_id, "val/acc")]
-    assert sorted(fixed) == sorted(worst) == rec.steps == [2, 4]
-    assert [i - m for i, m in zip(rec.steps, sorted(metric_steps), strict=True)] in ([0, 0], [1, 1])
+    assert sorted(fixed) == sorted(worst) == rec.steps == [0, 1]
     # 16 samples in a 4x4 grid of 128-px tiles (8x8 digits enlarged x16) with two 19-px caption lines
-    assert fixed[4].size == (4 * 128 + 5 * 4, 4 * (128 + 2 * 19 + 4) + 5 * 4)
+    assert fixed[1].size == (4 * 128 + 5 * 4, 4 * (128 + 2 * 19 + 4) + 5 * 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,7 +460,7 @@ def test_worst_mistakes_are_exactly_the_most_confident_errors(store, tmp_path):
     cb = PredictionGridCallback("classification", num_samples=k, class_names=names, mean=mean, std=std)
     trainer, logger = fit(store, model, train, val, [cb], max_epochs=1, num_sanity_val_steps=0)
     logged = logged_images(store, logger.run_id, "val/predictions_worst_mistakes", tmp_path / "dl")
-    assert sorted(logged) == [trainer.global_step]
+    assert sorted(logged) == [0]
 
     # brute force over the same outputs: the model after fit is the model that was validated (no step after it)
     model.eval()
@@ -485,7 +480,7 @@ def test_worst_mistakes_are_exactly_the_most_confident_errors(store, tmp_path):
         panel = _grid.classification_panel(img, y, pred, conf, names, font_size=16)
         panels.append(_grid.caption(panel, [f"#{rank} conf {conf:.3g}"], font_size=16))
     expected = _grid.make_image_grid(panels).permute(1, 2, 0).numpy()
-    assert np.array_equal(np.asarray(logged[trainer.global_step]), expected)
+    assert np.array_equal(np.asarray(logged[0]), expected)
 
 
 @pytest.mark.parametrize("task", ["object-detection", "semantic-segmentation"])
@@ -499,7 +494,7 @@ def test_worst_mistakes_without_step_outputs_and_switched_off(task, store, tmp_p
     client = mlflow.MlflowClient(store)
     names = [f.path.split("/")[-1] for f in client.list_artifacts(logger.run_id, "images") if f.path.endswith(".png")]
     worst = logged_images(store, logger.run_id, on.worst_key, tmp_path / "dl")
-    assert list(worst) == [trainer.global_step]
+    assert list(worst) == [0]
     assert any(n.startswith("plain+") for n in names) and not any(n.startswith("plain_worst") for n in names)
     w, h = PANEL[task]  # the untrained model errs on every image: 3 panels (2x2 layout), each with a rank line
-    assert worst[trainer.global_step].size == (2 * w + 12, 2 * (h + 19 + 4) + 12)
+    assert worst[0].size == (2 * w + 12, 2 * (h + 19 + 4) + 12)
