@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -56,6 +56,10 @@ def check_task(who: str, task: Any) -> str:
     return _tasks.normalize_task(task, who)
 
 
+@overload
+def check_positive_int(who: str, name: str, value: Any, allow_none: Literal[False] = False) -> int: ...
+@overload
+def check_positive_int(who: str, name: str, value: Any, allow_none: bool) -> int | None: ...
 def check_positive_int(who: str, name: str, value: Any, allow_none: bool = False) -> int | None:
     """Return ``value`` when it is an int >= 1 (or None when allowed), else raise ValueError."""
     if value is None and allow_none:
