@@ -400,14 +400,14 @@ def _plan(batch: list[tuple[dict[str, Any], int]]) -> Iterator[tuple[dict[str, A
         elif t in ("p", "tag"):
             field = "params" if t == "p" else "tags"
             cls = Param if t == "p" else RunTag
-            items = [cls(k, v) for k, v in rec["d"].items()]
-            while items:
+            entries = [cls(k, v) for k, v in rec["d"].items()]
+            while entries:
                 if full(0, 1):
                     yield cur, cur_end
                     cur = {"kind": "batch", "metrics": [], "params": [], "tags": []}
                 room = MAX_PARAMS_TAGS_PER_BATCH - len(cur["params"]) - len(cur["tags"])
-                cur[field].extend(items[:room])
-                items = items[room:]
+                cur[field].extend(entries[:room])
+                entries = entries[room:]
             cur_end = end
         elif t in ("a", "status", "input"):
             if nonempty():

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -56,6 +56,10 @@ def check_task(who: str, task: Any) -> str:
     return _tasks.normalize_task(task, who)
 
 
+@overload
+def check_positive_int(who: str, name: str, value: Any, allow_none: Literal[False] = False) -> int: ...
+@overload
+def check_positive_int(who: str, name: str, value: Any, allow_none: bool) -> int | None: ...
 def check_positive_int(who: str, name: str, value: Any, allow_none: bool = False) -> int | None:
     """Return ``value`` when it is an int >= 1 (or None when allowed), else raise ValueError."""
     if value is None and allow_none:
@@ -425,7 +429,7 @@ def draw_boxes(img: Tensor, boxes: Tensor, labels: Tensor, src_size: tuple[int, 
 
     if boxes.numel() == 0:
         return img
-    b = _scaled_boxes(boxes, src_size, tuple(img.shape[-2:]))
+    b = _scaled_boxes(boxes, src_size, (img.shape[-2], img.shape[-1]))
     b[:, 0::2] = b[:, 0::2].clamp(0, img.shape[-1] - 1)
     b[:, 1::2] = b[:, 1::2].clamp(0, img.shape[-2] - 1)
     texts = [
@@ -464,7 +468,7 @@ def overlay_mask(img: Tensor, mask: Tensor, num_classes: int, background_class: 
     (e.g. an ignore index of 255) and ``background_class`` stay uncoloured."""
     from torchvision.utils import draw_segmentation_masks
 
-    m = resize_mask(mask, tuple(img.shape[-2:]))
+    m = resize_mask(mask, (img.shape[-2], img.shape[-1]))
     ids = [c for c in range(num_classes) if c != background_class]
     if not ids:
         return img
@@ -548,8 +552,8 @@ class WorstK:
         idx = torch.nonzero(ok).flatten()
         if not idx.numel():
             return
-        idx = idx[b[idx].argsort(descending=True, stable=True)][: self.k].sort().values.tolist()
-        new = [(float(b[i]), order + i, item) for i, item in zip(idx, make(idx), strict=True)]
+        picked: list[int] = idx[b[idx].argsort(descending=True, stable=True)][: self.k].sort().values.tolist()
+        new = [(float(b[i]), order + i, item) for i, item in zip(picked, make(picked), strict=True)]
         self._kept = sorted(self._kept + new, key=lambda t: (-t[0], t[1]))[: self.k]
 
     def items(self) -> list[tuple[float, Any]]:

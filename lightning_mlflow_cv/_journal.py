@@ -165,8 +165,7 @@ class Spool:
                     self._write(data)
                 self._end += len(data)
             except OSError as err:
-                self._to_memory(err)
-                self._memory.extend(lines)  # type: ignore[union-attr]
+                self._to_memory(err).extend(lines)
                 self._end += len(lines)
 
     def _write(self, data: bytes) -> None:
@@ -361,9 +360,10 @@ class Spool:
                     continue
                 yield line
 
-    def _to_memory(self, err: OSError) -> None:
+    def _to_memory(self, err: OSError) -> list[str]:
+        """Switch to in-memory mode (once, with a warning) and return the in-memory line list."""
         if self._memory is not None:
-            return
+            return self._memory
         warnings.warn(
             f"MLflowCVLogger: cannot write the spool file {self.path} ({err}). Training continues and "
             "logged data is kept in memory until delivered, but it will not survive a crash. "
@@ -389,6 +389,7 @@ class Spool:
         self.acked = 0
         self._end = len(lines)
         self.generation += 1
+        return lines
 
 
 def _read_int(path: Path) -> int:

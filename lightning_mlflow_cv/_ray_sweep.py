@@ -50,6 +50,7 @@ from lightning_mlflow_cv._sweep import (
 )
 
 if TYPE_CHECKING:
+    from mlflow.entities import Run
     from ray.tune import ResultGrid
 
 #: Child-run tag holding Ray Tune's trial id.
@@ -117,7 +118,7 @@ def _flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _find_child(client: Any, exp_id: str, parent: str, trial_id: str) -> Any | None:
+def _find_child(client: Any, exp_id: str, parent: str, trial_id: str) -> Run | None:
     runs = client.search_runs(
         [exp_id],
         filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent}'",
@@ -128,7 +129,7 @@ def _find_child(client: Any, exp_id: str, parent: str, trial_id: str) -> Any | N
 
 def _create_child(
     client: Any, exp_id: str, parent: str, trial_id: str, trial_name: str | None, tags: Mapping[str, str]
-) -> Any:
+) -> Run:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     return client.create_run(
@@ -297,7 +298,7 @@ def _run_states_callback(
             self.run_ids: dict[str, str] = {}
             self.trials: list[Any] = []
 
-        def _run(self, trial: Any) -> Any | None:
+        def _run(self, trial: Any) -> Run:
             run = _find_child(client, exp_id, parent, trial.trial_id)
             if run is None:  # the worker died (or could not reach the store) before creating it
                 run = _create_child(client, exp_id, parent, trial.trial_id, str(trial), tags)

@@ -278,7 +278,7 @@ def _ram_bytes() -> int | None:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         try:
-            import psutil  # type: ignore[import-not-found]
+            import psutil
 
             return int(psutil.virtual_memory().total)
         except ImportError:

@@ -60,6 +60,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+def _rank() -> int:
+    """This process's global rank, read when called (Lightning's strategies update it at setup)."""
+    # `rank` is an attribute Lightning sets on the function object at import, unknown to its type
+    return rank_zero_only.rank  # type: ignore[attr-defined]
+
 #: ``state_key`` under which the run id travels inside Lightning checkpoints.
 CHECKPOINT_KEY = "MLflowCVLogger"
 _IMAGE_KEY_ILLEGAL = re.compile(r"[^a-zA-Z0-9_\-./ ]")
@@ -367,7 +373,7 @@ class MLflowCVLogger(MLFlowLogger):
         self.last_spool_path: Path | None = None
         self.offline = False
         self.resumed = False
-        if rank_zero_only.rank == 0:
+        if _rank() == 0:
             self._warn_if_autolog()
 
     # ------------------------------------------------------------------------------------------
@@ -394,11 +400,11 @@ class MLflowCVLogger(MLFlowLogger):
     # ------------------------------------------------------------------------------------------
     @property
     @override
-    def experiment(self) -> MlflowClient:  # type: ignore[override]
+    def experiment(self) -> MlflowClient:
         """The ``MlflowClient`` (rank 0; a dummy on other ranks). Creating it creates or resumes the run."""
         if not self._initialized or not self._broadcast_done:
             self._initialize()
-        if rank_zero_only.rank != 0:
+        if _rank() != 0:
             return DummyExperiment()  # type: ignore[return-value]
         return self._mlflow_client
 
@@ -418,7 +424,7 @@ class MLflowCVLogger(MLFlowLogger):
         if trainer is not None:
             self._attach(trainer)
         if not self._initialized:
-            if rank_zero_only.rank == 0:
+            if _rank() == 0:
                 import mlflow
 
                 # as Lightning's logger does: `with mlflow.start_run(run_id=logger.run_id)` then finds the run
@@ -447,7 +453,7 @@ class MLflowCVLogger(MLFlowLogger):
     def _check_resumed_run(self, ckpt_run_id: str | None) -> None:
         """Lightning restored a checkpoint written under run ``ckpt_run_id``: warn when this fit logs elsewhere
         without being told to (the frame fallback missed the checkpoint)."""
-        if rank_zero_only.rank != 0 or not ckpt_run_id or self._explicit_run_id or self.resumed:
+        if _rank() != 0 or not ckpt_run_id or self._explicit_run_id or self.resumed:
             return
         if ckpt_run_id != self._run_id:
             self._warn_once(
@@ -460,9 +466,11 @@ class MLflowCVLogger(MLFlowLogger):
 
     def _attach(self, trainer: pl.Trainer) -> None:
         self._root_dir = os.fspath(trainer.default_root_dir)
-        if not any(isinstance(cb, _RunIdInCheckpoint) for cb in trainer.callbacks):
+        # Trainer.callbacks is set by Lightning's CallbackConnector and not declared on the class
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        if not any(isinstance(cb, _RunIdInCheckpoint) for cb in callbacks):
             # first: its `setup` shares the run id before other callbacks' `setup` may read it on any rank
-            trainer.callbacks.insert(0, _RunIdInCheckpoint(self))
+            callbacks.insert(0, _RunIdInCheckpoint(self))
 
     def _start_run(self, trainer: pl.Trainer | None) -> None:
         self._warn_if_autolog()
@@ -766,7 +774,7 @@ class MLflowCVLogger(MLFlowLogger):
             self.flush(self._finalize_timeout_s)
         elif self._pending_points >= 1000:
             self._pending_points = 0
-            self._writer.wake()  # type: ignore[union-attr]
+            self._writer.wake()
 
     @override
     @rank_zero_only
@@ -784,7 +792,7 @@ class MLflowCVLogger(MLFlowLogger):
 
     def log_params_dict(self, values: Mapping[str, str]) -> None:
         """Log already-flat string params (used by callbacks). Same limits and collision policy."""
-        if rank_zero_only.rank != 0:
+        if _rank() != 0:
             return
         spool = self._spool_ready()
         short, whole = split_long_params(dict(values), MAX_PARAM_VAL_LENGTH)

@@ -32,6 +32,7 @@ __all__ = ["CVMetricsCallback"]
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from matplotlib.typing import LegendLocType
 
 WHO = "CVMetricsCallback"
 Stage = Literal["val", "test"]
@@ -202,14 +203,14 @@ class CVMetricsCallback(Callback):
                 dup = sorted({n for n in names if names.count(n) > 1})
                 raise ValueError(f"{WHO}: `class_names` must be unique, these repeat: {dup}. Fix: rename them.")
         self.class_names: list[str] = names
-        stages = (stages,) if isinstance(stages, str) else tuple(stages)
-        bad = [s for s in stages if s not in STAGES]
-        if bad or not stages:
+        picked: tuple[str, ...] = (stages,) if isinstance(stages, str) else tuple(stages)  # YAML/CLI pass a str
+        bad = [s for s in picked if s not in STAGES]
+        if bad or not picked:
             raise ValueError(
-                f"{WHO}: `stages` must be a non-empty subset of {list(STAGES)}, got {list(stages)}. "
+                f"{WHO}: `stages` must be a non-empty subset of {list(STAGES)}, got {list(picked)}. "
                 "Fix: e.g. stages=['val', 'test']."
             )
-        self.stages: tuple[str, ...] = tuple(dict.fromkeys(stages))
+        self.stages: tuple[str, ...] = tuple(dict.fromkeys(picked))
         self._output_fn_spec = output_fn
         self.output_fn = load_output_fn(output_fn, WHO)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -325,6 +326,7 @@ class CVMetricsCallback(Callback):
         if "roc" in snap and not many:
             p, r, t = snap["pr"]
             roc_axes = ("False positive rate", "True positive rate")
+            loc: LegendLocType
             for fname, curve, score, axes, title, loc in (
                 ("pr_curve", (r, p, t), snap["ap"], ("Recall", "Precision"), "precision-recall (AP)", "lower left"),
                 ("roc_curve", snap["roc"], snap["auc"], roc_axes, "ROC (AUC)", "lower right"),
@@ -440,7 +442,7 @@ class CVMetricsCallback(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the epoch's metrics are final and before ModelCheckpoint (checkpoint callbacks run last).
         tracking = self.monitor is not None and self.last_snapshot is not None and "val" in self.stages
-        if tracking and trainer.state.fn == "fit" and not trainer.sanity_checking:
+        if tracking and self.monitor is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._track_best(trainer.callback_metrics.get(self.monitor))
 
     @override

@@ -184,11 +184,15 @@ class ModelRegistryCallback(ShippingCallback):
         self.preprocess = self._check_preprocess(preprocess)
         #: The CV task (canonical name) whose served post-processing is the default ``postprocess``.
         self.task = None if task is None else _tasks.normalize_task(task, _NAME)
-        if postprocess is None:
-            postprocess = _tasks.get_task(self.task).postprocess if self.task is not None else "softmax"
-        if postprocess not in _pyfunc.POSTPROCESS:
+        # a task's default is a plain str (TaskSpec.postprocess), checked below as the argument is
+        kind: str = (
+            postprocess
+            if postprocess is not None
+            else (_tasks.get_task(self.task).postprocess if self.task is not None else "softmax")
+        )
+        if kind not in _pyfunc.POSTPROCESS:
             raise ValueError(
-                f"{_NAME}: `postprocess` must be one of {_pyfunc.POSTPROCESS}, got {postprocess!r}. Use 'softmax' for "
+                f"{_NAME}: `postprocess` must be one of {_pyfunc.POSTPROCESS}, got {kind!r}. Use 'softmax' for "
                 "single-label classification, 'sigmoid' for multi-label, 'boxes' for detection, 'masks' for segmentation."
             )
         for arg, value in (("alias", alias), ("champion_alias", champion_alias)):
@@ -231,7 +235,7 @@ class ModelRegistryCallback(ShippingCallback):
         if network_format not in ("pt2", "onnx"):
             raise ValueError(f"{_NAME}: `network_format` must be 'pt2' or 'onnx', got {network_format!r}.")
         self.registered_model_name = registered_model_name
-        self.postprocess = postprocess
+        self.postprocess = kind
         self.alias = alias
         self.champion_alias = champion_alias
         self.compare_metric = compare_metric
@@ -342,7 +346,8 @@ class ModelRegistryCallback(ShippingCallback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After ``trainer.test``: the test metrics join the model card (version description, MODEL_CARD.md) and
         the LoggedModel's metrics."""
-        if not trainer.is_global_zero or getattr(self, "version", None) is None:
+        version: str | None = getattr(self, "version", None)
+        if not trainer.is_global_zero or version is None:
             return
         test = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1
@@ -354,9 +359,9 @@ class ModelRegistryCallback(ShippingCallback):
         try:
             with _fail_fast(logger):
                 client = _registry_client(logger)
-                mv = client.get_model_version(self.registered_model_name, self.version)
+                mv = client.get_model_version(self.registered_model_name, version)
                 text = (mv.description or "").split("\n## Test metrics\n", 1)[0].rstrip() + "\n" + section
-                client.update_model_version(self.registered_model_name, self.version, description=text)
+                client.update_model_version(self.registered_model_name, version, description=text)
         except Exception as err:  # noqa: BLE001 - tracking failure: the test metrics stay in the run
             warnings.warn(f"{_NAME}: could not add the test metrics to the model card ({err}).", RuntimeWarning, stacklevel=2)
             return
@@ -365,10 +370,11 @@ class ModelRegistryCallback(ShippingCallback):
             logger.flush()  # the test metrics are in the store before they are linked
             with _fail_fast(logger):
                 self._link_metrics(client, str(logger.run_id), model_id, sorted(test))
-        if getattr(self, "_card_text", None):
+        card_text: str | None = getattr(self, "_card_text", None)
+        if card_text:
             with tempfile.TemporaryDirectory() as tmp:
                 card = Path(tmp) / "MODEL_CARD.md"
-                card.write_text(self._card_text.rstrip() + "\n" + section)
+                card.write_text(card_text.rstrip() + "\n" + section)
                 logger.log_artifact(card)
                 logger.flush()
 

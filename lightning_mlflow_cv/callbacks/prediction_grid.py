@@ -315,7 +315,7 @@ class PredictionGridCallback(Callback):
         panels = []
         for i in range(min(n, self.num_samples)):
             img = _grid.to_display(images[i], mean, std, self.display_min_size, self.display_max_size)
-            panels.append(task.panel(img, tuple(images[i].shape[-2:]), out, i, opts))
+            panels.append(task.panel(img, (images[i].shape[-2], images[i].shape[-1]), out, i, opts))
         return _grid.make_image_grid(panels, nrow=self.nrow)
 
     def _display(self, trainer: pl.Trainer, image: torch.Tensor) -> tuple[Any, Any, PanelOptions]:

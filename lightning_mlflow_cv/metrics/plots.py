@@ -13,6 +13,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from matplotlib.typing import LegendLocType
     from PIL import Image
 
 __all__ = ["confusion_matrix_figure", "confusion_matrix_image", "curve_figure"]
@@ -46,7 +47,12 @@ def confusion_matrix_figure(
 
 
 def curve_figure(
-    curve: Any, score: Any, axis_names: tuple[str, str], title: str, labels: Sequence[str] | None, legend_loc: str
+    curve: Any,
+    score: Any,
+    axis_names: tuple[str, str],
+    title: str,
+    labels: Sequence[str] | None,
+    legend_loc: LegendLocType,
 ) -> Figure:
     """A PR or ROC curve (one line per class when ``labels`` is given, with its AP/AUC in the legend).
 
@@ -63,7 +69,8 @@ def curve_figure(
 
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
-    plot_curve(curve, score=score, ax=ax, label_names=axis_names, name=title, labels=labels)
+    names: list[int | str] | None = None if labels is None else list(labels)
+    plot_curve(curve, score=score, ax=ax, label_names=axis_names, name=title, labels=names)
     if labels is not None:
         ax.legend(fontsize=7, loc=legend_loc)
     return fig
@@ -97,14 +104,16 @@ def confusion_matrix_image(
     cell = max(1, min(64, max_side // max(n, 1)))
     font = ImageFont.load_default(size=max(10, min(18, cell // 3)))
     label_w = int(max(font.getlength(str(lab)) for lab in labels)) + 12
-    line = font.size + 6  # type: ignore[attr-defined]
+    # load_default(size=) gives a FreeType font, or a fixed bitmap font (no .size) where Pillow lacks FreeType
+    font_px = int(font.size) if isinstance(font, ImageFont.FreeTypeFont) else font.getbbox("Ag")[3]
+    line = font_px + 6
     left, top = label_w + 4, 2 * line + label_w + 4
     img = Image.new("RGB", (left + n * cell + 10, top + n * cell + 10), "white")
     img.paste(Image.fromarray(cells).resize((n * cell, n * cell), Image.Resampling.NEAREST), (left, top))
     draw = ImageDraw.Draw(img)
     draw.text((4, 2), title, fill="black", font=font)
     draw.text((4, 2 + line), "rows: true class, columns: predicted class", fill="dimgray", font=font)
-    show_labels = cell >= font.size  # type: ignore[attr-defined]
+    show_labels = cell >= font_px
     for i, lab in enumerate(labels if show_labels else []):
         y = top + i * cell + cell // 2
         draw.text((left - 6, y), str(lab), fill="black", font=font, anchor="rm")
@@ -112,7 +121,7 @@ def confusion_matrix_image(
         ImageDraw.Draw(col).text((2, line // 2), str(lab), fill=255, font=font, anchor="lm")
         col = col.rotate(90, expand=True)
         img.paste(Image.new("RGB", col.size, "black"), (left + i * cell + (cell - line) // 2, top - label_w - 2), col)
-    if add_text and cell >= 2 * font.size:  # type: ignore[attr-defined]
+    if add_text and cell >= 2 * font_px:
         for (i, j), v in np.ndenumerate(m):
             text = f"{v:.2f}" if matrix.is_floating_point() else str(int(v))
             fill = "white" if unit[i, j] < 0.5 else "black"
