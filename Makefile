@@ -28,6 +28,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)  ## ruff and mypy (pyproject's [tool.ruff], [tool.mypy]) and the docstring examples; `make test` runs it first
 	$(VENV)/bin/ruff check lightning_mlflow_cv
+	$(VENV)/bin/ruff format --check lightning_mlflow_cv
 	$(PY) -m mypy
 	$(PY) -m pytest -q --doctest-modules lightning_mlflow_cv
 

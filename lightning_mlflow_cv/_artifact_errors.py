@@ -49,7 +49,9 @@ def describe(err: BaseException) -> str | None:
     """
     text = _chain(err)
     code = next((c for c in CREDENTIAL_ERRORS if c in text), None)
-    if code is not None and (_S3_HINT.search(text) or "botocore" in type(err).__module__ or "boto3" in type(err).__module__):
+    if code is not None and (
+        _S3_HINT.search(text) or "botocore" in type(err).__module__ or "boto3" in type(err).__module__
+    ):
         code = {"Unable to locate credentials": "NoCredentialsError"}.get(code, code)
         return (
             f"the S3 artifact store refused the credentials ({code}). Fix: give valid credentials to the process "

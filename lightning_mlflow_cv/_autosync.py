@@ -100,7 +100,10 @@ def hold(directory: str | os.PathLike[str], key: str, wait_s: float = HOLD_WAIT_
             return fh
         if not noted:
             noted = True
-            log.warning("MLflowCVLogger: waiting for another process that is delivering the spool %s", path.with_suffix(".jsonl"))
+            log.warning(
+                "MLflowCVLogger: waiting for another process that is delivering the spool %s",
+                path.with_suffix(".jsonl"),
+            )
         time.sleep(0.2)
 
 
@@ -179,7 +182,9 @@ def candidates(directory: Path, skip: Iterable[str] = ()) -> list[Path]:
     """Spool files in ``directory`` (oldest first), without ``skip`` keys and ``*.rejected.jsonl`` reports."""
     skipped = set(skip)
     try:
-        paths = [p for p in directory.glob("*.jsonl") if p.stem not in skipped and not p.name.endswith(".rejected.jsonl")]
+        paths = [
+            p for p in directory.glob("*.jsonl") if p.stem not in skipped and not p.name.endswith(".rejected.jsonl")
+        ]
     except OSError:
         return []
 
@@ -260,7 +265,9 @@ def scan(
     if report.delivered:
         from lightning_mlflow_cv._delivery import safe_uri
 
-        runs = ", ".join(f"run {d.run_id} ({d.size} bytes{', ' + d.status if d.status else ''})" for d in report.delivered)
+        runs = ", ".join(
+            f"run {d.run_id} ({d.size} bytes{', ' + d.status if d.status else ''})" for d in report.delivered
+        )
         log.warning(
             "MLflowCVLogger: delivered %d spool(s) left behind by earlier fits to %s: %s",
             len(report.delivered),

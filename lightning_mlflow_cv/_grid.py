@@ -125,7 +125,9 @@ def resolve_callable(who: str, name: str, fn: str | Callable[..., Any] | None) -
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ValueError(f"{who}: `{name}`={fn!r}: cannot import module {mod_name!r} ({e}). Fix the import path.") from e
+        raise ValueError(
+            f"{who}: `{name}`={fn!r}: cannot import module {mod_name!r} ({e}). Fix the import path."
+        ) from e
     obj: Any = mod
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 #: One compact JSON encoder for every append (``json.dumps`` builds a new one per call with these separators).
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
+
 def metric_record(step: int, ts: int, keys_json: str, values: list[float]) -> str:
     """One journal line of metric points, as the training thread writes it: values packed, not formatted.
 

@@ -38,11 +38,7 @@ CV_TAG_KEYS = ("task", "backbone", "dataset", "env", "team", "git_commit", "hard
 
 def is_valid_key(key: str) -> bool:
     """True when MLflow accepts ``key`` as a metric, param or tag key (MLflow's own checks and length limit)."""
-    return (
-        bool(_valid_chars(key))
-        and not _path_not_unique(key)
-        and len(key) <= MAX_KEY_LENGTH
-    )
+    return bool(_valid_chars(key)) and not _path_not_unique(key) and len(key) <= MAX_KEY_LENGTH
 
 
 def _repair(key: str) -> str:
@@ -115,7 +111,9 @@ def param_value(value: Any) -> str:
     return str(value)
 
 
-def split_long_params(params: Mapping[str, str], limit: int = MAX_PARAM_VAL_LENGTH) -> tuple[dict[str, str], dict[str, str]]:
+def split_long_params(
+    params: Mapping[str, str], limit: int = MAX_PARAM_VAL_LENGTH
+) -> tuple[dict[str, str], dict[str, str]]:
     """Truncate values over MLflow's param length limit.
 
     Returns ``(params_to_log, whole_values)`` where ``whole_values`` holds the untruncated value of

@@ -24,7 +24,9 @@ def metric_key(backend: str, stat: str) -> str:
     return f"latency/{backend}/{stat}"
 
 
-def latency_stats(blocks_s: Sequence[Sequence[float]] | Sequence[float], batch_size: int, backend: str = "torch") -> dict[str, float]:
+def latency_stats(
+    blocks_s: Sequence[Sequence[float]] | Sequence[float], batch_size: int, backend: str = "torch"
+) -> dict[str, float]:
     """Latency percentiles (ms) and throughput from blocks of per-call wall times in seconds.
 
     Each block gives its own p50/p95/p99 (linear interpolation); the reported figure is the median over the

@@ -143,9 +143,16 @@ def decode_instances(
     out: Any, score_threshold: float = 0.5, mask_threshold: float = 0.5, max_detections: int = 100
 ) -> list[dict[str, np.ndarray]]:
     """Instance segmentation output -> per-image ``boxes``/``scores``/``labels``/``masks`` (see the module docstring)."""
-    if isinstance(out, (tuple, list)) and len(out) == 4 and all(isinstance(t, torch.Tensor) and t.ndim >= 2 for t in out):
+    if (
+        isinstance(out, (tuple, list))
+        and len(out) == 4
+        and all(isinstance(t, torch.Tensor) and t.ndim >= 2 for t in out)
+    ):
         boxes, scores, labels, masks = out
-        items = [{"boxes": b, "scores": s, "labels": lab, "masks": m} for b, s, lab, m in zip(boxes, scores, labels, masks, strict=False)]
+        items = [
+            {"boxes": b, "scores": s, "labels": lab, "masks": m}
+            for b, s, lab, m in zip(boxes, scores, labels, masks, strict=False)
+        ]
     else:
         items = list(out)
     results = []

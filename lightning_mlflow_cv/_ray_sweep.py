@@ -371,7 +371,12 @@ def _sweep_figure(points: list[tuple[int, float | None, str]], metric_name: str,
         xs = [n for n, v, s in points if s == state and v is not None]
         ys = [v for n, v, s in points if s == state and v is not None]
         if xs:
-            ax.scatter(xs, ys, c=colour, label={"STOPPED": "stopped by scheduler", "FAIL": "failed (last report)"}.get(state, "complete"))
+            ax.scatter(
+                xs,
+                ys,
+                c=colour,
+                label={"STOPPED": "stopped by scheduler", "FAIL": "failed (last report)"}.get(state, "complete"),
+            )
     best, bx, by = None, [], []
     for n, v, s in points:
         if s == "COMPLETE" and v is not None:
@@ -405,8 +410,9 @@ class RaySweep:
     best_run_id: str | None
 
 
-def _check_args(trainable: Any, param_space: Any, metric: Any, mode: Any, num_samples: Any, run_name: Any,
-                metric_name: Any) -> None:
+def _check_args(
+    trainable: Any, param_space: Any, metric: Any, mode: Any, num_samples: Any, run_name: Any, metric_name: Any
+) -> None:
     if not callable(trainable) or isinstance(trainable, type):
         raise TypeError(
             f"ray_sweep: `trainable` must be a function `trainable(config) -> None`, got "
@@ -419,7 +425,9 @@ def _check_args(trainable: Any, param_space: Any, metric: Any, mode: Any, num_sa
             "Use e.g. `{'lr': tune.loguniform(1e-4, 1e-1)}`."
         )
     if not isinstance(metric, str) or not metric:
-        raise ValueError(f"ray_sweep: `metric` must be the reported metric to optimise, e.g. 'val/loss', got {metric!r}.")
+        raise ValueError(
+            f"ray_sweep: `metric` must be the reported metric to optimise, e.g. 'val/loss', got {metric!r}."
+        )
     if mode not in ("min", "max"):
         raise ValueError(f"ray_sweep: `mode` must be one of ['min', 'max'], got {mode!r}. Use 'min' for a loss.")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples == 0 or num_samples < -1:
@@ -544,7 +552,9 @@ def ray_sweep(
 
     client = MlflowClient(uri)
     exp_id = get_or_create_experiment(client, experiment or run_name)
-    parent = client.create_run(exp_id, run_name=run_name, tags={**clean_tags, "hpo_sweep": run_name, "hpo_engine": "ray"})
+    parent = client.create_run(
+        exp_id, run_name=run_name, tags={**clean_tags, "hpo_sweep": run_name, "hpo_engine": "ray"}
+    )
     parent_id = parent.info.run_id
     log_batch(
         client,
@@ -662,4 +672,3 @@ def _summarise(client: Any, parent: str, states: Any, metric: str, mode: str, me
     except Exception as err:  # noqa: BLE001
         warn_tracking(_WHO, f"write the sweep summary to the parent run {parent}", err, _KEEPS)
     return best
-

@@ -28,7 +28,11 @@ def promotion_line(decision: Any | None, model_uri: str | None = None) -> str:
 
 
 def run_description(
-    title: str, metrics: Mapping[str, float], keys: Iterable[str], decision: Any | None = None, model_uri: str | None = None
+    title: str,
+    metrics: Mapping[str, float],
+    keys: Iterable[str],
+    decision: Any | None = None,
+    model_uri: str | None = None,
 ) -> str:
     """Markdown for the run page's description: a title, the headline metrics table and the promotion outcome.
 

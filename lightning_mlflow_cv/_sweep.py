@@ -68,8 +68,7 @@ def new_params(existing: Mapping[str, str], values: Mapping[str, Any], prefix: s
 
 def warn_tracking(who: str, what: str, err: BaseException, keeps: str) -> None:
     warnings.warn(
-        f"{who}: could not {what} ({type(err).__name__}: {redact_text(str(err))[:300]}). The sweep goes on; "
-        f"{keeps}.",
+        f"{who}: could not {what} ({type(err).__name__}: {redact_text(str(err))[:300]}). The sweep goes on; {keeps}.",
         RuntimeWarning,
         stacklevel=3,
     )

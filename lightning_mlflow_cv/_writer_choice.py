@@ -51,9 +51,12 @@ def choose_writer(machine: Machine) -> tuple[WriterKind, str]:
     """
     busy = training_cores(machine)
     spare = machine.cores - busy
-    how = f"{machine.cores} usable core(s), training keeps {busy} busy ({machine.processes} process(es) on " + (
-        f"{machine.accelerator}" if machine.accelerator else "an unknown accelerator, counted as cpu"
-    ) + (f" x {machine.torch_threads} torch thread(s)" if busy != machine.processes else "") + ")"
+    how = (
+        f"{machine.cores} usable core(s), training keeps {busy} busy ({machine.processes} process(es) on "
+        + (f"{machine.accelerator}" if machine.accelerator else "an unknown accelerator, counted as cpu")
+        + (f" x {machine.torch_threads} torch thread(s)" if busy != machine.processes else "")
+        + ")"
+    )
     if spare >= 1:
         return "process", f"{how}: a core to spare, so MLflow's work runs in a child process"
     return "thread", f"{how}: no core to spare, so MLflow's work runs in a low-priority thread"

@@ -68,7 +68,9 @@ class MLflowCVCLI(LightningCLI):
         defaults = {"logger": lazy_instance(MLflowCVLogger)}
         defaults.update(trainer_defaults or {})
         if kwargs.get("args") is not None and list(kwargs["args"]) == sys.argv[1:]:
-            kwargs["args"] = None  # the console script passes sys.argv itself; avoid LightningCLI's "both given" warning
+            kwargs["args"] = (
+                None  # the console script passes sys.argv itself; avoid LightningCLI's "both given" warning
+            )
         super().__init__(
             model_class,
             datamodule_class,

@@ -66,6 +66,7 @@ def _rank() -> int:
     # `rank` is an attribute Lightning sets on the function object at import, unknown to its type
     return rank_zero_only.rank  # type: ignore[attr-defined]
 
+
 #: ``state_key`` under which the run id travels inside Lightning checkpoints.
 CHECKPOINT_KEY = "MLflowCVLogger"
 _IMAGE_KEY_ILLEGAL = re.compile(r"[^a-zA-Z0-9_\-./ ]")
@@ -92,7 +93,9 @@ def _context_tags() -> dict[str, str]:
     try:
         return {str(k): str(v) for k, v in redact(resolve_tags({})).items()}
     except Exception as err:  # noqa: BLE001 - a context provider failing must not stop training
-        log.warning("MLflowCVLogger: MLflow's context tags could not be resolved (%s); the run is created without them", err)
+        log.warning(
+            "MLflowCVLogger: MLflow's context tags could not be resolved (%s); the run is created without them", err
+        )
         return {}
 
 
@@ -969,7 +972,9 @@ class MLflowCVLogger(MLFlowLogger):
             meta = {
                 "score": s.item() if hasattr(s, "item") else s,
                 "original_filename": Path(p).name,
-                "Checkpoint": {k: getattr(checkpoint_callback, k) for k in _CHECKPOINT_META if hasattr(checkpoint_callback, k)},
+                "Checkpoint": {
+                    k: getattr(checkpoint_callback, k) for k in _CHECKPOINT_META if hasattr(checkpoint_callback, k)
+                },
             }
             aliases = ["latest", "best"] if p == checkpoint_callback.best_model_path else ["latest"]
             self._log_file(
@@ -1049,9 +1054,7 @@ def to_pil_image(image: Any) -> Any:
                 "normalisation (x * std + mean) or scale uint8 data by 1/255 before logging."
             )
         return Image.fromarray((np.nan_to_num(arr).clip(0, 1) * 255).round().astype(np.uint8))
-    raise ValueError(
-        f"log_image: unsupported dtype {arr.dtype}; use uint8 in [0, 255] or float in [0, 1]."
-    )
+    raise ValueError(f"log_image: unsupported dtype {arr.dtype}; use uint8 in [0, 255] or float in [0, 1].")
 
 
 @atexit.register

@@ -113,4 +113,3 @@ def pipeline_run(
     finally:
         client.set_tag(pipe.run_id, "pipeline_stages", ",".join(s.name for s in pipe.stages))
         set_run_status(client, pipe.run_id, outcome["status"])
-

@@ -115,7 +115,9 @@ class AugmentationSamplesCallback(Callback):
         self._images, self._targets = [], []
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.logged or not trainer.is_global_zero:
             return
         self.collect(batch)
@@ -133,7 +135,9 @@ class AugmentationSamplesCallback(Callback):
         try:
             images = _grid.images_of(x)
         except ValueError as e:
-            raise ValueError(f"{_WHO}: {e}. Fix: pass `batch_transform='pkg.mod:fn'` returning (images, targets).") from None
+            raise ValueError(
+                f"{_WHO}: {e}. Fix: pass `batch_transform='pkg.mod:fn'` returning (images, targets)."
+            ) from None
         take = self.num_samples - len(self._images)
         images = images[:take]
         if self.task is not None:

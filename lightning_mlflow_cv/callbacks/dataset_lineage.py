@@ -313,9 +313,11 @@ def describe_dataset(dataset: Any) -> DatasetDescription:
         features = tensors[0]
         targets = tensors[1] if len(tensors) > 1 else None
     else:
-        attrs = {k: v for k, v in vars(base).items() if _is_array(v) and getattr(v, "ndim", 0) >= 1} if hasattr(
-            base, "__dict__"
-        ) else {}
+        attrs = (
+            {k: v for k, v in vars(base).items() if _is_array(v) and getattr(v, "ndim", 0) >= 1}
+            if hasattr(base, "__dict__")
+            else {}
+        )
         if n is not None:
             attrs = {k: v for k, v in attrs.items() if v.shape[0] == n}
         features = next((attrs[k] for k in _FEATURE_ATTRS if k in attrs), None)
@@ -323,7 +325,11 @@ def describe_dataset(dataset: Any) -> DatasetDescription:
         if features is not None and targets is None and n is not None:  # e.g. CIFAR10: `targets` is a list of ints
             lists = {k: getattr(base, k, None) for k in _TARGET_ATTRS}
             targets = next(
-                (v for v in lists.values() if isinstance(v, list) and len(v) == n and v and isinstance(v[0], (int, float))),
+                (
+                    v
+                    for v in lists.values()
+                    if isinstance(v, list) and len(v) == n and v and isinstance(v[0], (int, float))
+                ),
                 None,
             )
         if features is None and targets is not None:

@@ -31,7 +31,9 @@ _DRAIN_TIMEOUT_S = 15.0
 
 def _positive_int(arg: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{_NAME}: `{arg}` must be an int >= {minimum}, got {value!r}. Example: {arg}={max(minimum, 1)}.")
+        raise ValueError(
+            f"{_NAME}: `{arg}` must be an int >= {minimum}, got {value!r}. Example: {arg}={max(minimum, 1)}."
+        )
     return value
 
 
@@ -143,7 +145,9 @@ class InferenceLatencyCallback(ShippingCallback):
             {
                 "latency.device": str(device),
                 "latency.batch_size": str(self.batch_size),
-                "latency.num_threads": str(self.num_threads if self.num_threads is not None else torch.get_num_threads()),
+                "latency.num_threads": str(
+                    self.num_threads if self.num_threads is not None else torch.get_num_threads()
+                ),
                 "latency.calls": f"{self.repeats}x{self.iters}",
             }
         )
@@ -159,7 +163,9 @@ class InferenceLatencyCallback(ShippingCallback):
                 blocks = time_blocks(lambda: runner(x), self.warmup, self.iters, self.repeats, sync)
             return latency_stats(blocks, self.batch_size, "torch")
         except Exception as err:
-            warnings.warn(f"{_NAME}: PyTorch timing failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{_NAME}: PyTorch timing failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2
+            )
             return {}
         finally:
             module.cpu()
@@ -171,7 +177,9 @@ class InferenceLatencyCallback(ShippingCallback):
             feed = {sess.get_inputs()[0].name: x.numpy()}
             blocks = time_blocks(lambda: sess.run(None, feed), self.warmup, self.iters, self.repeats)
         except Exception as err:
-            warnings.warn(f"{_NAME}: onnxruntime timing failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{_NAME}: onnxruntime timing failed ({type(err).__name__}: {err}).", RuntimeWarning, stacklevel=2
+            )
             return {}
         return latency_stats(blocks, self.batch_size, "onnx")
 

@@ -156,7 +156,8 @@ class ModelRegistryCallback(ShippingCallback):
         self,
         registered_model_name: str,
         preprocess: Mapping[str, Any] | None = None,
-        postprocess: Literal["softmax", "sigmoid", "boxes", "masks", "instances", "anomaly", "depth", "none"] | None = None,
+        postprocess: Literal["softmax", "sigmoid", "boxes", "masks", "instances", "anomaly", "depth", "none"]
+        | None = None,
         alias: str = "challenger",
         gates: Mapping[str, str] | None = None,
         champion_alias: str = "champion",
@@ -211,9 +212,13 @@ class ModelRegistryCallback(ShippingCallback):
         except ValueError as err:
             raise ValueError(f"{_NAME}: `gates`: {err}") from err
         if compare_mode not in ("max", "min"):
-            raise ValueError(f"{_NAME}: `compare_mode` must be 'max' or 'min', got {compare_mode!r}. Use 'min' for losses.")
+            raise ValueError(
+                f"{_NAME}: `compare_mode` must be 'max' or 'min', got {compare_mode!r}. Use 'min' for losses."
+            )
         if isinstance(min_improvement, bool) or not isinstance(min_improvement, (int, float)) or min_improvement < 0:
-            raise ValueError(f"{_NAME}: `min_improvement` must be a number >= 0, got {min_improvement!r}. Example: 0.005.")
+            raise ValueError(
+                f"{_NAME}: `min_improvement` must be a number >= 0, got {min_improvement!r}. Example: 0.005."
+            )
         if compare_metric is not None and (not isinstance(compare_metric, str) or not compare_metric):
             raise ValueError(f"{_NAME}: `compare_metric` must be a metric name or None, got {compare_metric!r}.")
         if model_card is not None and (
@@ -260,7 +265,9 @@ class ModelRegistryCallback(ShippingCallback):
         if pre is None:
             return {"layout": "NHWC"}
         if not isinstance(pre, Mapping):
-            raise ValueError(f"{_NAME}: `preprocess` must be a mapping, got {pre!r}. Example: {{'mean': [0.5], 'std': [0.25]}}.")
+            raise ValueError(
+                f"{_NAME}: `preprocess` must be a mapping, got {pre!r}. Example: {{'mean': [0.5], 'std': [0.25]}}."
+            )
         unknown = set(pre) - {"mean", "std", "size", "layout"}
         if unknown:
             raise ValueError(
@@ -268,13 +275,17 @@ class ModelRegistryCallback(ShippingCallback):
             )
         out = {"layout": pre.get("layout", "NHWC")}
         if out["layout"] not in _pyfunc.LAYOUTS:
-            raise ValueError(f"{_NAME}: `preprocess['layout']` must be one of {_pyfunc.LAYOUTS}, got {out['layout']!r}.")
+            raise ValueError(
+                f"{_NAME}: `preprocess['layout']` must be one of {_pyfunc.LAYOUTS}, got {out['layout']!r}."
+            )
         for k in ("mean", "std"):
             if k in pre:
                 v = pre[k]
                 v = [v] if isinstance(v, (int, float)) else v
                 if not isinstance(v, Sequence) or not v or not all(isinstance(x, (int, float)) for x in v):
-                    raise ValueError(f"{_NAME}: `preprocess['{k}']` must be a number or a list of numbers (one per channel), got {pre[k]!r}.")
+                    raise ValueError(
+                        f"{_NAME}: `preprocess['{k}']` must be a number or a list of numbers (one per channel), got {pre[k]!r}."
+                    )
                 if k == "std" and any(x <= 0 for x in v):
                     raise ValueError(f"{_NAME}: `preprocess['std']` must be > 0, got {pre[k]!r}.")
                 out[k] = [float(x) for x in v]
@@ -298,6 +309,7 @@ class ModelRegistryCallback(ShippingCallback):
                 "training images were normalised with after scaling to [0, 1]), or give the datamodule `mean` and "
                 f"`std` attributes (found datamodule {type(dm).__name__ if dm is not None else None})."
             )
+
         def as_list(v: Any) -> list[float]:
             return [float(x) for x in (v if isinstance(v, Sequence) else [v])]
 
@@ -311,7 +323,10 @@ class ModelRegistryCallback(ShippingCallback):
         from lightning_mlflow_cv.callbacks.cv_metrics import CVMetricsCallback
 
         metrics_cb = _export.find_callback(trainer, CVMetricsCallback)
-        for names in (getattr(getattr(trainer, "datamodule", None), "class_names", None), getattr(metrics_cb, "class_names", None)):
+        for names in (
+            getattr(getattr(trainer, "datamodule", None), "class_names", None),
+            getattr(metrics_cb, "class_names", None),
+        ):
             if isinstance(names, Sequence) and not isinstance(names, str) and names:
                 return [str(n) for n in names]
         return None
@@ -349,9 +364,7 @@ class ModelRegistryCallback(ShippingCallback):
         version: str | None = getattr(self, "version", None)
         if not trainer.is_global_zero or version is None:
             return
-        test = {
-            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1
-        }
+        test = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/") and v.numel() == 1}
         if not test:
             return
         logger = find_mlflow_logger(trainer, _NAME)
@@ -363,7 +376,9 @@ class ModelRegistryCallback(ShippingCallback):
                 text = (mv.description or "").split("\n## Test metrics\n", 1)[0].rstrip() + "\n" + section
                 client.update_model_version(self.registered_model_name, version, description=text)
         except Exception as err:  # noqa: BLE001 - tracking failure: the test metrics stay in the run
-            warnings.warn(f"{_NAME}: could not add the test metrics to the model card ({err}).", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{_NAME}: could not add the test metrics to the model card ({err}).", RuntimeWarning, stacklevel=2
+            )
             return
         model_id = getattr(self, "model_id", None)
         if model_id is not None:
@@ -440,7 +455,9 @@ class ModelRegistryCallback(ShippingCallback):
         onnx_path = onnx_cb.onnx_path if exported else None
         return _packaging.build_bundle(module, sample, work, cfg, self.network_format, onnx_path)
 
-    def _save_pyfunc(self, model_dir: Path, b: _packaging.Bundle, card_path: Path | None, mlflow_model: Any = None) -> None:
+    def _save_pyfunc(
+        self, model_dir: Path, b: _packaging.Bundle, card_path: Path | None, mlflow_model: Any = None
+    ) -> None:
         _packaging.save_pyfunc(model_dir, b, card_path, mlflow_model)
 
     # -- publishing: the steps of a registration, in order --------------------------------------
@@ -470,7 +487,9 @@ class ModelRegistryCallback(ShippingCallback):
         metrics.update(run.data.metrics)
         return metrics
 
-    def _write_card(self, run: Any, metrics: Mapping[str, float], source: str, work: Path, b: _packaging.Bundle) -> Path:
+    def _write_card(
+        self, run: Any, metrics: Mapping[str, float], source: str, work: Path, b: _packaging.Bundle
+    ) -> Path:
         """``MODEL_CARD.md`` in ``work`` (its text kept for the test metrics)."""
         card = model_card_markdown(
             self.registered_model_name,

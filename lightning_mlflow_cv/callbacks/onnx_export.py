@@ -23,8 +23,11 @@ _NAME = "ONNXExportCallback"
 
 
 def _check_names(arg: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Sequence) or not value or not all(
-        isinstance(v, str) and v for v in value
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or not value
+        or not all(isinstance(v, str) and v for v in value)
     ):
         raise ValueError(
             f"{_NAME}: `{arg}` must be a non-empty sequence of non-empty strings (one name per tensor), got "
@@ -190,7 +193,9 @@ class ONNXExportCallback(ShippingCallback):
                 self.max_abs_err = onnx_parity(path, module, sample, batches)
                 logger.log_metrics({"onnx/max_abs_err": self.max_abs_err}, step=trainer.global_step)
             except Exception as err:  # noqa: BLE001
-                self._fail(logger, tags, "failed_parity", f"onnxruntime failed: {type(err).__name__}: {_first_lines(err)}")
+                self._fail(
+                    logger, tags, "failed_parity", f"onnxruntime failed: {type(err).__name__}: {_first_lines(err)}"
+                )
                 self._log_files(logger, path)
                 return path
             if not self.max_abs_err <= self.atol:
@@ -281,7 +286,9 @@ def onnx_parity(
             ref_t = ref if isinstance(ref, torch.Tensor) else ref[0]
             got = sess.run(None, {in_name: x.numpy()})[0]
             if tuple(got.shape) != tuple(ref_t.shape):
-                raise ValueError(f"onnxruntime output shape {tuple(got.shape)} != PyTorch {tuple(ref_t.shape)} at batch {b}")
+                raise ValueError(
+                    f"onnxruntime output shape {tuple(got.shape)} != PyTorch {tuple(ref_t.shape)} at batch {b}"
+                )
             worst = max(worst, float((torch.from_numpy(got) - ref_t.float()).abs().max()))
     return worst
 

@@ -151,8 +151,10 @@ class PredictionGridCallback(Callback):
             raise ValueError(
                 f"{_WHO}: `display_max_size` ({display_max_size}) must be >= `display_min_size` ({display_min_size})."
             )
-        if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float)) or not (
-            0.0 <= score_threshold <= 1.0
+        if (
+            isinstance(score_threshold, bool)
+            or not isinstance(score_threshold, (int, float))
+            or not (0.0 <= score_threshold <= 1.0)
         ):
             raise ValueError(
                 f"{_WHO}: `score_threshold` must be a number in [0, 1], got {score_threshold!r}. Fix: e.g. 0.5."
@@ -332,7 +334,9 @@ class PredictionGridCallback(Callback):
             value = trainer.callback_metrics.get("val/best_threshold")
             threshold = float(value) if value is not None and bool(torch.isfinite(torch.as_tensor(value))) else None
         font = _grid.font_size_for(max(tile))
-        opts = PanelOptions(names, self.score_threshold, self.background_class, font_size=font, decision_threshold=threshold)
+        opts = PanelOptions(
+            names, self.score_threshold, self.background_class, font_size=font, decision_threshold=threshold
+        )
         return mean, std, opts
 
     def _step_outputs(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> tuple[Any, list[torch.Tensor]]:

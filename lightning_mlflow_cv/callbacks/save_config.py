@@ -107,7 +107,11 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
         log_params: bool | Literal["summary"] = "summary",
         params_prefix: str = "config",
     ) -> None:
-        if not isinstance(config_filename, str) or not config_filename.endswith((".yaml", ".yml")) or "/" in config_filename:
+        if (
+            not isinstance(config_filename, str)
+            or not config_filename.endswith((".yaml", ".yml"))
+            or "/" in config_filename
+        ):
             raise ValueError(
                 f"{_WHO}: `config_filename` must be a file name ending in .yaml or .yml (no directories), got "
                 f"{config_filename!r}. Fix: config_filename='config.yaml'; put the folder in `artifact_dir`."

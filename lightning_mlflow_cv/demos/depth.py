@@ -33,7 +33,9 @@ def make_depth_scenes(n: int, size: int = 32, seed: int = 0, noise: float = 0.03
         (torch.Size([2, 3, 16, 16]), torch.Size([2, 1, 16, 16]), True, True)
     """
     g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     images = torch.empty(n, 3, size, size)
     depths = torch.zeros(n, 1, size, size)
     for i in range(n):

@@ -69,7 +69,12 @@ class ShapesDetectionDataModule(ExampleDataModule):
     collate_fn = staticmethod(collate_detection)
 
     def __init__(
-        self, num_train: int = 512, num_val: int = 128, image_size: int = 64, batch_size: int = 16, seed: int = 0,
+        self,
+        num_train: int = 512,
+        num_val: int = 128,
+        image_size: int = 64,
+        batch_size: int = 16,
+        seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -83,9 +88,13 @@ def tiny_backbone(width: int = 32) -> nn.Module:
     """A 3-stage conv backbone of stride 4 with ``out_channels`` (as torchvision detectors need)."""
 
     def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        )
 
-    body = nn.Sequential(block(3, width // 2, 2), block(width // 2, width, 1), block(width, width, 2), block(width, width, 1))
+    body = nn.Sequential(
+        block(3, width // 2, 2), block(width // 2, width, 1), block(width, width, 2), block(width, width, 1)
+    )
     body.out_channels = width  # type: ignore[assignment]
     return body
 
@@ -120,7 +129,9 @@ def build_faster_rcnn(num_classes: int = len(SHAPE_CLASSES), image_size: int = 6
     """A small :class:`torchvision.models.detection.FasterRCNN`: tiny backbone, one feature map, no weights."""
     from torchvision.models.detection import FasterRCNN
 
-    return FasterRCNN(tiny_backbone(width), num_classes=num_classes, representation_size=128, **rcnn_options(image_size))
+    return FasterRCNN(
+        tiny_backbone(width), num_classes=num_classes, representation_size=128, **rcnn_options(image_size)
+    )
 
 
 class RCNNModule(ExampleModule):
@@ -162,7 +173,9 @@ class ShapesDetector(RCNNModule):
         trainer.fit(ShapesDetector(), datamodule=ShapesDetectionDataModule())
     """
 
-    def __init__(self, num_classes: int = len(SHAPE_CLASSES), image_size: int = 64, width: int = 32, lr: float = 2e-3) -> None:
+    def __init__(
+        self, num_classes: int = len(SHAPE_CLASSES), image_size: int = 64, width: int = 32, lr: float = 2e-3
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_faster_rcnn(num_classes, image_size, width)

@@ -219,7 +219,10 @@ class EpochLines(pl.Callback):
 
         m = trainer.callback_metrics
         vals = "  ".join(f"{k.replace('_epoch', '')} {float(m[k]):.4f}" for k in self.KEYS if k in m)
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {vals}  {time.monotonic() - self._t0:.1f} s", flush=True)
+        print(
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {vals}  {time.monotonic() - self._t0:.1f} s",
+            flush=True,
+        )
 
 
 def run_demo(

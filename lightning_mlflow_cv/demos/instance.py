@@ -103,7 +103,9 @@ class ShapesMaskRCNN(RCNNModule):
         trainer.fit(ShapesMaskRCNN(), datamodule=ShapesInstanceDataModule())
     """
 
-    def __init__(self, num_classes: int = len(SHAPE_CLASSES), image_size: int = 64, width: int = 32, lr: float = 2e-3) -> None:
+    def __init__(
+        self, num_classes: int = len(SHAPE_CLASSES), image_size: int = 64, width: int = 32, lr: float = 2e-3
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_mask_rcnn(num_classes, image_size, width)

@@ -54,7 +54,12 @@ class ShapesSegmentationDataModule(ExampleDataModule):
     std = SHAPES_STD
 
     def __init__(
-        self, num_train: int = 512, num_val: int = 128, image_size: int = 64, batch_size: int = 32, seed: int = 0,
+        self,
+        num_train: int = 512,
+        num_val: int = 128,
+        image_size: int = 64,
+        batch_size: int = 32,
+        seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -66,8 +71,12 @@ class ShapesSegmentationDataModule(ExampleDataModule):
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 

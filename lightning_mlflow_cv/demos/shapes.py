@@ -46,7 +46,9 @@ def make_shapes(n: int, size: int = 64, max_shapes: int = 3, seed: int = 0, nois
         (torch.Size([4, 3, 32, 32]), torch.Size([4, 32, 32]), 4)
     """
     g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     images = torch.empty(n, 3, size, size)
     masks = torch.zeros(n, size, size, dtype=torch.long)
     all_boxes: list[Tensor] = []

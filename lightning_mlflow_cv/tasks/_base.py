@@ -295,7 +295,9 @@ class CVTask:
         return dataclasses.replace(out, **{f.name: pick(getattr(out, f.name)) for f in dataclasses.fields(out)})
 
     # -- servable model ---------------------------------------------------------------------------
-    def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
+    def served_metrics(
+        self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None
+    ) -> dict[str, float]:
         """Metrics of the served model's predictions (one item per batch) against the targets, for ``evaluate``."""
         raise NotImplementedError(f"evaluate() does not support task {self.name!r} yet")
 

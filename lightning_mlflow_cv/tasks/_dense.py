@@ -26,8 +26,11 @@ def check_logits(logits: Any, n: int | None, num_classes: int | None, spatial: b
 def check_index_targets(targets: Any, logits: Tensor | None, spatial: bool, n: int | None = None) -> Tensor:
     """Class-index ``targets`` ``(N,)`` / ``(N, H, W)`` matching ``logits`` (or only ``n`` when there are no logits,
     e.g. for drawing augmented samples); a list of ints is accepted for ``(N,)``."""
-    if not spatial and isinstance(targets, (list, tuple)) and targets and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in targets
+    if (
+        not spatial
+        and isinstance(targets, (list, tuple))
+        and targets
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in targets)
     ):
         targets = torch.tensor(targets)
     tdims = "(N, H, W)" if spatial else "(N,)"
@@ -40,7 +43,9 @@ def check_index_targets(targets: Any, logits: Tensor | None, spatial: bool, n: i
         return targets.long()
     want = (logits.shape[0], *logits.shape[2:])
     if tuple(targets.shape) != tuple(want):
-        raise FormatProblem("targets", f"'targets' shape {tuple(targets.shape)} does not match the logits' {tuple(want)}")
+        raise FormatProblem(
+            "targets", f"'targets' shape {tuple(targets.shape)} does not match the logits' {tuple(want)}"
+        )
     return targets.long()
 
 

@@ -146,7 +146,9 @@ def adapt_outputs(
             raise ValueError(f"{err} (these came from output_fn {name})") from None
     if outputs is None:
         raise _step_error(
-            who, get_task(task, who), outputs,
+            who,
+            get_task(task, who),
+            outputs,
             "validation_step/test_step returned None (the callback reads predictions from the step's return value)",
         )
     return check_outputs(task, outputs, num_classes, who)
@@ -164,7 +166,9 @@ _TGT_HINT = "return that format as the batch's second element, or pass `batch_tr
 
 def _model_error(who: str, t: CVTask, part: str, got: Any, n: int, problem: str) -> ValueError:
     what, expected, hint = (
-        ("model outputs", t.expected_output, _OUT_HINT) if part == "preds" else ("targets", t.expected_target, _TGT_HINT)
+        ("model outputs", t.expected_output, _OUT_HINT)
+        if part == "preds"
+        else ("targets", t.expected_target, _TGT_HINT)
     )
     return ValueError(
         f"{who}: task={t.name!r} expects {what} as {expected} (N={n}), got {describe_short(got)}: {problem}. "

@@ -237,10 +237,14 @@ class AnomalyDetection(CVTask):
         label = int(target)
         return _grid.caption(img, [_label_line(label)], color=_label_color(label), font_size=opts.font_size)
 
-    def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
+    def served_metrics(
+        self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None
+    ) -> dict[str, float]:
         import numpy as np
 
-        scores = torch.from_numpy(np.concatenate([np.asarray(p["scores"] if isinstance(p, Mapping) else p) for p in preds]))
+        scores = torch.from_numpy(
+            np.concatenate([np.asarray(p["scores"] if isinstance(p, Mapping) else p) for p in preds])
+        )
         y = torch.cat([torch.as_tensor(t).reshape(-1) for t in targets])
         res = anomaly_scores(scores, y)
         return {k: float(res[k]) for k in ("AUROC", "AUPRC", "F1_at_best_threshold", "best_threshold")}

@@ -152,7 +152,9 @@ class Classification(CVTask):
     def badness(self, out: ClassificationOutput, opts: PanelOptions) -> Tensor:
         return confident_errors(out.logits, out.targets)
 
-    def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
+    def served_metrics(
+        self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None
+    ) -> dict[str, float]:
         raise NotImplementedError("classification is evaluated with mlflow.models.evaluate in evaluation.evaluate")
 
 

@@ -152,8 +152,7 @@ class DepthEstimation(CVTask):
     aliases = ("depth",)
     has_classes = False
     expected_format = (
-        '{"preds": (N, 1, H, W) or (N, H, W) float tensor, "targets": the same shape, float '
-        "(0 or NaN = invalid pixel)}"
+        '{"preds": (N, 1, H, W) or (N, H, W) float tensor, "targets": the same shape, float (0 or NaN = invalid pixel)}'
     )
     expected_output = "depth Tensor (N, 1, H, W) or (N, H, W)"
     expected_target = "depth Tensor (N, 1, H, W) or (N, H, W), 0 or NaN where invalid"
@@ -177,7 +176,8 @@ class DepthEstimation(CVTask):
             raise FormatProblem("targets", "'targets' must be a float tensor of shape (N, 1, H, W) or (N, H, W)")
         if preds is not None and tuple(targets.shape) != tuple(preds.shape):
             raise FormatProblem(
-                "targets", f"'targets' shape {tuple(targets.shape)} does not match the predictions' {tuple(preds.shape)}"
+                "targets",
+                f"'targets' shape {tuple(targets.shape)} does not match the predictions' {tuple(preds.shape)}",
             )
         if targets.shape[0] != n:
             raise FormatProblem("targets", f"'targets' has {targets.shape[0]} maps but the batch has {n} images")
@@ -234,7 +234,9 @@ class DepthEstimation(CVTask):
         view = _target_view(t, valid, lo, hi, (img.shape[-2], img.shape[-1]), lines, opts.font_size)
         return _grid.hstack([_grid.caption(img, ["image"], font_size=opts.font_size), view])
 
-    def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
+    def served_metrics(
+        self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None
+    ) -> dict[str, float]:
         import numpy as np
 
         m = DepthMetrics()

@@ -134,7 +134,9 @@ class InstanceSegmentation(CVTask):
         shown = _draw_instances(img, target, everything, src_size, None, opts.class_names)
         return _grid.caption(shown, [f"truth: {len(target['boxes'])}"], font_size=opts.font_size)
 
-    def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
+    def served_metrics(
+        self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None
+    ) -> dict[str, float]:
         from torchmetrics.detection import MeanAveragePrecision
 
         metric = MeanAveragePrecision(iou_type=("bbox", "segm"))

@@ -53,7 +53,9 @@ def check_dicts(key: str, items: Any, need: tuple[str, ...], n: int | None, num_
             raise FormatProblem(part, f"'{key}'[{i}]['boxes'] must be a float tensor of shape (K, 4) (xyxy)")
         k = boxes.shape[0]
         if not is_int(labels) or labels.shape != (k,):
-            raise FormatProblem(part, f"'{key}'[{i}]['labels'] must be an integer tensor of shape ({k},) like its boxes")
+            raise FormatProblem(
+                part, f"'{key}'[{i}]['labels'] must be an integer tensor of shape ({k},) like its boxes"
+            )
         item = {"boxes": boxes, "labels": labels.long()}
         if "scores" in need:
             scores = d["scores"]
@@ -214,8 +216,14 @@ class DetectionMatchCounts(Metric):
     def update(self, preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> None:
         for p, t in zip(preds, targets, strict=False):
             tp, fp, fn = match_detections(
-                p["boxes"], p["scores"], p["labels"], t["boxes"], t["labels"],
-                self.num_classes, self.iou_threshold, self.score_threshold,
+                p["boxes"],
+                p["scores"],
+                p["labels"],
+                t["boxes"],
+                t["labels"],
+                self.num_classes,
+                self.iou_threshold,
+                self.score_threshold,
             )
             self.tp += tp.to(self.device)
             self.fp += fp.to(self.device)
@@ -233,7 +241,10 @@ def mean_ap(cfg: Any, iou_type: Any) -> Any:
 
     try:
         return MeanAveragePrecision(
-            box_format="xyxy", iou_type=iou_type, class_metrics=True, extended_summary=True,
+            box_format="xyxy",
+            iou_type=iou_type,
+            class_metrics=True,
+            extended_summary=True,
             backend=cfg.detection_backend,
             # COCOeval's own thresholds in float64: torchmetrics' default float32 ones (0.550000011...) drop
             # matches whose IoU or recall lies exactly on a threshold, which pixel masks often do
@@ -348,7 +359,9 @@ class ObjectDetection(CVTask):
     def badness(self, out: DetectionOutput, opts: PanelOptions) -> Tensor:
         return detection_errors(out.preds, out.targets, 0.5, opts.score_threshold)
 
-    def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
+    def served_metrics(
+        self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None
+    ) -> dict[str, float]:
         from torchmetrics.detection import MeanAveragePrecision
 
         metric = MeanAveragePrecision(iou_type="bbox")

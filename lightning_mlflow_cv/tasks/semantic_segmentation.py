@@ -131,7 +131,9 @@ class SemanticSegmentation(CVTask):
     def badness(self, out: SegmentationOutput, opts: PanelOptions) -> Tensor:
         return segmentation_errors(out.logits, out.targets)
 
-    def served_metrics(self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None) -> dict[str, float]:
+    def served_metrics(
+        self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None
+    ) -> dict[str, float]:
         """Mean IoU over the whole dataset (one confusion matrix, then the mean over the classes present in targets
         or predictions, as CVMetricsCallback's ``val/mIoU``), not a mean of per-image scores; pixel accuracy."""
         import numpy as np
