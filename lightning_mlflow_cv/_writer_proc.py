@@ -120,6 +120,7 @@ class ProcessWriter:
             self._cv.notify_all()
 
     def _send(self, op: str, **kw: Any) -> int | None:
+        self.spool.commit()  # metric records queued in memory reach the file before the child is told to read it
         with self._send_lock:
             self._seq += 1
             seq = self._seq

@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from lightning_mlflow_cv import _http, _trainer_frames
 from lightning_mlflow_cv._delivery import describe_failure, is_retryable, safe_uri
-from lightning_mlflow_cv._journal import Spool, metric_record
+from lightning_mlflow_cv._journal import Spool
 from lightning_mlflow_cv._keys import (
     MAX_KEY_LENGTH,
     MAX_PARAM_VAL_LENGTH,
@@ -368,7 +368,7 @@ class MLflowCVLogger(MLFlowLogger):
         self._whole_params: dict[str, str] = {}
         self._key_cache: dict[str, str] = {}
         self._metric_names: dict[str, str] = {}  # metric key as logged -> as stored (log_metrics' fast path)
-        self._metric_key_sets: dict[tuple[str, ...], str] = {}  # stored keys of one step -> their JSON list
+        self._next_ready_check = 0.0  # log_metrics checks the spool and the writer at most this often (time.time)
         self._warned: set[str] = set()
         self._pending_points = 0
         self._broadcast_done = False
@@ -747,16 +747,23 @@ class MLflowCVLogger(MLFlowLogger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Enqueue metric points (non-blocking). NaN/inf are kept; non-numeric values are dropped with a warning."""
-        # The training thread's hot path (every logging step): no per-key calls or string building once a key
-        # has been seen; what Lightning passes (python floats) goes straight through.
-        spool = self._spool_ready()
+        # The training thread's hot path (every logging step). Inside a fit everything here runs with cold caches
+        # beside torch's threads, several times slower than in a micro-benchmark, so it does as little as it can:
+        # the spool/writer health check at most every 0.5 s, no per-key calls once a key has been seen, floats and
+        # ints (Lightning adds `epoch`) straight through, one packed journal line and one write(2).
+        now = time.time()
+        spool = self._spool
+        if spool is None or now >= self._next_ready_check:
+            spool = self._spool_ready()
+            self._next_ready_check = now + 0.5
         if self._prefix:
             metrics = _add_prefix(dict(metrics), self._prefix, self.LOGGER_JOIN_CHAR)
         names = self._metric_names
         out: dict[str, float] = {}
         for k, v in metrics.items():
-            if type(v) is not float:
-                v = metric_value(v)
+            tv = type(v)
+            if tv is not float:
+                v = float(v) if tv is int else metric_value(v)
                 if v is None:
                     self._warn_non_numeric(k, metrics[k])
                     continue
@@ -766,11 +773,7 @@ class MLflowCVLogger(MLFlowLogger):
             out[name] = v
         if not out:
             return
-        names_key = tuple(out)
-        keys_json = self._metric_key_sets.get(names_key)
-        if keys_json is None:
-            keys_json = self._metric_key_sets[names_key] = json.dumps(list(names_key), separators=(",", ":"))
-        spool.append_lines([metric_record(int(step or 0), int(time.time() * 1000), keys_json, list(out.values()))])
+        spool.append_metrics(int(step or 0), int(now * 1000), out)
         self._pending_points += len(out)
         if self._synchronous:
             self._pending_points = 0
