@@ -498,10 +498,33 @@ def segmentation_panel(img: Tensor, target: Tensor | None, pred: Tensor | None, 
     return hstack(parts)
 
 
+#: The least width / height of the default grid layout: MLflow's image card shows an image centred in a square box
+#: under the run's name, in a card body shorter than it is wide (about 250 px at the default card size), so only a
+#: landscape grid shows whole there (a 4x4 grid of captioned tiles is taller than wide and overflowed it).
+GRID_MIN_ASPECT = 1.4
+
+
+def grid_columns(n: int, panel_h: int, panel_w: int, min_aspect: float = GRID_MIN_ASPECT, padding: int = 4) -> int:
+    """The fewest panels per row that lay ``n`` panels of ``panel_h x panel_w`` out at least ``min_aspect`` times
+    wider than tall (``n`` in one row when none does).
+
+    Example::
+
+        >>> grid_columns(16, 150, 128), grid_columns(8, 150, 128), grid_columns(4, 150, 128), grid_columns(1, 9, 9)
+        (6, 4, 4, 1)
+    """
+    for cols in range(1, n + 1):
+        rows = math.ceil(n / cols)
+        if cols * (panel_w + padding) + padding >= min_aspect * (rows * (panel_h + padding) + padding):
+            return cols
+    return max(1, n)
+
+
 def make_image_grid(panels: Sequence[Tensor], nrow: int | None = None, padding: int = 4) -> Tensor:
     """``torchvision.utils.make_grid`` of ``uint8`` panels of any sizes (padded to the largest, white background).
 
-    ``nrow`` defaults to a near-square layout. Returns ``uint8`` ``(3, H, W)``.
+    ``nrow`` (panels per row) defaults to :func:`grid_columns`: at least :data:`GRID_MIN_ASPECT` times wider than
+    tall, so MLflow's image card shows the whole grid. Returns ``uint8`` ``(3, H, W)``.
     """
     from torchvision.utils import make_grid
 
@@ -514,7 +537,7 @@ def make_image_grid(panels: Sequence[Tensor], nrow: int | None = None, padding: 
         canvas = torch.full((3, h, w), 255, dtype=torch.uint8)
         canvas[:, : p.shape[1], : p.shape[2]] = p
         padded.append(canvas)
-    nrow = nrow or max(1, math.ceil(math.sqrt(len(panels))))
+    nrow = nrow or grid_columns(len(panels), h, w, padding=padding)
     return make_grid(torch.stack(padded), nrow=nrow, padding=padding, pad_value=255)
 
 

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CARD_FRAMEWORKS",
     "ENV_PREFIXES",
+    "ENV_TAG_PREFIX",
     "FRAMEWORKS",
+    "environment_tags",
     "framework_params",
     "framework_versions",
     "git_commit",
@@ -39,6 +41,7 @@ __all__ = [
     "hardware_summary",
     "requirements_txt",
     "system_info",
+    "trainer_params",
 ]
 
 #: Environment variables (by prefix) worth keeping in ``environment/system.json``; values are redacted.
@@ -156,10 +159,25 @@ def hardware_summary(trainer: pl.Trainer | None = None) -> str:
     return "cpu"
 
 
-def framework_params(trainer: pl.Trainer | None = None) -> dict[str, str]:
-    """The run's framework params: python/pytorch/torchvision/lightning/mlflow versions; CUDA/cuDNN versions,
-    GPU model and count when CUDA is available and the Trainer does not run on the CPU; the Trainer's
-    world_size, num_nodes, precision, strategy and accelerator.
+#: Prefix of the environment tags (:func:`environment_tags`): facts about where a run ran, not hyperparameters.
+ENV_TAG_PREFIX = "environment."
+
+
+def environment_tags(trainer: pl.Trainer | None = None) -> dict[str, str]:
+    """Where the run ran, as run tags under :data:`ENV_TAG_PREFIX`: ``environment.python_version``,
+    ``environment.pytorch_version``, ``environment.torchvision_version``, ``environment.lightning_version``, ``environment.mlflow_version`` and,
+    when CUDA is available and the Trainer does not run on the CPU, ``environment.cuda_version``, ``environment.cudnn_version``,
+    ``environment.gpu_model``, ``environment.num_gpus``.
+
+    These are facts about the machine and the installed packages, not choices that define the experiment, so
+    they are tags (searchable: ``tags."environment.pytorch_version" = '2.14.1'``) and stay out of the params that
+    MLflow's UI lists beside every run (the image cards print all params above the image).
+
+    Example::
+
+        >>> tags = environment_tags()
+        >>> sorted(tags)[:2], all(k.startswith(ENV_TAG_PREFIX) for k in tags)
+        (['environment.lightning_version', 'environment.mlflow_version'], True)
     """
     import torch
 
@@ -172,7 +190,7 @@ def framework_params(trainer: pl.Trainer | None = None) -> dict[str, str]:
         "mlflow_version": v["mlflow"],
     }
     acc = type(trainer.accelerator).__name__ if trainer is not None else ""
-    # a CPU run gets no CUDA/GPU params (system.json still lists the GPUs)
+    # a CPU run gets no CUDA/GPU tags (system.json still lists the GPUs)
     if torch.cuda.is_available() and acc != "CPUAccelerator":
         out.update(
             cuda_version=str(torch.version.cuda or "none"),
@@ -180,14 +198,30 @@ def framework_params(trainer: pl.Trainer | None = None) -> dict[str, str]:
             gpu_model=torch.cuda.get_device_name(0),
             num_gpus=str(torch.cuda.device_count()),
         )
+    return {ENV_TAG_PREFIX + k: val for k, val in out.items()}
+
+
+def trainer_params(trainer: pl.Trainer) -> dict[str, str]:
+    """The Trainer's settings that shape the result, as params: ``world_size``, ``num_nodes``, ``precision``,
+    ``strategy``, ``accelerator``."""
+    acc = type(trainer.accelerator).__name__
+    return {
+        "world_size": str(trainer.world_size),
+        "num_nodes": str(trainer.num_nodes),
+        "precision": str(trainer.precision),
+        "strategy": str(getattr(trainer.strategy, "strategy_name", None) or type(trainer.strategy).__name__),
+        "accelerator": acc[: -len("Accelerator")].lower() if acc.endswith("Accelerator") else acc,
+    }
+
+
+def framework_params(trainer: pl.Trainer | None = None) -> dict[str, str]:
+    """Environment facts and Trainer settings in one flat dict, unprefixed (``python_version``, ...,
+    ``world_size``): :func:`environment_tags` without its prefix plus :func:`trainer_params`.
+    :class:`~lightning_mlflow_cv.callbacks.ReproducibilityCallback` logs the first as tags, the second as params.
+    """
+    out = {k[len(ENV_TAG_PREFIX) :]: v for k, v in environment_tags(trainer).items()}
     if trainer is not None:
-        out.update(
-            world_size=str(trainer.world_size),
-            num_nodes=str(trainer.num_nodes),
-            precision=str(trainer.precision),
-            strategy=str(getattr(trainer.strategy, "strategy_name", None) or type(trainer.strategy).__name__),
-            accelerator=acc[: -len("Accelerator")].lower() if acc.endswith("Accelerator") else acc,
-        )
+        out.update(trainer_params(trainer))
     return out
 
 

@@ -4,6 +4,11 @@ Starts ``mlflow ui`` on a store the demo filled (``--store``; without it the dem
 directory), opens the run page, its Model metrics tab (the image cards), its System metrics tab, the logged
 model's page and the registered model, asserts what a user must see there, and writes screenshots.
 
+The image card: the grid loads at the card's default step (0, the first epoch); MLflow 3.17 lists every run param
+above a card's image, so the check reports where the image sits with that default, then switches the card's
+"Show run parameters" off (what the README tells users) and asserts the whole grid lies inside the card's
+visible box (``image_card_params.png`` before, ``image_card.png`` after).
+
     python tests/browser_check.py --out docs/screenshots                 # runs the demo first (~1-3 min)
     python tests/browser_check.py --store /path/to/dir-with-mlflow.db     # a store the demo already filled
 
@@ -25,6 +30,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 #: Flags for a headless Chromium on a machine with a closed network (no Google lookups at start).
@@ -98,6 +104,41 @@ class MlflowUI:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+#: An image card on the run page's Model metrics tab, and the prediction grid's <img> in it.
+CARD = "[data-testid=experiment-view-compare-runs-card]"
+GRID = "img[src*='get-artifact'][src*='predictions']"
+
+#: Where the val/predictions card's grid image lies against the part of the card a user sees without scrolling
+#: inside it: the nearest ancestor of the <img> that clips (overflow other than visible), within the card.
+_IMAGE_IN_CARD_JS = """() => {
+  const title = document.querySelector("h4[title='val/predictions']");
+  const card = title && title.closest("[data-testid=experiment-view-compare-runs-card]");
+  const img = card && [...card.querySelectorAll("img[src*='get-artifact']")].find(i => i.complete && i.naturalWidth > 0);
+  if (!img) return {found: false};
+  let clip = img.parentElement;
+  while (clip && clip !== card && getComputedStyle(clip).overflowY === 'visible') clip = clip.parentElement;
+  const i = img.getBoundingClientRect(), c = clip.getBoundingClientRect();
+  return {found: true, inside: i.height > 50 && i.top >= c.top - 1 && i.bottom <= c.bottom + 1
+            && i.left >= c.left - 1 && i.right <= c.right + 1,
+          img_top: Math.round(i.top - c.top), img_height: Math.round(i.height), visible_height: Math.round(c.height)};
+}"""
+
+
+def _wait_for_grid(page: Any, timeout_ms: int) -> bool:
+    try:
+        page.wait_for_function(
+            f"() => [...document.querySelectorAll(\"{GRID}\")].some(i => i.complete && i.naturalWidth > 0)",
+            timeout=timeout_ms,
+        )
+        return True
+    except Exception:  # noqa: BLE001 - the caller reports it
+        return False
+
+
+def _image_in_card(page: Any) -> dict[str, Any]:
+    return dict(page.evaluate(_IMAGE_IN_CARD_JS))
+
+
 def _ids(workdir: Path) -> dict[str, str]:
     from mlflow import MlflowClient
 
@@ -148,25 +189,38 @@ def check(workdir: Path, out: Path, timeout_ms: int = 60_000) -> list[str]:
             box.fill(query)
             page.wait_for_timeout(3000)
 
-        # 2. the image card (Model metrics tab, filtered to the prediction grid): the grid image loads
+        # 2. the image card (Model metrics tab, filtered to the prediction grid): the grid image loads at the card's
+        # default step (0: the card's config starts at step 0, and grids are logged at step = epoch)
         visit(f"{run_url}/model-metrics", "val/acc")
         search_charts("val/predictions")
-        grid = "img[src*='get-artifact'][src*='predictions']"
+        card = page.locator(CARD).filter(has=page.locator("h4[title='val/predictions']")).first
         try:  # the UI renders a card's image only once the card is in view (other image cards come first)
-            page.get_by_text("val/predictions", exact=True).first.scroll_into_view_if_needed(timeout=timeout_ms)
+            card.scroll_into_view_if_needed(timeout=timeout_ms)
         except Exception:  # noqa: BLE001 - the wait below reports it
             pass
-        try:
-            page.wait_for_function(
-                f"() => [...document.querySelectorAll(\"{grid}\")].some(i => i.complete && i.naturalWidth > 0)",
-                timeout=timeout_ms,
-            )
-            loaded = True
-        except Exception:  # noqa: BLE001 - reported below
-            loaded = False
+        loaded = _wait_for_grid(page, timeout_ms)
         if not loaded and os.environ.get("BROWSER_CHECK_DEBUG"):
             print(page.evaluate("() => [...document.querySelectorAll('img')].map(i => [i.src.slice(-160), i.complete, i.naturalWidth])"))
         expect(loaded, "the prediction grid image loads in its image card")
+        step = page.evaluate(f"() => [...document.querySelectorAll(\"{GRID}\")].map(i => decodeURIComponent(i.src))")
+        expect(any("+step+0+" in src for src in step), f"the card shows the grid logged at its default step 0: {step}")
+        default_box = _image_in_card(page)
+        print(f"info  with the card's default 'Show run parameters' on: {default_box}", flush=True)
+        page.screenshot(path=str(out / "image_card_params.png"))
+        # the card's own setting (pencil menu > Configure > Run details > Show run parameters): with it off the grid
+        # lies inside the card's visible box, no scrolling inside the card (README: "Image cards")
+        try:
+            card.locator("[data-testid=experiment-view-compare-runs-card-menu]").click()
+            page.get_by_role("menuitem", name="Configure").click()
+            page.locator("[data-component-id='mlflow.charts.image_grid_configure.show_run_params']").first.click()
+            page.get_by_role("button", name="Save changes").click()
+            page.wait_for_timeout(1500)
+            card.scroll_into_view_if_needed(timeout=timeout_ms)
+            _wait_for_grid(page, timeout_ms)
+        except Exception as err:  # noqa: BLE001 - reported below
+            print(f"could not switch off 'Show run parameters': {err}", flush=True)
+        box = _image_in_card(page)
+        expect(box.get("inside") is True, f"with 'Show run parameters' off the grid lies inside the card's visible box: {box}")
         page.screenshot(path=str(out / "image_card.png"))
 
         # 3. system metrics (System metrics tab; its section sits below the image sections, which it lists too)

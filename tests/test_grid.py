@@ -219,9 +219,18 @@ def test_segmentation_panel_and_overlay():
     assert not overlay.any()
 
 
+@pytest.mark.parametrize("n", [4, 8, 9, 16, 32])
+def test_default_grid_is_landscape_so_mlflow_image_card_shows_all_of_it(n):
+    """MLflow 3.17's image card draws an image in a square box under the run name, in a body ~250 px tall at the
+    default card size: a portrait 4x4 grid of captioned digits (~256 px tall) overflowed it (tests/browser_check.py)."""
+    panels = [torch.zeros(3, 150, 128, dtype=torch.uint8)] * n  # a 128-px digit tile with its caption
+    _, h, w = _grid.make_image_grid(panels).shape
+    assert 1.4 <= w / h <= 3.5, (n, h, w)
+
+
 def test_make_image_grid_pads_mixed_sizes():
     panels = [torch.zeros(3, 10, 20, dtype=torch.uint8), torch.zeros(3, 30, 5, dtype=torch.uint8)] * 2
-    grid = _grid.make_image_grid(panels, padding=4)
+    grid = _grid.make_image_grid(panels, nrow=2, padding=4)
     assert grid.shape == (3, 2 * 30 + 3 * 4, 2 * 20 + 3 * 4) and grid.dtype == torch.uint8
     assert _grid.make_image_grid(panels, nrow=4).shape == (3, 30 + 8, 4 * 20 + 5 * 4)
     with pytest.raises(ValueError, match="no panels"):

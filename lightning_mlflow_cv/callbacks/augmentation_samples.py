@@ -47,7 +47,7 @@ class AugmentationSamplesCallback(Callback):
         background_class: Segmentation: a class id left uncoloured in overlays (e.g. 0 for background).
         batch_transform: A callable, or its import path ``"pkg.module:function"``, mapping a training batch to
             ``(images, targets)``.
-        nrow: Images per grid row; default near-square.
+        nrow: Images per grid row; default: the fewest that make the grid at least 1.4x wider than tall.
         display_min_size: Smaller images are enlarged until their longer side reaches this many pixels.
         display_max_size: Larger images are shrunk to this many pixels on their longer side.
 

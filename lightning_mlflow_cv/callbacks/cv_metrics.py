@@ -92,8 +92,9 @@ class CVMetricsCallback(Callback):
 
     For the tasks with a confusion matrix (classification, semantic segmentation), every validation epoch of
     ``trainer.fit`` also logs the confusion matrix normalised by true class as the image series
-    ``val/confusion_matrix`` at the Trainer's global step (as ``PredictionGridCallback`` does), so the MLflow
-    UI's image card shows its history with a step slider (``confusion_matrix_history=False`` turns it off).
+    ``val/confusion_matrix`` at step = epoch (as ``PredictionGridCallback`` does, which says why), so the MLflow
+    UI's image card opens on the first epoch and shows its history with a step slider
+    (``confusion_matrix_history=False`` turns it off).
 
     Under DDP every rank computes (torchmetrics syncs the states) and only global rank 0 writes. Note that a
     ``DistributedSampler`` pads the validation set to a multiple of the world size by repeating samples,

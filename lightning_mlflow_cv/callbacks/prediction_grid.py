@@ -33,8 +33,11 @@ class PredictionGridCallback(Callback):
     resumed fit shows the same samples. At each validation epoch end (never during the sanity check) the
     model runs on them in eval mode without gradients; the grid is logged with
     ``MLflowCVLogger.log_image(key, grid, step=trainer.current_epoch)``. The step is the epoch, not the global
-    step, on purpose: MLflow 3.17's image card opens at step 0 and showed nothing for images logged at global
-    steps (checked in headless Chromium, ``tests/browser_check.py``), so each grid is the epoch's image.
+    step, on purpose: MLflow 3.17's image card starts at step 0 and moves to the smallest logged step only when
+    the card's images have exactly one step, so images at global steps (the first validation comes after the
+    first epoch's training steps) open on "No image logged at this step" (checked in headless Chromium, ``tests/browser_check.py``); at
+    step = epoch the card opens on the first epoch's grid. The grid is laid out wider than tall
+    (:func:`lightning_mlflow_cv._grid.grid_columns`) so the card shows all of it.
 
     **Worst mistakes.** Beside the fixed samples (which are often all right by the last epoch), a second grid
     shows the epoch's worst predictions among the validation batches: ``worst_mistakes=True`` (default) logs
@@ -96,7 +99,8 @@ class PredictionGridCallback(Callback):
         batch_transform: A callable, or its import path, mapping a validation batch to ``(images, targets)``;
             default: the first two items of a tuple batch, or the image/target keys of a dict batch.
         dataloader_idx: Which validation dataloader to take samples from.
-        nrow: Panels per grid row; default near-square.
+        nrow: Panels per grid row; default: the fewest that make the grid at least 1.4x wider than tall
+            (:func:`lightning_mlflow_cv._grid.grid_columns`), so an MLflow image card shows all of it.
         background_class: Segmentation: a class id left uncoloured in overlays (e.g. 0 for background).
         display_min_size: Smaller images are enlarged until their longer side reaches this many pixels.
         display_max_size: Larger images are shrunk to this many pixels on their longer side.
@@ -116,7 +120,7 @@ class PredictionGridCallback(Callback):
                                       mean=(0.2662,), std=(0.3830,))
         trainer = Trainer(logger=MLflowCVLogger(), callbacks=[grid], max_epochs=5)
         trainer.fit(model, datamodule=dm)
-        # images/val~predictions+step+<global step>+... and images/val~predictions_worst_mistakes+step+...
+        # images/val~predictions+step+<epoch>+... and images/val~predictions_worst_mistakes+step+<epoch>+...
     """
 
     def __init__(

@@ -18,7 +18,14 @@ from typing_extensions import override
 from lightning_mlflow_cv._context import find_mlflow_logger
 from lightning_mlflow_cv._params import drop_repeated
 from lightning_mlflow_cv._redact import redact_text
-from lightning_mlflow_cv.environment import framework_params, git_state, requirements_txt, system_info
+from lightning_mlflow_cv.environment import (
+    ENV_TAG_PREFIX,
+    environment_tags,
+    git_state,
+    requirements_txt,
+    system_info,
+    trainer_params,
+)
 from lightning_mlflow_cv.hyperparameters import implicit_hyperparameters
 
 if TYPE_CHECKING:
@@ -40,9 +47,13 @@ class ReproducibilityCallback(Callback):
     At fit start it logs, through the :class:`~lightning_mlflow_cv.MLflowCVLogger`:
 
     - params ``global_seed`` (the given seed, else the one already set by ``seed_everything``, if any),
-      ``python_version``, ``pytorch_version``, ``torchvision_version``, ``lightning_version``,
-      ``mlflow_version``, ``world_size``, ``num_nodes``, ``precision``, ``strategy``, ``accelerator`` and, on a
-      GPU run only, ``cuda_version``, ``cudnn_version``, ``gpu_model``, ``num_gpus``;
+      ``world_size``, ``num_nodes``, ``precision``, ``strategy``, ``accelerator`` (and ``cudnn_deterministic``
+      on a GPU run): choices that shape the result;
+    - tags ``environment.python_version``, ``environment.pytorch_version``, ``environment.torchvision_version``,
+      ``environment.lightning_version``, ``environment.mlflow_version`` and, on a GPU run only, ``environment.cuda_version``,
+      ``environment.cudnn_version``, ``environment.gpu_model``, ``environment.num_gpus``: facts about where the run ran, so they do not
+      crowd the params MLflow's UI lists beside every run (see
+      :func:`lightning_mlflow_cv.environment.environment_tags`);
     - tags ``git_commit``, ``git_branch``, ``git_dirty``;
     - artifacts ``environment/requirements.txt`` (pip freeze, redacted), ``environment/system.json``
       (OS, CPU, RAM, GPUs with memory and driver) and, when the work tree is dirty,
@@ -164,9 +175,12 @@ class ReproducibilityCallback(Callback):
 
     # -- the two logging steps ---------------------------------------------------------------
     def _log_fit_start(self, trainer: pl.Trainer, logger: MLflowCVLogger) -> None:
-        params = framework_params(trainer)
+        # where the run ran (versions, GPU) is a fact about the machine: tags; what shapes the result: params
+        env = environment_tags(trainer)
+        logger.set_tags(env)
+        params = trainer_params(trainer)
         params["global_seed"] = self.global_seed()
-        if "cuda_version" in params:  # a GPU run: cuDNN's setting matters
+        if f"{ENV_TAG_PREFIX}cuda_version" in env:  # a GPU run: cuDNN's setting matters
             params["cudnn_deterministic"] = str(self.deterministic_cudnn)
         logger.log_hyperparams(params)
         if self.log_environment:

@@ -11,9 +11,17 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_mlflow_cv import _grid
 from lightning_mlflow_cv.callbacks.augmentation_samples import AugmentationSamplesCallback
 from lightning_mlflow_cv.demos.digits import DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.logger import MLflowCVLogger
+
+
+def grid_size(n: int, w: int, h: int) -> tuple[int, int]:
+    """(width, height) of n panels of w x h in the default landscape layout, 4 px padding."""
+    cols = _grid.grid_columns(n, h, w)
+    rows = -(-n // cols)
+    return cols * w + (cols + 1) * 4, rows * h + (rows + 1) * 4
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +65,11 @@ def test_grid_of_first_batch_as_the_model_sees_it(store, dm, tmp_path):
     cb = AugmentationSamplesCallback(num_samples=16, mean=DIGITS_MEAN, std=DIGITS_STD)
     _, logger = fit(store, DigitsClassifier(width=4), loader, [cb, Spy()])
     img = artifact(store, logger.run_id, "augmentations/train_samples.png", tmp_path)
-    assert img.size == (4 * 96 + 5 * 4, 4 * 96 + 5 * 4)  # 16 panels, 4x4, 8x8 digits shown at 96x96
+    assert img.size == (6 * 96 + 7 * 4, 3 * 96 + 4 * 4)  # 16 panels, 6 per row (landscape), 8x8 digits at 96x96
     arr = np.asarray(img)
     raw = dm.train_set.images[:16, 0].numpy()  # uint8 originals of the first batch (no shuffle, no augmentation)
     for i in range(16):
-        r, c = divmod(i, 4)
+        r, c = divmod(i, 6)  # 6 per row
         y0, x0 = 4 + r * 100, 4 + c * 100
         shown = arr[y0 : y0 + 96 : 12, x0 : x0 + 96 : 12, 0].astype(int)  # one pixel per 12x12 block
         assert np.abs(shown - raw[i].astype(int)).max() <= 1, i
@@ -74,7 +82,7 @@ def test_collects_across_batches_and_logs_once(store, dm, tmp_path):
     _, logger = fit(store, DigitsClassifier(width=4), loader, [cb], max_epochs=2)
     img = artifact(store, logger.run_id, "augmentations/train_samples.png", tmp_path)
     # 10 panels -> 4 per row, 3 rows; each 96 wide and 96 + one caption line high
-    assert img.size == (4 * 96 + 5 * 4, 3 * (96 + 19) + 4 * 4)
+    assert img.size == grid_size(10, 96, 96 + 19)
 
 
 def test_short_epoch_logs_what_it_has(store, dm, tmp_path):
@@ -82,7 +90,7 @@ def test_short_epoch_logs_what_it_has(store, dm, tmp_path):
     _, logger = fit(store, DigitsClassifier(width=4), DataLoader(dm.train_set, batch_size=3), [cb],
                     limit_train_batches=1)  # fmt: skip
     img = artifact(store, logger.run_id, "aug/few.png", tmp_path)
-    assert img.size == (2 * 96 + 3 * 4, 2 * 96 + 3 * 4)  # 3 panels in a 2x2 layout
+    assert img.size == (3 * 96 + 4 * 4, 96 + 2 * 4)  # 3 panels in one row (landscape)
 
 
 def test_does_not_change_training_randomness(store):
@@ -130,7 +138,7 @@ def test_segmentation_masks_drawn_from_dict_batches(store, tmp_path):
     _, logger = fit(store, OneConv(), DataLoader(MaskShapes(), batch_size=4), [cb])
     img = artifact(store, logger.run_id, "augmentations/train_samples.png", tmp_path)
     w, h = 2 * 96 + 2, 96 + 19  # image | truth overlay
-    assert img.size == (2 * w + 12, 2 * h + 12)
+    assert img.size == grid_size(4, w, h)
     arr = np.asarray(img).astype(int)
     truth = arr[4:100, 4 + 98 : 4 + 194]
     coloured = np.abs(truth[..., 0] - truth[..., 2]) > 20  # overlay colours, not grey

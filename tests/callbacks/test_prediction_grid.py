@@ -181,7 +181,7 @@ def logged_images(store: str, run_id: str, prefix: str, dst: Path) -> dict[int, 
     return out
 
 
-# panel (width, height) for 4 samples in a 2x2 grid with padding 4: width = 2 * w + 12, height = 2 * h + 12;
+# panel (width, height) of one sample; grids are padded by 4 px and laid out landscape (_grid.grid_columns);
 # tiles are enlarged to >= 128 px, captions in a 16 px font (lines of 19 px + 4 px margin)
 PANEL = {
     "classification": (128, 128 + 2 * 19 + 4),  # 8x8 digits x16, two caption lines
@@ -217,8 +217,10 @@ def test_one_grid_per_epoch_with_expected_size(task, store, tmp_path):
     images = logged_images(store, logger.run_id, "val/predictions", tmp_path / "dl")
     assert sorted(images) == rec.steps == [0, 1, 2]  # one per epoch at step = epoch, none for the sanity check
     w, h = PANEL[task]
+    cols = {"classification": 4}.get(task, 2)  # landscape: 4 tall digit panels in one row, wide panels 2x2
+    rows = -(-4 // cols)
     for img in images.values():
-        assert img.size == (2 * w + 12, 2 * h + 12)
+        assert img.size == (cols * w + (cols + 1) * 4, rows * h + (rows + 1) * 4)
     assert model.training  # train mode restored
     assert cb.indices is not None and len(cb.indices) == 4 and max(cb.indices) < len(val.dataset)
 
@@ -442,7 +444,7 @@ def test_images_one_per_epoch_at_step_epoch_and_tiles_are_readable(store, tmp_pa
     worst = logged_images(store, logger.run_id, cb.worst_key, tmp_path / "b")
     assert sorted(fixed) == sorted(worst) == rec.steps == [0, 1]
     # 16 samples in a 4x4 grid of 128-px tiles (8x8 digits enlarged x16) with two 19-px caption lines
-    assert fixed[1].size == (4 * 128 + 5 * 4, 4 * (128 + 2 * 19 + 4) + 5 * 4)
+    assert fixed[1].size == (6 * 128 + 7 * 4, 3 * (128 + 2 * 19 + 4) + 4 * 4)  # 16 panels, 6 per row (landscape)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import mlflow
 import pytest
 import torch
+import torchvision
 from conftest import make_git_repo
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -139,11 +140,18 @@ def test_fit_logs_params_tags_and_artifacts_matching_live_objects(tmp_path: Path
     p, tags = run.data.params, run.data.tags
     # seed, framework and hardware
     assert p["global_seed"] == "1234"
-    assert p["pytorch_version"] == torch.__version__ and p["mlflow_version"] == mlflow.__version__
-    assert p["lightning_version"] == lightning.__version__ and p["python_version"] == platform.python_version()
+    # versions are facts about where the run ran: tags under one prefix, not params (they crowd the UI's image cards)
+    assert tags["environment.pytorch_version"] == torch.__version__
+    assert tags["environment.mlflow_version"] == mlflow.__version__
+    assert tags["environment.lightning_version"] == lightning.__version__
+    assert tags["environment.python_version"] == platform.python_version()
+    assert tags["environment.torchvision_version"] == torchvision.__version__
+    assert not [k for k in p if k.endswith("_version")], sorted(p)
+    # trainer settings shape the result: params
     assert p["world_size"] == "1" and p["num_nodes"] == "1" and p["accelerator"] == "cpu"
     assert p["strategy"] == "single_device" and p["precision"] == "32-true"
-    assert not {"cuda_version", "cudnn_version", "gpu_model", "num_gpus"} & set(p)  # a CPU run: no CUDA params
+    cuda = {"cuda_version", "cudnn_version", "gpu_model", "num_gpus"}  # a CPU run: no CUDA params or tags
+    assert not cuda & set(p) and not {f"environment.{k}" for k in cuda} & set(tags)
     # the optimizer, read from the live object (2 param groups)
     opt = trainer.optimizers[0]
     assert p["optimizer/name"] == "SGD"

@@ -48,11 +48,12 @@ def test_hardware_tag_and_gpu_fields(tracking_uri: str, tmp_path: Path) -> None:
     run = MlflowClient(tracking_uri).get_run(logger.run_id)
     name = torch.cuda.get_device_name(0)
     assert name in run.data.tags["hardware"], run.data.tags["hardware"]
-    params = run.data.params
-    assert params["gpu_model"] == name
-    assert params["num_gpus"] == str(torch.cuda.device_count())
-    assert params["cuda_version"] == str(torch.version.cuda)
-    assert params["cudnn_version"] == str(torch.backends.cudnn.version())
+    tags = run.data.tags  # environment facts are tags (environment.*), not params
+    assert tags["environment.gpu_model"] == name
+    assert tags["environment.num_gpus"] == str(torch.cuda.device_count())
+    assert tags["environment.cuda_version"] == str(torch.version.cuda)
+    assert tags["environment.cudnn_version"] == str(torch.backends.cudnn.version())
+    assert run.data.params["cudnn_deterministic"] == "False" and "gpu_model" not in run.data.params
     assert run.info.status == "FINISHED"
 
 
