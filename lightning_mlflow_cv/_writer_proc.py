@@ -238,7 +238,10 @@ def main() -> None:
         elif op == "stop":
             reply("stopped", cmd["seq"], writer.stop(float(cmd["timeout"])))
             spool.close()
-            return
+            # Everything is delivered and acknowledged, and the parent waits for this exit at the end of its fit:
+            # skip the interpreter's teardown (MLflow's exit handlers took ~0.4 s here, on the fit's critical path).
+            sys.stdout.flush()
+            os._exit(0)
     # the parent went away without stopping us (crash, SIGKILL): deliver what is on disk, then exit
     writer.stop(_EOF_DRAIN_S)
     spool.close()
