@@ -750,7 +750,7 @@ class MLflowCVLogger(MLFlowLogger):
         # The training thread's hot path (every logging step). Inside a fit everything here runs with cold caches
         # beside torch's threads, several times slower than in a micro-benchmark, so it does as little as it can:
         # the spool/writer health check at most every 0.5 s, no per-key calls once a key has been seen, floats and
-        # ints (Lightning adds `epoch`) straight through, one packed journal line and one write(2).
+        # ints (Lightning adds `epoch`) straight through, and the record queued for the journal's group commit.
         now = time.time()
         spool = self._spool
         if spool is None or now >= self._next_ready_check:
