@@ -106,8 +106,9 @@ class Spool:
     every training step, are group-committed (:meth:`append_metrics`): they wait in memory until
     :data:`COMMIT_MS` after the first of them or :data:`COMMIT_RECORDS` of them, then go out in one ``write``,
     and anything else appended, read, flushed or closed writes them first, so the order in the file is the order
-    of the calls. A SIGKILL therefore loses at most the last :data:`COMMIT_MS` of metric points (a fit resumed
-    from its last checkpoint logs those steps again); an exception, Ctrl+C or a normal exit loses nothing.
+    of the calls. A SIGKILL therefore loses at most the last :data:`COMMIT_MS` of metric points (the logger
+    commits when a checkpoint is saved, and a fit resumed from it logs the lost steps again); an exception,
+    Ctrl+C or a normal exit loses nothing.
 
     If the spool directory cannot be written (read-only, disk full), it warns once, naming the
     directory and the fix, and keeps records in memory: training continues and the data is still

@@ -143,6 +143,16 @@ class _RunIdInCheckpoint(Callback):
         self._logger._share_run_id(trainer)
 
     @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Metric records wait up to 100 ms in memory (the journal's group commit); put them on disk before the
+        # checkpoint exists, so a fit killed later and resumed from it loses no point logged before it.
+        spool = self._logger._spool
+        if spool is not None:
+            spool.commit()
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         try:
             return {"run_id": self._logger._run_id, "experiment_id": self._logger._experiment_id}
