@@ -47,7 +47,7 @@ _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def metric_record(step: int, ts: int, keys_json: str, values: Collection[float]) -> str:
-    """One journal line of metric points, as the training thread writes it: values packed, not formatted.
+    """One journal line of metric points, as :meth:`Spool.commit` writes it: values packed, not formatted.
 
     Formatting a float as decimal text (what ``json.dumps`` does) costs about a microsecond per value, most of
     what logging a step cost the training thread; packing the float64s and writing them as hex costs a few

@@ -165,9 +165,10 @@ ENV_TAG_PREFIX = "environment."
 
 def environment_tags(trainer: pl.Trainer | None = None) -> dict[str, str]:
     """Where the run ran, as run tags under :data:`ENV_TAG_PREFIX`: ``environment.python_version``,
-    ``environment.pytorch_version``, ``environment.torchvision_version``, ``environment.lightning_version``, ``environment.mlflow_version`` and,
-    when CUDA is available and the Trainer does not run on the CPU, ``environment.cuda_version``, ``environment.cudnn_version``,
-    ``environment.gpu_model``, ``environment.num_gpus``.
+    ``environment.pytorch_version``, ``environment.torchvision_version``, ``environment.lightning_version``,
+    ``environment.mlflow_version`` and, when CUDA is available and the Trainer does not run on the CPU,
+    ``environment.cuda_version``, ``environment.cudnn_version``, ``environment.gpu_model``,
+    ``environment.num_gpus``.
 
     These are facts about the machine and the installed packages, not choices that define the experiment, so
     they are tags (searchable: ``tags."environment.pytorch_version" = '2.14.1'``) and stay out of the params that

@@ -50,9 +50,10 @@ class ReproducibilityCallback(Callback):
       ``world_size``, ``num_nodes``, ``precision``, ``strategy``, ``accelerator`` (and ``cudnn_deterministic``
       on a GPU run): choices that shape the result;
     - tags ``environment.python_version``, ``environment.pytorch_version``, ``environment.torchvision_version``,
-      ``environment.lightning_version``, ``environment.mlflow_version`` and, on a GPU run only, ``environment.cuda_version``,
-      ``environment.cudnn_version``, ``environment.gpu_model``, ``environment.num_gpus``: facts about where the run ran, so they do not
-      crowd the params MLflow's UI lists beside every run (see
+      ``environment.lightning_version``, ``environment.mlflow_version`` and, on a GPU run only,
+      ``environment.cuda_version``, ``environment.cudnn_version``, ``environment.gpu_model``,
+      ``environment.num_gpus``: facts about where the run ran, so they do not crowd the params MLflow's UI lists
+      beside every run (see
       :func:`lightning_mlflow_cv.environment.environment_tags`);
     - tags ``git_commit``, ``git_branch``, ``git_dirty``;
     - artifacts ``environment/requirements.txt`` (pip freeze, redacted), ``environment/system.json``
