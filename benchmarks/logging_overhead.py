@@ -1020,7 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    summary = summarise(results, stores, configs)
+    summary = summarise(results, stores, list(dict.fromkeys(configs + spare_configs)))
+    if readme is not None:  # the raw per-fit figures beside the tables, to re-read them without re-running
+        readme.with_name(readme.stem + "_raw.json").write_text(json.dumps({"command": command, "results": results, "outage": outage_results, "slow": slow_results}))
     total = time.monotonic() - t_all
     notes = []
     if q:

@@ -286,9 +286,9 @@ class MLflowCVLogger(MLFlowLogger):
         if writer not in ("auto", "process", "thread"):
             raise ValueError(
                 f"MLflowCVLogger: `writer` must be one of ('auto', 'process', 'thread') or None, got {writer!r}. "
-                "'auto' (default) picks a child process when a core is to spare, else a thread; 'process' keeps "
-                "MLflow's per-point work off the training process; 'thread' avoids a child process (e.g. where "
-                "spawning is not allowed)."
+                "'auto' (default) runs MLflow's per-point work in a thread, moved to a child process once a fit with "
+                "a core to spare has kept the thread busy for a while; 'process' keeps that work off the training "
+                "process from the start; 'thread' avoids a child process (e.g. where spawning is not allowed)."
             )
         if nested and parent_run_id:
             raise ValueError(
