@@ -86,11 +86,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONFIGS = ["none", "sync", "async", "autolog", "cv", "cv_thread", "cv_process"]
 DEFAULT_CONFIGS = ["none", "sync", "autolog", "cv_thread", "cv_process"]
-#: With a spare core (torch on one thread) only the floor and MLflowCVLogger run by default: its default writer
-#: (``cv``: a thread that hands over to a process once its store work has cost what the process's start-up does)
-#: and both writers forced (the target there is MLflowCVLogger's ratio to the floor; ``--spare-configs none,sync,autolog,cv_thread,cv_process``
+#: With a spare core (torch on one thread) only the floor and both MLflowCVLogger writers run by default (the
+#: target there is MLflowCVLogger's ratio to the floor; ``--spare-configs none,sync,autolog,cv_thread,cv_process``
 #: adds the peers, about 2.5 minutes more).
-DEFAULT_SPARE_CONFIGS = ["none", "cv", "cv_thread", "cv_process"]
+DEFAULT_SPARE_CONFIGS = ["none", "cv_thread", "cv_process"]
 OUTAGE_CONFIGS = ["none", "sync", "autolog", "cv"]
 SLOW_CONFIGS = ["none", "cv_nodelay", "sync", "autolog", "cv"]
 LABELS = {
@@ -617,8 +616,7 @@ def summarise(results: list[dict[str, Any]], stores: list[str], configs: list[st
                     extra = median_or_none(
                         [1000 * (r["cpu_total_s"] - floor_cpu_total) / r["found"] for r in ok if r.get("found") and "cpu_total_s" in r]
                     )
-                    # the writer process's fixed start-up was paid: forced, or the default's thread handed over
-                    if config == "cv_process" or (config == "cv" and any("handed over" in str(r.get("writer")) or str(r.get("writer")).startswith("process") for r in ok)):
+                    if config == "cv_process" or (config == "cv" and any(str(r.get("writer")).startswith("process") for r in ok)):
                         if extra is not None and startup is not None:
                             n = median_or_none([r.get("found") for r in ok]) or 1
                             marginal = extra - 1000 * startup / n

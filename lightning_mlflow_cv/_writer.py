@@ -22,13 +22,6 @@ from lightning_mlflow_cv._journal import Spool
 
 log = logging.getLogger(__name__)
 
-#: CPU seconds of store work after which a writer thread started with ``handover`` passes delivery to a child
-#: process (:class:`~lightning_mlflow_cv._writer_proc.ProcessWriter`): about what starting that child costs, a
-#: Python interpreter importing MLflow (1.7 CPU s measured in benchmarks/README.md). The rule of renting until the
-#: rent paid equals the price: a short fit never pays the child's start-up, a long one pays at most about twice
-#: the cheaper choice, and its store work then stops competing with the training loop for the GIL.
-HANDOVER_CPU_S = 1.5
-
 #: Failed attempts in a row after which a flush (and so ``finalize``) stops waiting for a store that was
 #: reachable when the flush began; the backoff between them is 0.5 s, then 1 s.
 FLUSH_TRIES = 3
@@ -44,11 +37,6 @@ class Writer(threading.Thread):
 
     On a retryable failure it warns once, naming the spool path and the ``sync`` command, and retries
     with exponential backoff (capped at ``max_backoff_s``); the data stays in the spool meanwhile.
-
-    With ``handover``, once the thread has spent :data:`HANDOVER_CPU_S` of CPU delivering (and no flush or stop
-    is waiting, the store is reachable and the run exists), it calls ``handover(self)``, which starts a successor
-    writer (a child process) on the same spool, and ends; :meth:`wake`, :meth:`flush`, :meth:`stop` and
-    :attr:`run_id` then go to the successor, so a caller holding this object still gets the right answer.
     """
 
     def __init__(
@@ -64,11 +52,8 @@ class Writer(threading.Thread):
         already_warned: bool = False,
         on_warning: Callable[[str], None] | None = None,
         on_recovered: Callable[[], None] | None = None,
-        handover: Callable[[Writer], Any] | None = None,
     ) -> None:
         super().__init__(name="MLflowCVLogger-writer", daemon=True)
-        self._handover = handover
-        self._successor: Any = None  # the writer that took over (see handover)
         self._on_warning = on_warning
         self._on_recovered = on_recovered
         self._client_factory = client_factory
@@ -92,9 +77,6 @@ class Writer(threading.Thread):
 
     # -- API used by the logger -----------------------------------------------------------------
     def wake(self) -> None:
-        successor = self._successor
-        if successor is not None:
-            successor.wake()
         self._wake.set()
 
     def flush(self, timeout: float) -> bool:
@@ -112,7 +94,7 @@ class Writer(threading.Thread):
                 tries = 1 if self.degraded else FLUSH_TRIES
                 self._next_try = 0.0
                 self._wake.set()
-                while time.monotonic() < deadline and self.is_alive() and self._successor is None:
+                while time.monotonic() < deadline and self.is_alive():
                     if self.spool.pending <= 0 and self._attempts > start:
                         return True
                     if self._attempts > start and self.degraded and self._failures >= tries:
@@ -120,8 +102,6 @@ class Writer(threading.Thread):
                     self._idle.wait(min(0.05, max(deadline - time.monotonic(), 0)))
             finally:
                 self._draining -= 1
-        if self._successor is not None:
-            return bool(self._successor.flush(max(deadline - time.monotonic(), 0.0)))
         return self.spool.pending <= 0
 
     def stop(self, timeout: float) -> bool:
@@ -130,19 +110,15 @@ class Writer(threading.Thread):
         self._stop_event.set()
         self._wake.set()
         self.join(timeout=max(self.request_timeout_s, 1.0))
-        if self._successor is not None:  # took over before or during this stop: it holds whatever is left
-            return bool(self._successor.stop(timeout))
         return ok
 
     @property
     def run_id(self) -> str | None:
-        successor = self._successor
-        return successor.run_id if successor is not None else self._run_id
+        return self._run_id
 
     # -- thread ----------------------------------------------------------------------------------
     def run(self) -> None:
         lower_priority()
-        cpu0 = time.thread_time()
         while not self._stop_event.is_set():
             wait = self.flush_interval_s
             due = self._deliverer.held_due if self._deliverer is not None else None
@@ -157,28 +133,8 @@ class Writer(threading.Thread):
             if self.degraded and time.monotonic() < self._next_try:
                 continue
             self._attempt()
-            if self._handover is not None and time.thread_time() - cpu0 >= HANDOVER_CPU_S and self._hand_over():
-                break
         if self._deliverer is not None:
             self._deliverer.close()
-
-    def _hand_over(self) -> bool:
-        """Start the successor writer and stop delivering here (True), unless now is not the time (False)."""
-        assert self._handover is not None
-        with self._idle:  # a flush counts itself in under this lock: it either prevents the handover or follows it
-            if self._draining or self._stop_event.is_set() or self.degraded or not self._run_id:
-                return False
-            try:
-                successor = self._handover(self)
-            except Exception as err:  # noqa: BLE001 - the thread keeps delivering
-                log.debug("MLflowCVLogger: no handover to a writer process (%s)", err)
-                successor = None
-            if successor is None:
-                self._handover = None  # refused: this thread stays the writer
-                return False
-            self._successor = successor
-            self._idle.notify_all()
-        return True
 
     def _attempt(self) -> None:
         try:

@@ -4,8 +4,7 @@ MLflow's per-point store work (entities, protobuf/JSON, SQLAlchemy inserts) is p
 holds the GIL that the training loop needs between kernel launches, so a spare core does not help it; in a child
 process it runs on that spare core and the training process never waits for it. When training already keeps every
 core busy (torch on all cores, CPU training), a child process only preempts the torch threads and the thread writer
-(at lower priority) costs less. Measured in ``benchmarks/README.md``. The logger starts even a chosen child
-process only once a writer thread has spent what the child's start-up costs (``_writer.HANDOVER_CPU_S``).
+(at lower priority) costs less. Measured in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations

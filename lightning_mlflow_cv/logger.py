@@ -51,7 +51,7 @@ from lightning_mlflow_cv._runs import (
     register_live,
     same_store,
 )
-from lightning_mlflow_cv._writer import HANDOVER_CPU_S, Writer
+from lightning_mlflow_cv._writer import Writer
 from lightning_mlflow_cv.environment import git_commit, hardware_summary
 
 if TYPE_CHECKING:
@@ -229,9 +229,7 @@ class MLflowCVLogger(MLFlowLogger):
             ``None`` / ``"auto"`` (default): chosen for the machine when the writer starts (at fit start): a child
             process when the cores this process may use (``os.sched_getaffinity``) exceed what training keeps
             busy (one core per process on a GPU or other accelerator, ``torch.get_num_threads()`` per process on
-            the CPU), a thread otherwise. The child process is started only once the thread has spent on MLflow
-            what starting it costs (about 1.5 CPU s, some 15,000 points on a SQLite store), so a short fit never
-            pays for it and a long one soon runs MLflow's work outside the training process. ``"process"``: a child process tails the spool, so MLflow's per-point
+            the CPU), a thread otherwise. ``"process"``: a child process tails the spool, so MLflow's per-point
             Python work never holds the training process's GIL and a crashed trainer's spool is still
             delivered; best with a core to spare (e.g. GPU training). ``"thread"``: a low-priority background
             thread; best when training keeps every core busy. :attr:`writer_choice` says what was chosen and
@@ -286,9 +284,9 @@ class MLflowCVLogger(MLFlowLogger):
         if writer not in ("auto", "process", "thread"):
             raise ValueError(
                 f"MLflowCVLogger: `writer` must be one of ('auto', 'process', 'thread') or None, got {writer!r}. "
-                "'auto' (default) runs MLflow's per-point work in a thread, moved to a child process once a fit with "
-                "a core to spare has kept the thread busy for a while; 'process' keeps that work off the training "
-                "process from the start; 'thread' avoids a child process (e.g. where spawning is not allowed)."
+                "'auto' (default) picks a child process when a core is to spare, else a thread; 'process' keeps "
+                "MLflow's per-point work off the training process; 'thread' avoids a child process (e.g. where "
+                "spawning is not allowed)."
             )
         if nested and parent_run_id:
             raise ValueError(
@@ -587,44 +585,15 @@ class MLflowCVLogger(MLFlowLogger):
                     "on_bound": self._on_bound,
                     "already_warned": self.offline,
                 }
-                spool = self._spool
-                assert spool is not None
-                process = self._choose_writer() == "process" and spool.on_disk
-                if process and self._writer_mode == "process":
+                if self._choose_writer() == "process" and self._spool.on_disk:  # type: ignore[union-attr]
                     from lightning_mlflow_cv._writer_proc import ProcessWriter
 
-                    self._writer = ProcessWriter(spool, bound, uri, **common)  # type: ignore[arg-type]
+                    self._writer = ProcessWriter(self._spool, bound, uri, **common)  # type: ignore[arg-type]
                 else:
-                    # chosen, not forced: a thread first, a child process once the store work has cost what
-                    # starting one does (Writer.handover), so a short fit never pays the child's start-up
-                    handover = self._hand_over if process else None
-                    self._writer = Writer(lambda: MlflowClient(uri), spool, bound, uri, handover=handover, **common)  # type: ignore[arg-type]
+                    self._writer = Writer(lambda: MlflowClient(uri), self._spool, bound, uri, **common)  # type: ignore[arg-type]
                 self._writer.start()
                 register_live(self)
             return self._writer
-
-    def _hand_over(self, writer: Writer) -> Any:
-        """Called by the writer thread (see ``Writer.handover``): start a writer process on the same spool from
-        where the thread stopped, make it this logger's writer and return it; ``None`` when it no longer applies."""
-        with self._writer_lock:
-            spool = self._spool
-            if self._writer is not writer or spool is None or not spool.on_disk:
-                return None
-            from lightning_mlflow_cv._writer_proc import ProcessWriter
-
-            successor = ProcessWriter(
-                spool,
-                writer.run_id,
-                self._tracking_uri,
-                flush_interval_s=self._flush_interval_s,
-                request_timeout_s=self._request_timeout_s,
-                on_bound=self._on_bound,
-            )
-            successor.start()
-            self._writer = successor
-            self.writer_choice = f"{self.writer_choice} (handed over)"
-            log.debug("MLflowCVLogger: writer thread handed over to a writer process")
-            return successor
 
     def _choose_writer(self) -> str:
         if self._writer_mode in ("process", "thread"):
@@ -634,10 +603,6 @@ class MLflowCVLogger(MLFlowLogger):
 
         kind, why = choose_writer(machine_from(_trainer_frames.trainer_context().trainer))
         self.writer_choice = f"{kind}: {why}"
-        if kind == "process":
-            self.writer_choice = (
-                f"thread, then process: {why}, once the thread's store work has cost {HANDOVER_CPU_S:g} CPU s"
-            )
         log.debug("MLflowCVLogger: writer %s", self.writer_choice)
         return kind
 
