@@ -36,8 +36,8 @@ class PredictionGridCallback(Callback):
     step, on purpose: MLflow 3.17's image card starts at step 0 and moves to the smallest logged step only when
     the card's images have exactly one step, so images at global steps (the first validation comes after the
     first epoch's training steps) open on "No image logged at this step" (checked in headless Chromium,
-    ``tests/browser_check.py``); at step = epoch the card opens on the first epoch's grid. The grid is laid out wider than tall
-    (:func:`lightning_mlflow_cv._grid.grid_columns`) so the card shows all of it.
+    ``tests/browser_check.py``); at step = epoch the card opens on the first epoch's grid. The grid is laid out
+    wider than tall (:func:`lightning_mlflow_cv._grid.grid_columns`) so the card shows all of it.
 
     **Worst mistakes.** Beside the fixed samples (which are often all right by the last epoch), a second grid
     shows the epoch's worst predictions among the validation batches: ``worst_mistakes=True`` (default) logs

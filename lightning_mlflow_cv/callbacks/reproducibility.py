@@ -53,8 +53,7 @@ class ReproducibilityCallback(Callback):
       ``environment.lightning_version``, ``environment.mlflow_version`` and, on a GPU run only,
       ``environment.cuda_version``, ``environment.cudnn_version``, ``environment.gpu_model``,
       ``environment.num_gpus``: facts about where the run ran, so they do not crowd the params MLflow's UI lists
-      beside every run (see
-      :func:`lightning_mlflow_cv.environment.environment_tags`);
+      beside every run (see :func:`lightning_mlflow_cv.environment.environment_tags`);
     - tags ``git_commit``, ``git_branch``, ``git_dirty``;
     - artifacts ``environment/requirements.txt`` (pip freeze, redacted), ``environment/system.json``
       (OS, CPU, RAM, GPUs with memory and driver) and, when the work tree is dirty,
