@@ -155,15 +155,7 @@ def _child_bare(spec: dict[str, Any]) -> dict[str, Any]:
     for i in range(0, len(points), 1000):
         client.log_batch(run_id, metrics=points[i : i + 1000])
     wall, cpu = time.perf_counter() - t0, _cpu_s(resource) - cpu0
-    # the fixed cost of a child-process writer: starting Python and importing what it needs (mlflow), measured alone
-    children0 = _cpu_children_s(resource)
-    code = "from lightning_mlflow_cv._writer_proc import main; from mlflow import MlflowClient"
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    startup = _cpu_children_s(resource) - children0
-    return {
-        "wall_s": wall, "cpu_s": cpu, "cpu_total_s": cpu, "points": len(points),
-        "log_batch_requests": -(-len(points) // 1000), "writer_startup_cpu_s": startup,
-    }  # fmt: skip
+    return {"wall_s": wall, "cpu_s": cpu, "cpu_total_s": cpu, "points": len(points), "log_batch_requests": -(-len(points) // 1000)}
 
 
 def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -608,18 +600,13 @@ def summarise(results: list[dict[str, Any]], stores: list[str], configs: list[st
                 # training-thread CPU inside the logging call, per point (microseconds)
                 per_point = median_or_none([1e6 * r["log_cpu_s"] / r["log_points"] for r in ok if r.get("log_points")])
                 # store cost: extra CPU (training process + writer process) per 1,000 points over the floor
-                extra = marginal = None
-                startup = median_or_none([r.get("writer_startup_cpu_s") for r in in_mode if r["store"] == store and r["config"] == "bare"])
+                extra = None
                 if config == "bare":
                     extra = median_or_none([1000 * r["cpu_total_s"] / r["points"] for r in ok if r.get("points")])
                 elif config != "none" and floor_cpu_total is not None:
                     extra = median_or_none(
                         [1000 * (r["cpu_total_s"] - floor_cpu_total) / r["found"] for r in ok if r.get("found") and "cpu_total_s" in r]
                     )
-                    if config == "cv_process" or (config == "cv" and any(str(r.get("writer")).startswith("process") for r in ok)):
-                        if extra is not None and startup is not None:
-                            n = median_or_none([r.get("found") for r in ok]) or 1
-                            marginal = extra - 1000 * startup / n
                 out[f"{mode}/{store}/{config}"] = {
                     "mode": mode,
                     "store": store,
@@ -635,8 +622,6 @@ def summarise(results: list[dict[str, Any]], stores: list[str], configs: list[st
                     "rss": median_or_none([r.get("peak_rss_mib") for r in ok]),
                     "log_us_per_point": per_point,
                     "store_cost": extra,
-                    "store_cost_marginal": marginal,
-                    "writer_startup_cpu_s": startup,
                     "log_batch_requests": median_or_none([r.get("log_batch_requests") for r in ok]),
                     "requests": median_or_none([r.get("requests") for r in ok]),
                     "auto_writer": next((r["auto_writer"] for r in ok if r.get("auto_writer")), None),
@@ -680,8 +665,6 @@ def overhead_table(summary: dict[str, dict[str, Any]], stores: list[str], config
                 label += f" = default (`writer=None` picks {s['auto_writer']} here)"
             us = "-" if s["log_us_per_point"] is None else f"{s['log_us_per_point']:.1f}"
             cost = "-" if s["store_cost"] is None else f"{s['store_cost']:.3f}"
-            if s.get("store_cost_marginal") is not None:
-                cost += f" ({s['store_cost_marginal']:.3f} without the writer process's start-up, {s['writer_startup_cpu_s']:.2f} s)"
             lines.append(
                 f"| {store} | {label} | {fmt_s(s['wall'])} | {_x(s['ratio'])} | {_x(s['cpu_ratio'])} | {comp} "
                 f"| {reqs} | {us} | {cost} | {rss} | {fmt_s(s['setup'])} | {runs} |"
@@ -804,16 +787,10 @@ def bar_verdicts(summary: dict[str, dict[str, Any]], outage: list[dict[str, Any]
         if cv and bare and cv["store_cost"] is not None and bare["store_cost"]:
             factor = cv["store_cost"] / bare["store_cost"]
             where = "saturated CPU" if mode == "default" else f"torch on {mode} thread(s)"
-            note = ""
-            if cv.get("store_cost_marginal") is not None:
-                note = (
-                    f"; without the child process's fixed start-up ({cv['writer_startup_cpu_s']:.2f} CPU s per fit, "
-                    f"whatever its length): {cv['store_cost_marginal'] / bare['store_cost']:.2f}x"
-                )
             out.append(
                 f"- {'PASS' if factor <= 1.1 else 'FAIL'}: store cost on SQLite ({where}): MLflowCVLogger ({cv['config']}) "
                 f"{cv['store_cost']:.3f} CPU s per 1,000 points, bare log_batch {bare['store_cost']:.3f}: {factor:.2f}x "
-                f"(target <= 1.1x){note}"
+                f"(target <= 1.1x)"
             )
     return out
 

@@ -11,7 +11,7 @@ to the last one stored) per 1,000 points:
 - ``autolog``: MLflow autolog's ``BatchMetricsLogger.record_metrics`` then ``flush`` (what
   ``mlflow.pytorch.autolog`` calls every step);
 - ``cv_thread`` / ``cv_process``: ``MLflowCVLogger(writer=...)``, then ``finalize`` (``cv_process`` includes
-  starting the writer process: a Python interpreter importing MLflow, a fixed cost per fit).
+  forking the writer process from the measuring process, as the logger does on Linux).
 
 Usage: ``python benchmarks/store_cpu.py [--rounds 3] [--steps 1000,5000] [--readme benchmarks/README_store_cpu.md]``
 (about 3 minutes on the 2-core development machine).
