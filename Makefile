@@ -41,10 +41,11 @@ test-fast: $(STAMP)
 test-compat: $(STAMP)  ## MLflow 2.22 / 2.4 clients and an MLflow 2.22 server (cached venvs; see .ci/compat.sh)
 	PYTHON=$(PYTHON) MAIN_PY=$(PY) TORCH_PIN="$(TORCH_PIN)" bash .ci/compat.sh
 
-bench: $(STAMP)  ## logging overhead + realistic CV fit + store CPU (~30 min on 2 quiet cores, estimate); writes benchmarks/README*.md
+bench: $(STAMP)  ## logging overhead + realistic CV fit + store CPU + writer start (~30 min on 2 quiet cores, estimate); writes benchmarks/README*.md
 	$(PY) benchmarks/logging_overhead.py $(BENCH_ARGS)
 	$(PY) benchmarks/cv_fit_overhead.py $(CV_BENCH_ARGS)
 	$(PY) benchmarks/store_cpu.py
+	$(PY) benchmarks/writer_start.py
 
 bench-quick: $(STAMP)  ## smoke version, prints only
 	$(PY) benchmarks/logging_overhead.py --quick --no-readme $(BENCH_ARGS)
