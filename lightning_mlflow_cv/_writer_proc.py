@@ -8,7 +8,7 @@ writes the ack file.
 
 On Linux the child is forked from the training process, as DataLoader workers are: it inherits the imported MLflow
 client and the store MLflow opened for the run (given connections of its own), so it starts in milliseconds
-instead of the ~2.8 CPU s a fresh interpreter spends importing MLflow and checking the store's schema (measured in
+instead of the ~2-3 CPU s a fresh interpreter spends importing MLflow and checking the store's schema (measured in
 ``benchmarks/README.md``). Memory is shared copy-on-write; the child only touches what delivery needs. Elsewhere,
 or when the fork fails, it is a fresh interpreter running :func:`main`. Either way it talks to the parent over
 two pipes, one JSON object per line:
@@ -254,7 +254,7 @@ class _Forked:
 
 def _fork(cfg: dict[str, Any]) -> _Forked | None:
     """Fork the writer from this process: it inherits the imported MLflow client and the store MLflow already
-    opened for the run, so it starts without the ~2.8 CPU s a fresh interpreter spends importing MLflow and
+    opened for the run, so it starts without the ~2-3 CPU s a fresh interpreter spends importing MLflow and
     checking the store's schema. ``None`` when the fork fails (the caller starts a fresh interpreter instead)."""
     down_r, down_w = os.pipe()  # parent -> child
     up_r, up_w = os.pipe()  # child -> parent
