@@ -252,21 +252,25 @@ class _Forked:
                 pass
 
 
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
 def _fork(cfg: dict[str, Any]) -> _Forked | None:
     """Fork the writer from this process: it inherits the imported MLflow client and the store MLflow already
     opened for the run, so it starts without the ~2-3 CPU s a fresh interpreter spends importing MLflow and
     checking the store's schema. ``None`` when the fork fails (the caller starts a fresh interpreter instead)."""
     down_r, down_w = os.pipe()  # parent -> child
     up_r, up_w = os.pipe()  # child -> parent
-    for stream in (sys.stdout, sys.stderr):  # or text buffered here would be written twice, once by the child
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
+    _flush_std()  # or text buffered here would be written twice, once by the child
     try:
         with warnings.catch_warnings():
             # Python >= 3.12 warns on any fork of a process with threads; the child runs only MLflow's client code
-            # and this module, with connections of its own (see _own_connections), as DataLoader workers do
+            # and this module, with connections of its own (see _own_client), as DataLoader workers do
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
     except OSError:
@@ -278,12 +282,13 @@ def _fork(cfg: dict[str, Any]) -> _Forked | None:
         try:
             os.close(down_w)
             os.close(up_r)
-            _after_fork_in_child(cfg["uri"])
+            _after_fork_in_child()
             _serve(cfg, os.fdopen(down_r, "r"), os.fdopen(up_w, "w", buffering=1))
             code = 0
         except BaseException:  # noqa: BLE001 - reported, then the child exits whatever happened
             traceback.print_exc()
         finally:
+            _flush_std()
             os._exit(code)
     os.close(down_r)
     os.close(up_w)
@@ -293,10 +298,22 @@ def _fork(cfg: dict[str, Any]) -> _Forked | None:
 #: SQL connection pools the parent had open when this writer was forked: kept referenced, never used or closed here
 #: (closing a PostgreSQL connection tells the server to end the session the parent still uses).
 _PARENT_POOLS: list[Any] = []
+_OWN_POOL_IDS: set[int] = set()
 
 
-def _after_fork_in_child(uri: str) -> None:
-    """Make the forked child independent of the parent's state."""
+#: Devices whose descriptors the forked child closes: a training process's GPU (NVIDIA, AMD, DRM render nodes,
+#: Habana/other accelerators). Held open by the child, they would keep the device's memory allocated after the
+#: training process died, until the writer finished its last delivery.
+DEVICE_PREFIXES = ("/dev/nvidia", "/dev/kfd", "/dev/dri/", "/dev/accel", "/dev/hl")
+
+#: The inherited clients' connection pools are replaced at the first client the child builds (see _own_client).
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    """Make the forked child independent of the parent's state (the store's connections: see _own_client)."""
+    global _forked
+    _forked = True
     gc.freeze()  # the parent's objects are never collected (or their finalisers run) here
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's: it then stops us after delivery
@@ -305,20 +322,47 @@ def _after_fork_in_child(uri: str) -> None:
                 signal.signal(sig, signal.SIG_DFL)
     except (ValueError, OSError):
         pass
-    _own_connections(uri)
+    _close_devices()
+    s3 = sys.modules.get("mlflow.store.artifact.s3_artifact_repo")  # boto3 clients cached by time, not by process
+    clear = getattr(getattr(s3, "_cached_get_s3_client", None), "cache_clear", None)
+    if clear is not None:
+        clear()
 
 
-def _own_connections(uri: str) -> None:
-    """Give the store MLflow cached in the parent (inherited here) connections of its own. An SQL store's engine
-    gets a new pool; HTTP needs nothing, as MLflow keys its request sessions by process id (2.4 onwards)."""
+def _close_devices() -> None:
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in fds:
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(DEVICE_PREFIXES):
+                os.close(fd)
+        except OSError:
+            pass
+
+
+def _own_client(uri: str) -> Any:
+    """The Writer's client. In a forked child, the store MLflow cached in the parent (inherited here) first gets
+    connections of its own: an SQL store's engine a new pool (the parent's stays referenced, never used or closed
+    here); HTTP needs nothing, as MLflow keys its request sessions by process id (2.4 onwards). Built by the
+    Writer, so a store that cannot be reached is handled (and retried) as in any writer."""
     from mlflow import MlflowClient
 
-    store = getattr(getattr(MlflowClient(uri), "_tracking_client", None), "store", None)
-    engine = getattr(store, "engine", None)
-    pool = getattr(engine, "pool", None)
-    if pool is not None and hasattr(pool, "recreate"):
-        _PARENT_POOLS.append(pool)
-        engine.pool = pool.recreate()  # type: ignore[union-attr]
+    client = MlflowClient(uri)
+    if _forked:
+        store = getattr(getattr(client, "_tracking_client", None), "store", None)
+        engine = getattr(store, "engine", None)
+        pool = getattr(engine, "pool", None)
+        if pool is not None and hasattr(pool, "recreate") and id(pool) not in _OWN_POOL_IDS:
+            _PARENT_POOLS.append(pool)
+            fresh = pool.recreate()
+            _OWN_POOL_IDS.add(id(fresh))  # the child's own from now on: not replaced again on the next client
+            engine.pool = fresh  # type: ignore[union-attr]
+    return client
 
 
 def main() -> None:
@@ -343,14 +387,12 @@ def _serve(cfg: dict[str, Any], inp: TextIO, out: TextIO) -> None:
             except (OSError, ValueError):  # the parent is gone; keep delivering anyway
                 pass
 
-    from mlflow import MlflowClient
-
     uri = cfg["uri"]
     _journal.COMPACT_BYTES = int(cfg.get("compact_bytes", _journal.COMPACT_BYTES))
     spool = Spool(cfg["dir"], cfg["key"])
     spool.shared = True  # the parent appends to the same file
     writer = Writer(
-        lambda: MlflowClient(uri),
+        lambda: _own_client(uri),
         spool,
         cfg["run_id"],
         uri,
@@ -378,6 +420,7 @@ def _serve(cfg: dict[str, Any], inp: TextIO, out: TextIO) -> None:
             # Everything is delivered and acknowledged, and the parent waits for this exit at the end of its fit:
             # skip the interpreter's teardown (MLflow's exit handlers took ~0.4 s here, on the fit's critical path).
             out.flush()
+            _flush_std()
             os._exit(0)
     # the parent went away without stopping us (crash, SIGKILL): deliver what is on disk, then exit
     writer.stop(_EOF_DRAIN_S)

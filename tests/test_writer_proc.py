@@ -57,7 +57,8 @@ def test_the_fresh_interpreter_writer_delivers_without_loading_torch(tracking_ur
 @pytest.mark.skipif(not _writer_proc.FORK, reason="the writer is forked on Linux only")
 def test_the_forked_writer_shares_the_training_process_memory(tracking_uri, tmp_path):
     """On Linux the writer is a fork of the training process (no second interpreter importing MLflow and checking
-    the store's schema), and what it holds of its own is a fraction of a fresh interpreter's ~170 MB."""
+    the store's schema), and what it holds of its own when it starts is a fraction of a fresh interpreter's
+    ~170 MB (pages the training process rewrites later are the child's too: benchmarks/README.md, session 7)."""
     import torch  # the parent's memory is a training process's
 
     assert torch.ones(1).item() == 1.0
@@ -155,3 +156,47 @@ def test_the_forked_writer_and_training_use_a_postgresql_store_at_once(postgres,
     time.sleep(0.2)
     client.log_metric(run.info.run_id, "parent", -1.0, step=10_000)  # its connection still works after the child
     assert len(client.get_metric_history(writer.run_id, "loss")) == 3000
+
+
+@needs_proc
+@pytest.mark.skipif(not _writer_proc.FORK, reason="the writer is forked on Linux only")
+def test_the_forked_writer_does_not_hold_the_training_processs_gpu(tracking_uri, tmp_path, monkeypatch):
+    """A forked child inherits every open descriptor. Those of a GPU device (/dev/nvidia*, ...) would keep the
+    device's memory allocated after the training process died, until the writer's last delivery: it closes them.
+    (No GPU here: a file stands in for the device.)"""
+    device = tmp_path / "fake-nvidia0"
+    monkeypatch.setattr(_writer_proc, "DEVICE_PREFIXES", (str(tmp_path / "fake-nvidia"),))
+    spool = _spool(tmp_path, tracking_uri, steps=5)
+    with device.open("w") as held:
+        writer = ProcessWriter(spool, None, tracking_uri, flush_interval_s=0.2, request_timeout_s=10.0)
+        writer.start()
+        try:
+            assert writer.flush(60.0)
+            assert writer._proc is not None
+            fd_dir = Path(f"/proc/{writer._proc.pid}/fd")
+            links = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
+            assert str(device) in {os.readlink(f"/proc/self/fd/{held.fileno()}")}
+        finally:
+            writer.stop(30.0)
+            spool.close()
+    assert str(device) not in links, "the writer kept the training process's device open"
+    assert str(tracking_uri.removeprefix("sqlite:///")) in links or any(str(tmp_path) in link for link in links)
+
+
+def test_a_store_unreachable_when_the_writer_starts_is_handled_by_the_writer(tmp_path):
+    """A store that cannot be opened when the writer starts (offline start) is the writer's to retry: the child keeps
+    answering the training process and keeps the points, instead of failing before it reads its first command."""
+    (tmp_path / "a-file").write_text("not a directory")
+    uri = f"sqlite:///{tmp_path / 'a-file' / 'store.db'}"  # can never be created
+    spool = _spool(tmp_path, uri, steps=5)
+    writer = ProcessWriter(spool, None, uri, flush_interval_s=0.2, request_timeout_s=5.0)
+    writer.start()
+    try:
+        reply = writer._wait(writer._send("flush", timeout=2.0), 30.0)
+        assert reply is not None, "the writer process did not answer"
+        assert reply["ok"] is False
+        assert writer.is_alive()
+    finally:
+        writer.stop(5.0)
+        spool.close()
+    assert Spool(tmp_path / "sp", "proc").pending > 0, "the points were not kept"
