@@ -195,6 +195,15 @@ class ProcessWriter:
                 self._proc.stdin.close()
         except OSError:
             pass
+        threading.Thread(target=self._reap, name="MLflowCVLogger-writer-reaper", daemon=True).start()
+
+    def _reap(self) -> None:
+        """Wait for a detached child's exit, so that it does not stay a zombie until the training process ends."""
+        try:
+            if self._proc is not None:
+                self._proc.wait(timeout=_EOF_DRAIN_S + self.request_timeout_s + 10)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
 
     is_process = True
 

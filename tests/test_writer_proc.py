@@ -111,6 +111,9 @@ def test_a_writer_left_by_its_parent_does_not_end_the_parents_run(tracking_uri, 
         writer._proc.stdin.close()  # what the child sees when its parent dies
         assert writer._proc.wait(60.0) == 0
         spool.close()
+        deadline = time.monotonic() + 10
+        while writer.run_id is None and time.monotonic() < deadline:  # the reader thread reads "bound" last
+            time.sleep(0.05)
         client = MlflowClient(tracking_uri)
         assert client.get_run(active.info.run_id).info.status == "RUNNING"
         assert len(client.get_metric_history(writer.run_id, "loss")) == 10
@@ -200,3 +203,20 @@ def test_a_store_unreachable_when_the_writer_starts_is_handled_by_the_writer(tmp
         writer.stop(5.0)
         spool.close()
     assert Spool(tmp_path / "sp", "proc").pending > 0, "the points were not kept"
+
+
+@needs_proc
+def test_a_detached_writer_is_reaped_once_it_has_delivered(tracking_uri, tmp_path):
+    """When the spool moves to memory (a disk failure) the child is detached: it delivers what is on disk and exits
+    while a thread writer takes the rest. Its exit is collected, not left as a zombie until training ends."""
+    spool = _spool(tmp_path, tracking_uri, steps=20)
+    writer = ProcessWriter(spool, None, tracking_uri, flush_interval_s=0.2, request_timeout_s=10.0)
+    writer.start()
+    assert writer.flush(60.0) and writer._proc is not None
+    pid = writer._proc.pid
+    writer.detach()
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    spool.close()
+    assert not Path(f"/proc/{pid}").exists(), "the detached writer process was not reaped"
