@@ -7,6 +7,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -27,6 +29,18 @@ def _spool(tmp_path: Path, tracking_uri: str, steps: int = 50, key: str = "proc"
     return spool
 
 
+@contextmanager
+def _started(spool: Spool, uri: str) -> Iterator[ProcessWriter]:
+    """A started writer process for ``spool``, stopped (and the spool closed) at the end."""
+    writer = ProcessWriter(spool, None, uri, flush_interval_s=0.2, request_timeout_s=10.0)
+    writer.start()
+    try:
+        yield writer
+    finally:
+        writer.stop(30.0)
+        spool.close()
+
+
 def _private_mb(pid: int) -> float:
     """Memory only this process holds (written copy-on-write pages and its own allocations), in MB."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
@@ -39,16 +53,10 @@ def test_the_fresh_interpreter_writer_delivers_without_loading_torch(tracking_ur
     (~650 MB RSS here against ~170 MB for MLflow's client): the child that only sends MLflow requests must not load
     it, directly or through the package's task registry."""
     monkeypatch.setattr(_writer_proc, "FORK", False)
-    spool = _spool(tmp_path, tracking_uri)
-    writer = ProcessWriter(spool, None, tracking_uri, flush_interval_s=0.2, request_timeout_s=10.0)
-    writer.start()
-    try:
+    with _started(_spool(tmp_path, tracking_uri), tracking_uri) as writer:
         assert writer.flush(60.0)
         assert writer._proc is not None
         maps = Path(f"/proc/{writer._proc.pid}/maps").read_text()
-    finally:
-        writer.stop(30.0)
-        spool.close()
     assert "/torch/" not in maps, "the writer process loaded torch"
     assert len(MlflowClient(tracking_uri).get_metric_history(writer.run_id, "loss")) == 50
 
@@ -62,18 +70,12 @@ def test_the_forked_writer_shares_the_training_process_memory(tracking_uri, tmp_
     import torch  # the parent's memory is a training process's
 
     assert torch.ones(1).item() == 1.0
-    spool = _spool(tmp_path, tracking_uri)
-    writer = ProcessWriter(spool, None, tracking_uri, flush_interval_s=0.2, request_timeout_s=10.0)
-    writer.start()
-    try:
+    with _started(_spool(tmp_path, tracking_uri), tracking_uri) as writer:
         assert writer.flush(60.0)
         assert writer._proc is not None
         pid = writer._proc.pid
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         private = _private_mb(pid)
-    finally:
-        writer.stop(30.0)
-        spool.close()
     assert cmdline == Path("/proc/self/cmdline").read_bytes(), "the writer is a fresh interpreter, not a fork"
     assert private < 60, f"the forked writer holds {private:.0f} MB of its own"
     assert len(MlflowClient(tracking_uri).get_metric_history(writer.run_id, "loss")) == 50
@@ -84,17 +86,12 @@ def test_ctrl_c_is_for_the_training_process_the_writer_keeps_delivering(tracking
     """Ctrl+C reaches every process of the terminal's group. The writer ignores it: the training process decides
     when to stop it, after the last points are delivered."""
     spool = _spool(tmp_path, tracking_uri, steps=10)
-    writer = ProcessWriter(spool, None, tracking_uri, flush_interval_s=0.2, request_timeout_s=10.0)
-    writer.start()
-    try:
+    with _started(spool, tracking_uri) as writer:
         assert writer.flush(60.0)
         assert writer._proc is not None
         os.kill(writer._proc.pid, signal.SIGINT)
         spool.append(*({"t": "m", "s": s, "ts": 1_700_000_000_000 + s, "d": {"loss": 0.5}} for s in range(10, 20)))
         assert writer.flush(60.0), "the writer died of Ctrl+C"
-    finally:
-        writer.stop(30.0)
-        spool.close()
     assert len(MlflowClient(tracking_uri).get_metric_history(writer.run_id, "loss")) == 20
 
 
@@ -169,19 +166,12 @@ def test_the_forked_writer_does_not_hold_the_training_processs_gpu(tracking_uri,
     (No GPU here: a file stands in for the device.)"""
     device = tmp_path / "fake-nvidia0"
     monkeypatch.setattr(_writer_proc, "DEVICE_PREFIXES", (str(tmp_path / "fake-nvidia"),))
-    spool = _spool(tmp_path, tracking_uri, steps=5)
-    with device.open("w") as held:
-        writer = ProcessWriter(spool, None, tracking_uri, flush_interval_s=0.2, request_timeout_s=10.0)
-        writer.start()
-        try:
-            assert writer.flush(60.0)
-            assert writer._proc is not None
-            fd_dir = Path(f"/proc/{writer._proc.pid}/fd")
-            links = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
-            assert str(device) in {os.readlink(f"/proc/self/fd/{held.fileno()}")}
-        finally:
-            writer.stop(30.0)
-            spool.close()
+    with device.open("w") as held, _started(_spool(tmp_path, tracking_uri, steps=5), tracking_uri) as writer:
+        assert writer.flush(60.0)
+        assert writer._proc is not None
+        fd_dir = Path(f"/proc/{writer._proc.pid}/fd")
+        links = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
+        assert str(device) in {os.readlink(f"/proc/self/fd/{held.fileno()}")}
     assert str(device) not in links, "the writer kept the training process's device open"
     assert str(tracking_uri.removeprefix("sqlite:///")) in links or any(str(tmp_path) in link for link in links)
 
