@@ -240,7 +240,10 @@ def scan(
                 if client is None:
                     from mlflow import MlflowClient
 
-                    client = MlflowClient(tracking_uri)
+                    from lightning_mlflow_cv import _forkguard
+
+                    with _forkguard.store_call():
+                        client = MlflowClient(tracking_uri)
                 outcome = _deliver_one(client, path, tracking_uri, request_timeout_s)
             except Exception as err:  # noqa: BLE001 - never disturb training
                 if is_retryable(err):
@@ -291,7 +294,10 @@ def _deliver_one(client: Any, path: Path, tracking_uri: str, request_timeout_s: 
         with _http.fail_fast(request_timeout_s):
             if run_id:
                 try:
-                    run = client.get_run(run_id)
+                    from lightning_mlflow_cv import _forkguard
+
+                    with _forkguard.store_call():
+                        run = client.get_run(run_id)
                     deleted = run.info.lifecycle_stage == "deleted"
                 except Exception as err:  # noqa: BLE001
                     if is_retryable(err):

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 import warnings
@@ -24,7 +25,7 @@ from typing import Any
 # torch): the writer process imports this module and nothing heavier than MLflow's client.
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-from lightning_mlflow_cv import _compat, _http, _journal
+from lightning_mlflow_cv import _compat, _forkguard, _http, _journal
 from lightning_mlflow_cv._journal import Spool, metric_points
 from lightning_mlflow_cv._redact import redact_text
 from lightning_mlflow_cv._runs import create_run, set_run_status
@@ -72,11 +73,34 @@ def lower_priority() -> None:
 
 _NON_RETRYABLE = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "RESOURCE_ALREADY_EXISTS"}
 
+#: What an overloaded store says, whatever status code carries it (an MLflow server answers a connection pool
+#: timeout with HTTP 400 BAD_REQUEST): retried, never taken for a rejection of the points.
+TRANSIENT = re.compile(
+    r"QueuePool limit|connection timed out|database is locked|database table is locked|too many (clients|connections)"
+    r"|remaining connection slots|could not connect|connection (refused|reset|aborted)|server closed the connection"
+    r"|timed? ?out|deadlock|could not serialize|lock wait timeout|temporarily unavailable|try again|too many requests"
+    r"|service unavailable|bad gateway|gateway time|OperationalError|DisconnectionError|InterfaceError",
+    re.IGNORECASE,
+)
+
 
 def is_retryable(err: BaseException) -> bool:
-    """Server down, timeout, 5xx, 429, auth errors: retry. A request MLflow rejects as invalid: don't."""
+    """Server down, overloaded (pool exhausted, database locked), timeout, 5xx, 429, auth errors: retry, whatever
+    status code carries it. Only a request MLflow rejects as invalid (a bad value of a point or key) is not.
+
+    Example::
+
+        >>> from mlflow.exceptions import MlflowException
+        >>> from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE
+        >>> is_retryable(MlflowException("QueuePool limit of size 5 overflow 10 reached", error_code=BAD_REQUEST))
+        True
+        >>> is_retryable(MlflowException("Invalid value 'x' for parameter 'step'", error_code=INVALID_PARAMETER_VALUE))
+        False
+    """
     code = getattr(err, "error_code", None)
-    return code not in _NON_RETRYABLE
+    if code not in _NON_RETRYABLE:
+        return True
+    return bool(TRANSIENT.search(str(err)))
 
 
 def describe_failure(err: BaseException) -> str:
@@ -158,7 +182,8 @@ class Deliverer:
     def _timed(self, run_id: str, request: dict[str, Any]) -> None:
         """Send one request; a metric request's duration feeds :attr:`last_request_s` and :attr:`request_s`."""
         start = time.monotonic()
-        self._send(run_id, request)
+        with _forkguard.store_call():
+            self._send(run_id, request)
         if _metrics_only(request) and request["metrics"]:
             took = time.monotonic() - start
             self.last_request_s = took
@@ -176,7 +201,8 @@ class Deliverer:
         if header.get("run_id"):
             self.run_id = header["run_id"]
             return self.run_id
-        self.run_id = create_run(self.client, header)
+        with _forkguard.store_call():
+            self.run_id = create_run(self.client, header)
         self.spool.append({"t": "bind", "run_id": self.run_id})
         return self.run_id
 

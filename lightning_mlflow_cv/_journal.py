@@ -80,8 +80,12 @@ def metric_points(rec: dict[str, Any]) -> list[tuple[str, float]]:
     return list(rec["d"].items())
 
 
-#: Metric records wait in memory at most this long (ms, from the first of them) before they are written ...
+#: Metric records wait in memory at most this long (ms, from the first of them) before they are written, by the
+#: next append or, in a pause, by the spool's commit timer (:meth:`Spool.append_metrics`) ...
 COMMIT_MS = 100
+#: ... which writes them this much earlier (ms), so that a busy training thread delaying the timer by a few GIL
+#: switch intervals still keeps them within :data:`COMMIT_MS`.
+COMMIT_MARGIN_MS = 25
 #: ... or until this many are waiting (see :meth:`Spool.append_metrics`).
 COMMIT_RECORDS = 256
 
@@ -106,9 +110,13 @@ class Spool:
     every training step, are group-committed (:meth:`append_metrics`): they wait in memory until
     :data:`COMMIT_MS` after the first of them or :data:`COMMIT_RECORDS` of them, then go out in one ``write``,
     and anything else appended, read, flushed or closed writes them first, so the order in the file is the order
-    of the calls. A SIGKILL therefore loses at most the last :data:`COMMIT_MS` of metric points (the logger
-    commits when a checkpoint is saved, and a fit resumed from it logs the lost steps again); an exception,
-    Ctrl+C or a normal exit loses nothing.
+    of the calls. When nothing else is logged (validation, a slow loader, any pause), a timer thread writes them
+    when they are due. A SIGKILL therefore loses at most the metric points of the last :data:`COMMIT_MS` of wall
+    time (the logger commits when a checkpoint is saved, and a fit resumed from it logs the lost steps again); an
+    exception, Ctrl+C or a normal exit loses nothing.
+
+    When the file is shared with a writer process (:attr:`shared`), an append never waits for that process's
+    compaction lock: lines that find it taken wait in memory for the next append or the timer.
 
     If the spool directory cannot be written (read-only, disk full), it warns once, naming the
     directory and the fix, and keeps records in memory: training continues and the data is still
@@ -136,6 +144,12 @@ class Spool:
         self._metric_buf: deque[tuple[int, int, dict[str, float]]] = deque()  # see append_metrics
         self._metric_buf_t0 = 0
         self._key_sets: dict[tuple[str, ...], str] = {}  # keys of a metric record -> their JSON list
+        #: Metric points per journal byte of what this process wrote (to tell a user how many points are left).
+        self.points_per_byte = 0.0
+        self._deferred: list[bytes] = []  # encoded lines waiting for the writer process's compaction lock
+        self._kick = threading.Event()  # wakes the commit timer (see _commit_timer)
+        self._timer: threading.Thread | None = None
+        self._closed = False
         #: Bumped when offsets change meaning (switch to memory); acks from an older generation are ignored.
         self.generation = 0
         try:
@@ -179,9 +193,41 @@ class Spool:
         buf = self._metric_buf
         if not buf:
             self._metric_buf_t0 = ts
+            buf.append((step, ts, values))
+            if self._timer is None:
+                self._start_timer()
+            self._kick.set()  # once per group of records: the timer writes them if nothing else does in time
+            return
         buf.append((step, ts, values))
         if ts - self._metric_buf_t0 >= COMMIT_MS or len(buf) >= COMMIT_RECORDS:
             self.commit()
+
+    def _start_timer(self) -> None:
+        with self._lock:
+            if self._timer is None and not self._closed:
+                self._timer = threading.Thread(target=self._commit_timer, name="MLflowCVLogger-commit", daemon=True)
+                self._timer.start()
+
+    def _commit_timer(self) -> None:
+        """Write queued metric records once the first of them is due, when no append came to do it (a pause)."""
+        buf = self._metric_buf
+        while not self._closed:
+            self._kick.wait(1.0)
+            self._kick.clear()
+            while (buf or self._deferred) and not self._closed:
+                try:
+                    first = buf[0][1] / 1000.0 if buf else 0.0
+                except IndexError:  # written by another thread meanwhile
+                    continue
+                delay = first + (COMMIT_MS - COMMIT_MARGIN_MS) / 1000.0 - time.time()
+                if delay > 0:
+                    time.sleep(min(delay, COMMIT_MS / 1000.0))
+                    continue
+                self.commit()
+                if self._deferred:
+                    time.sleep(0.01)  # the compaction lock is taken: try again shortly
+                    with self._lock:
+                        self._append_raw([])
 
     def commit(self) -> None:
         """Write the queued metric records (one ``write``; never raises, as :meth:`append`)."""
@@ -191,6 +237,7 @@ class Spool:
         with self._lock:  # records leave the queue and reach the file in one critical section: order kept
             key_sets = self._key_sets
             lines = []
+            points = 0
             while buf:
                 try:
                     step, ts, values = buf.popleft()
@@ -201,7 +248,9 @@ class Spool:
                 if keys_json is None:
                     keys_json = key_sets[names] = _ENCODE(list(names))
                 lines.append(metric_record(step, ts, keys_json, values.values()))
+                points += len(names)
             if lines:
+                self.points_per_byte = points / max(len(lines[-1]) * len(lines), 1)
                 self._append_raw(lines)
 
     def append_lines(self, lines: list[str]) -> None:
@@ -211,26 +260,41 @@ class Spool:
             self._append_raw(lines)
 
     def _append_raw(self, lines: list[str]) -> None:
-        data = "".join(lines).encode("utf-8")
         with self._lock:
             if self._memory is not None:
+                if self._deferred:
+                    lines = _lines(b"".join(self._deferred)) + list(lines)
+                    self._deferred = []
                 self._memory.extend(lines)
                 self._end += len(lines)
+                return
+            data = "".join(lines).encode("utf-8")
+            if self._deferred:
+                data = b"".join(self._deferred) + data
+            if not data:
                 return
             try:
                 if self.shared:
                     fd = self._fh.fileno()
-                    fcntl.flock(fd, fcntl.LOCK_EX)  # the writer process may be compacting the file
+                    try:  # the writer process may be compacting the file: never wait for it (it may be stopped)
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        self._deferred = [data]
+                        self._kick.set()
+                        return
                     try:
                         self._write(data)
                     finally:
                         fcntl.flock(fd, fcntl.LOCK_UN)
                 else:
                     self._write(data)
+                self._deferred = []
                 self._end += len(data)
             except OSError as err:
-                self._to_memory(err).extend(lines)
-                self._end += len(lines)
+                self._deferred = []
+                new = _lines(data)
+                self._to_memory(err).extend(new)
+                self._end += len(new)
 
     def _write(self, data: bytes) -> None:
         """Write all of ``data`` (a raw file may write less than asked)."""
@@ -276,6 +340,8 @@ class Spool:
     def flush(self) -> None:
         with self._lock:
             self.commit()
+            if self._deferred:
+                self._append_raw([])
             if self._fh is not None and self._memory is None:
                 try:
                     self._fh.flush()
@@ -377,6 +443,22 @@ class Spool:
             with self._lock:
                 self.acked = max(self.acked, _read_int(self.ack_path))
 
+    def adopt(self) -> None:
+        """Take delivery over from a writer process that is gone: its acknowledged offset, and a file it may have
+        left truncated by a compaction cut short (then everything is read again: replays are idempotent)."""
+        if self._memory is not None:
+            return
+        with self._lock:
+            self.acked = _read_int(self.ack_path)
+            try:
+                size = os.path.getsize(self.path)
+            except OSError:
+                return
+            if self.acked > size:
+                self.acked = 0
+                self._end = size
+            self.generation += 1
+
     @property
     def pending(self) -> int:
         """Bytes of journal (UTF-8 JSON lines with their newlines) not yet delivered, on disk and in memory alike."""
@@ -392,6 +474,7 @@ class Spool:
 
     def remove(self) -> None:
         """Delete the journal and its files (after everything was delivered)."""
+        self._stop_timer()
         with self._lock:
             if self._fh is not None:
                 self._fh.close()
@@ -405,12 +488,17 @@ class Spool:
             self._release(unlink=True)
 
     def close(self) -> None:
+        self._stop_timer()
         with self._lock:
             self.flush()
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None
             self._release()
+
+    def _stop_timer(self) -> None:
+        self._closed = True
+        self._kick.set()
 
     def _release(self, unlink: bool = False) -> None:
         from lightning_mlflow_cv import _autosync
@@ -457,6 +545,11 @@ class Spool:
         self._end = len(lines)
         self.generation += 1
         return lines
+
+
+def _lines(data: bytes) -> list[str]:
+    """Encoded journal lines back to the list of lines (each with its newline) the in-memory journal holds."""
+    return [line + "\n" for line in data.decode("utf-8").split("\n")[:-1]]
 
 
 def _read_int(path: Path) -> int:

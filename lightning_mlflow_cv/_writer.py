@@ -10,13 +10,14 @@ process.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from lightning_mlflow_cv import _http
+from lightning_mlflow_cv import _forkguard, _http
 from lightning_mlflow_cv._delivery import Deliverer, concurrency_for, describe_failure, lower_priority, safe_uri
 from lightning_mlflow_cv._journal import Spool
 
@@ -25,6 +26,52 @@ log = logging.getLogger(__name__)
 #: Failed attempts in a row after which a flush (and so ``finalize``) stops waiting for a store that was
 #: reachable when the flush began; the backoff between them is 0.5 s, then 1 s.
 FLUSH_TRIES = 3
+
+#: A flush that takes longer than this shows its progress on the terminal, every :data:`PROGRESS_EVERY_S`.
+PROGRESS_AFTER_S = 3.0
+PROGRESS_EVERY_S = 5.0
+
+
+class Progress:
+    """Progress of a long flush on stderr: points (estimated from the journal's bytes) and bytes left, and the rate.
+
+    Example::
+
+        >>> import tempfile
+        >>> from lightning_mlflow_cv._journal import Spool
+        >>> p = Progress(Spool(tempfile.mkdtemp(), "run"), "sqlite:///mlflow.db")
+        >>> p.update()  # silent until PROGRESS_AFTER_S passed
+    """
+
+    def __init__(self, spool: Spool, uri: str) -> None:
+        self.spool = spool
+        self.uri = uri
+        self.t0 = time.monotonic()
+        self.next = self.t0 + PROGRESS_AFTER_S
+        self.left0 = -1
+
+    def update(self) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + PROGRESS_EVERY_S
+        left = max(self.spool.pending, 0)
+        if self.left0 < 0:
+            self.left0, self.t0 = left, now
+            rate = ""
+        else:
+            per_s = (self.left0 - left) / max(now - self.t0, 1e-9)
+            rate = f", {per_s / 1e6:.2f} MB/s" + (
+                f" (~{per_s * self.spool.points_per_byte:,.0f} points/s)" if per_s else ""
+            )
+        points = left * self.spool.points_per_byte
+        print(
+            f"MLflowCVLogger: delivering to {safe_uri(self.uri)}: {left / 1e6:.2f} MB"
+            + (f" (~{points:,.0f} points)" if points else "")
+            + f" left{rate}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class Writer(threading.Thread):
@@ -74,19 +121,29 @@ class Writer(threading.Thread):
         self.last_error: BaseException | None = None
         self.degraded = already_warned  # the caller already told the user the store is unreachable
         self._deliverer: Deliverer | None = None
+        #: Show a long flush's progress on stderr (the writer process leaves that to the training process).
+        self.report_progress = True
 
     # -- API used by the logger -----------------------------------------------------------------
     def wake(self) -> None:
         self._wake.set()
 
-    def flush(self, timeout: float) -> bool:
-        """Ask for an immediate attempt and wait until everything is delivered or ``timeout`` passes.
+    @property
+    def attempts(self) -> int:
+        """Delivery attempts completed so far (the writer process reports it as its sign of progress)."""
+        return self._attempts
 
-        Returns True when the spool is fully delivered. It does not wait out an outage: when the store was
-        already unreachable it returns after the first failed attempt, and when it fails during this flush
-        (a transient 5xx, a dropped connection) after :data:`FLUSH_TRIES` attempts in a row have failed.
+    def flush(self, timeout: float) -> bool:
+        """Ask for an immediate attempt and wait until everything is delivered, as long as delivery makes progress.
+
+        Returns True when the spool is fully delivered. It waits while the store takes data, however long the
+        backlog, and gives up when nothing was delivered for ``timeout`` seconds (a store that is reachable but
+        stopped taking data). It does not wait out an outage: when the store was already unreachable it returns
+        after the first failed attempt, and when it fails during this flush (a transient 5xx, a dropped
+        connection) after :data:`FLUSH_TRIES` attempts in a row have failed. After :data:`PROGRESS_AFTER_S` it
+        shows what is left and the rate on stderr.
         """
-        deadline = time.monotonic() + timeout
+        progress = Progress(self.spool, self.tracking_uri)
         with self._idle:
             self._draining += 1
             try:
@@ -94,12 +151,20 @@ class Writer(threading.Thread):
                 tries = 1 if self.degraded else FLUSH_TRIES
                 self._next_try = 0.0
                 self._wake.set()
-                while time.monotonic() < deadline and self.is_alive():
+                acked, since = self.spool.acked, time.monotonic()
+                while self.is_alive():
+                    now = time.monotonic()
+                    if self.spool.acked != acked:
+                        acked, since = self.spool.acked, now
+                    elif now - since >= timeout:
+                        break
                     if self.spool.pending <= 0 and self._attempts > start:
                         return True
                     if self._attempts > start and self.degraded and self._failures >= tries:
                         return False
-                    self._idle.wait(min(0.05, max(deadline - time.monotonic(), 0)))
+                    if self.report_progress:
+                        progress.update()
+                    self._idle.wait(min(0.05, max(timeout - (now - since), 0)))
             finally:
                 self._draining -= 1
         return self.spool.pending <= 0
@@ -139,9 +204,9 @@ class Writer(threading.Thread):
     def _attempt(self) -> None:
         try:
             if self._deliverer is None:
-                self._deliverer = Deliverer(
-                    self._client_factory(), self.spool, self._run_id, concurrency_for(self.tracking_uri)
-                )
+                with _forkguard.store_call():
+                    client = self._client_factory()
+                self._deliverer = Deliverer(client, self.spool, self._run_id, concurrency_for(self.tracking_uri))
             drain = self._draining > 0 or self._stop_event.is_set()
             with _http.fail_fast(self.request_timeout_s):
                 self._deliverer.deliver(self.spool.acked, drain=drain, hold_s=self.flush_interval_s)

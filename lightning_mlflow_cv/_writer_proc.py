@@ -14,11 +14,22 @@ or when the fork fails, it is a fresh interpreter running :func:`main`. Either w
 two pipes, one JSON object per line:
 
 - parent -> child: ``{"op": "wake"}``, ``{"op": "flush", "seq": n, "timeout": s}``, ``{"op": "stop", "seq": n, "timeout": s}``
-- child -> parent: ``{"event": "warning", "message": ...}``, ``{"event": "bound", "run_id": ...}``,
+- child -> parent: ``{"event": "ready"}`` (the store is open), ``{"event": "beat", "attempts": n, "acked": n}``
+  (every :data:`BEAT_S`), ``{"event": "warning", "message": ...}``, ``{"event": "bound", "run_id": ...}``,
   ``{"event": "flushed" | "stopped", "seq": n, "ok": bool, "acked": int, "degraded": bool, "run_id": ...}``
 
-If the parent dies (even by SIGKILL), the child sees EOF on stdin, makes a last delivery attempt of what is
-on disk, and exits: nothing already spooled waits for a resume to be delivered.
+The child is never trusted blindly (DESIGN: training never waits on tracking). A child forked beside a thread that
+was using the store can inherit a lock held by that thread (SQLite's process-wide mutex) and hang at its first
+connection: it must open the store and say ``ready`` within :data:`FORK_READY_S` (:data:`SPAWN_READY_S` for a fresh
+interpreter). A child that stops beating for :data:`STALL_S` (stopped by SIGSTOP, a debugger, a paused container)
+or whose writer makes no progress while data waits is declared failed too. A failed child is killed and
+:attr:`ProcessWriter.failure` says why; the logger then replaces it with the thread writer, which delivers from the
+spool's last acknowledged point. The command pipe is non-blocking: a wake-up that does not fit is dropped (the child
+polls anyway), a command that does not fit fails the child; the training thread never waits on it.
+
+The child ignores SIGINT and SIGTERM (a scheduler cancelling a job signals the whole process group): the training
+process stops it after the last delivery. If the parent dies (even by SIGKILL), the child sees EOF on stdin,
+makes a last delivery attempt of what is on disk, and exits: nothing already spooled waits for a resume.
 """
 
 from __future__ import annotations
@@ -37,11 +48,21 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from lightning_mlflow_cv import _journal
+from lightning_mlflow_cv import _forkguard, _journal
 from lightning_mlflow_cv._journal import Spool
-from lightning_mlflow_cv._writer import Writer
+from lightning_mlflow_cv._writer import Progress, Writer
 
 _EOF_DRAIN_S = 30.0
+
+#: Seconds a forked child has to open the store and say ``ready`` (it takes ~0.05 s; a hang is a lock inherited
+#: through ``fork``) ...
+FORK_READY_S = 3.0
+#: ... and a fresh interpreter (importing MLflow takes 2-3 CPU s).
+SPAWN_READY_S = 60.0
+#: The child says it is alive this often ...
+BEAT_S = 0.5
+#: ... and is declared stopped or hung when nothing came from it for this long.
+STALL_S = 5.0
 
 #: Start the writer by forking the training process (Linux). Elsewhere a fresh interpreter: macOS's system
 #: frameworks are not fork-safe, and Windows has no fork.
@@ -76,6 +97,7 @@ class ProcessWriter:
         self._run_id = run_id
         self.tracking_uri = tracking_uri
         self.request_timeout_s = request_timeout_s
+        self._flush_interval_s = flush_interval_s
         self.degraded = already_warned
         self._on_bound = on_bound
         self._cfg = {
@@ -96,10 +118,27 @@ class ProcessWriter:
         self._send_lock = threading.Lock()
         self._alive = False
         self._next_poll = 0.0
+        self._fd = -1  # the command pipe's (non-blocking) write end
+        self._failure: str | None = None
+        self._stopping = False
+        self._ready = False
+        self._ready_bound = FORK_READY_S
+        self._started = self._last_beat = self._last_progress = time.monotonic()
+        self._attempts = -1
+        self._acked = -1
+
+    @property
+    def failure(self) -> str | None:
+        """Why the child was given up (``None`` while it works or after a clean stop): the logger replaces it."""
+        if self._failure is None and not self._stopping and self._proc is not None and self._proc.poll() is not None:
+            return f"exited unexpectedly (exit status {self._proc.returncode})"
+        return self._failure
 
     def start(self) -> None:
+        self._started = self._last_beat = self._last_progress = time.monotonic()
         self._proc = _fork(self._cfg) if FORK else None
-        if self._proc is None:  # not Linux, or the fork failed (out of memory or processes)
+        if self._proc is None:
+            self._ready_bound = SPAWN_READY_S  # not Linux, or the fork failed (out of memory or processes)
             pkg_parent = str(Path(__file__).resolve().parents[1])
             env = os.environ.copy()
             env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -116,13 +155,25 @@ class ProcessWriter:
                 bufsize=1,
                 env=env,
             )
+        assert self._proc.stdin is not None
+        self._fd = self._proc.stdin.fileno()
+        os.set_blocking(self._fd, False)  # the training thread never waits on a child that stopped reading
         threading.Thread(target=self._read, name="MLflowCVLogger-writer-reader", daemon=True).start()
+        threading.Thread(target=self._watch, name="MLflowCVLogger-writer-watchdog", daemon=True).start()
 
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for msg in _messages(self._proc.stdout):
             ev = msg.get("event")
-            if ev == "warning":
+            if ev == "beat":
+                now = time.monotonic()
+                self._last_beat = now
+                if msg["attempts"] != self._attempts or msg["acked"] != self._acked:
+                    self._attempts, self._acked, self._last_progress = msg["attempts"], msg["acked"], now
+            elif ev == "ready":
+                self._ready = True
+                self._last_beat = self._last_progress = time.monotonic()
+            elif ev == "warning":
                 self.degraded = True
                 warnings.warn(msg["message"], RuntimeWarning, stacklevel=1)
             elif ev == "recovered":
@@ -140,29 +191,75 @@ class ProcessWriter:
             self._dead = True
             self._cv.notify_all()
 
+    def _watch(self) -> None:
+        """Give the child up when it did not open the store in time, stopped beating, or stopped making progress
+        while data waits (see the module docstring)."""
+        progress_s = 2 * self.request_timeout_s + self._flush_interval_s + STALL_S
+        while not self._dead and not self._stopping:
+            time.sleep(0.1)
+            now = time.monotonic()
+            if not self._ready:
+                if now - self._started > self._ready_bound:
+                    self._fail(
+                        f"did not open the tracking store within {self._ready_bound:.0f} s of starting (a process "
+                        "forked beside a thread that was using the store can inherit that thread's lock)"
+                    )
+            elif now - self._last_beat > STALL_S:
+                self._fail(
+                    f"stopped responding for {now - self._last_beat:.1f} s (stopped by SIGSTOP, a debugger or a "
+                    "paused container, or hung)"
+                )
+            elif now - self._last_progress > progress_s and self.spool.pending > 0:
+                self._fail(f"made no delivery progress for {now - self._last_progress:.0f} s while data waited")
+
+    def _fail(self, reason: str) -> None:
+        """Give the child up: kill it (a stopped or hung one too) and let waiters go."""
+        with self._cv:
+            if self._failure is not None or self._stopping:
+                return
+            self._failure = reason
+            self._dead = True
+            self._cv.notify_all()
+        if self._proc is not None:
+            self._proc.kill()
+
     def _send(self, op: str, **kw: Any) -> int | None:
         self.spool.commit()  # metric records queued in memory reach the file before the child is told to read it
         with self._send_lock:
+            if self._dead:
+                return None
             self._seq += 1
             seq = self._seq
+            data = (json.dumps({"op": op, "seq": seq, **kw}) + "\n").encode("utf-8")
             try:
-                assert self._proc is not None and self._proc.stdin is not None
-                self._proc.stdin.write(json.dumps({"op": op, "seq": seq, **kw}) + "\n")
-                self._proc.stdin.flush()
-            except (OSError, ValueError, AssertionError):
+                os.write(self._fd, data)  # < PIPE_BUF bytes: all or nothing
+            except BlockingIOError:
+                if op == "wake":
+                    return None  # the child polls the spool anyway
+            except (OSError, ValueError):
                 return None
-            return seq
+            else:
+                return seq
+        # a command that must arrive does not fit: the child stopped reading (failing it takes the send lock)
+        self._fail("stopped reading its command pipe (the pipe is full)")
+        return None
 
     def _wait(self, seq: int | None, timeout: float) -> dict[str, Any] | None:
+        """The child's reply to ``seq``; ``None`` when it died, or when nothing was delivered for ``timeout``
+        seconds (plus a request's time for the reply). Shows progress on the terminal while it takes long."""
         if seq is None:
             return None
-        deadline = time.monotonic() + timeout
+        idle = timeout + self.request_timeout_s + 5
+        since = time.monotonic()
+        progress = Progress(self.spool, self.tracking_uri)
         with self._cv:
             while seq not in self._replies and not self._dead:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if now - max(since, self._last_progress) > idle:
                     return None
-                self._cv.wait(left)
+                self._cv.wait(0.25)
+                self.spool.refresh_ack()
+                progress.update()
             return self._replies.pop(seq, None)
 
     def wake(self) -> None:
@@ -173,12 +270,13 @@ class ProcessWriter:
         return bool(reply and reply["ok"])
 
     def stop(self, timeout: float) -> bool:
-        reply = self._wait(self._send("stop", timeout=timeout), timeout + self.request_timeout_s + 10)
+        reply = self._wait(self._send("stop", timeout=timeout), timeout)
+        self._stopping = True
         if self._proc is not None:
             try:
                 if self._proc.stdin is not None:
                     self._proc.stdin.close()
-                self._proc.wait(timeout=self.request_timeout_s + 5)
+                self._proc.wait(timeout=0 if self._failure or reply is None else self.request_timeout_s + 5)
             except (OSError, subprocess.TimeoutExpired):
                 self._proc.kill()
         self.spool.refresh_ack()
@@ -190,6 +288,7 @@ class ProcessWriter:
         """Tell the child to deliver what is on disk and exit, without waiting (used when the spool moved
         to memory, where a thread writer takes over)."""
         self._send("stop", timeout=_EOF_DRAIN_S)
+        self._stopping = True
         try:
             if self._proc is not None and self._proc.stdin is not None:
                 self._proc.stdin.close()
@@ -281,7 +380,8 @@ def _fork(cfg: dict[str, Any]) -> _Forked | None:
             # Python >= 3.12 warns on any fork of a process with threads; the child runs only MLflow's client code
             # and this module, with connections of its own (see _own_client), as DataLoader workers do
             warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
+            with _forkguard.quiet():  # none of the package's own threads is inside a store call
+                pid = os.fork()
     except OSError:
         for fd in (down_r, down_w, up_r, up_w):
             os.close(fd)
@@ -325,8 +425,10 @@ def _after_fork_in_child() -> None:
     _forked = True
     gc.freeze()  # the parent's objects are never collected (or their finalisers run) here
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's: it then stops us after delivery
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        # Ctrl+C and a scheduler's SIGTERM to the process group are the parent's: it then stops us after delivery
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             if callable(signal.getsignal(sig)):  # e.g. Lightning's SLURM handlers, meant for the training process
                 signal.signal(sig, signal.SIG_DFL)
     except (ValueError, OSError):
@@ -374,11 +476,24 @@ def _own_client(uri: str) -> Any:
     return client
 
 
+def _open_store(uri: str) -> Any:
+    """The Writer's first client, with a connection of an SQL store opened and used once."""
+    client = _own_client(uri)
+    engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
+    if engine is not None:
+        import sqlalchemy
+
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    return client
+
+
 def main() -> None:
     """Child entry point of a fresh interpreter (where the writer is not forked): deliver the spool until told to
     stop (or until the parent goes away)."""
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's: it then stops us after delivery
+    try:  # Ctrl+C and a scheduler's SIGTERM to the process group are the parent's: it stops us after delivery
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except (ValueError, OSError):
         pass
     _serve(json.loads(sys.argv[1]), sys.stdin, sys.stdout)
@@ -400,8 +515,18 @@ def _serve(cfg: dict[str, Any], inp: TextIO, out: TextIO) -> None:
     _journal.COMPACT_BYTES = int(cfg.get("compact_bytes", _journal.COMPACT_BYTES))
     spool = Spool(cfg["dir"], cfg["key"])
     spool.shared = True  # the parent appends to the same file
+    opened: list[Any] = []
+    try:  # prove the store opens here (a lock inherited through fork hangs this): the parent waits for "ready"
+        opened.append(_open_store(uri))
+    except Exception:  # noqa: BLE001 - unreachable or refused: the writer reports and retries it as usual
+        pass
+    emit(event="ready")
+
+    def client() -> Any:
+        return opened.pop() if opened else _own_client(uri)
+
     writer = Writer(
-        lambda: _own_client(uri),
+        client,
         spool,
         cfg["run_id"],
         uri,
@@ -412,7 +537,15 @@ def _serve(cfg: dict[str, Any], inp: TextIO, out: TextIO) -> None:
         on_warning=lambda message: emit(event="warning", message=message),
         on_recovered=lambda: emit(event="recovered"),
     )
+    writer.report_progress = False  # the parent shows it
     writer.start()
+
+    def beat() -> None:
+        while True:
+            time.sleep(BEAT_S)
+            emit(event="beat", attempts=writer.attempts, acked=spool.acked)
+
+    threading.Thread(target=beat, name="MLflowCVLogger-writer-beat", daemon=True).start()
 
     def reply(event: str, seq: int, ok: bool) -> None:
         emit(event=event, seq=seq, ok=ok, acked=spool.acked, degraded=writer.degraded, run_id=writer.run_id)

@@ -224,7 +224,9 @@ class MLflowCVLogger(MLFlowLogger):
         spool_dir: Where undelivered data is kept; default ``$LIGHTNING_MLFLOW_CV_SPOOL_DIR`` or
             ``~/.cache/lightning_mlflow_cv/spool``.
         request_timeout_s: Per-request timeout of the background writer (no retries inside one attempt).
-        finalize_timeout_s: How long :meth:`finalize` waits for a reachable store to take the backlog.
+        finalize_timeout_s: How long :meth:`finalize` (and :meth:`flush`) wait with nothing delivered before giving
+            up: they wait as long as the store keeps taking data, however large the backlog, and show progress
+            on stderr when that takes more than a few seconds.
         writer: Where MLflow's per-point work runs (env ``LIGHTNING_MLFLOW_CV_WRITER`` when not given).
             ``None`` / ``"auto"`` (default): chosen for the machine when the writer starts (at fit start): a child
             process when the cores this process may use (``os.sched_getaffinity``) exceed what training keeps
@@ -373,6 +375,7 @@ class MLflowCVLogger(MLFlowLogger):
         self._finalize_timeout_s = float(finalize_timeout_s)
         self._spool: Spool | None = None
         self._writer: Any = None  # Writer (thread) or ProcessWriter
+        self._process_failure: str | None = None  # why the writer process was given up (then: threads only)
         self._writer_lock = threading.Lock()
         self._params: dict[str, str] = {}
         self._whole_params: dict[str, str] = {}
@@ -577,6 +580,7 @@ class MLflowCVLogger(MLFlowLogger):
             if self._writer is None or not self._writer.is_alive():
                 from mlflow import MlflowClient
 
+                self._give_up_process_writer()
                 uri = self._tracking_uri
                 bound = self._run_id if not (self._run_id or "").startswith("offline-") else None
                 common = {
@@ -595,7 +599,29 @@ class MLflowCVLogger(MLFlowLogger):
                 register_live(self)
             return self._writer
 
+    def _give_up_process_writer(self) -> None:
+        """A writer process that failed (did not open the store, stopped, hung, died) is replaced by the thread
+        writer for the rest of this logger's life, with one warning saying why; nothing is lost, as the thread
+        delivers from the spool's last acknowledged point."""
+        failure = getattr(self._writer, "failure", None)
+        if not failure or self._process_failure:
+            return
+        self._process_failure = failure
+        if self._spool is not None:
+            self._spool.adopt()
+        self._writer = None
+        warnings.warn(
+            f"MLflowCVLogger: the writer process {failure}; it was stopped and a writer thread in the training "
+            "process delivers from now on, from the last point the store acknowledged (nothing is lost). "
+            "To skip the process from the start, pass writer='thread' (or LIGHTNING_MLFLOW_CV_WRITER=thread).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
     def _choose_writer(self) -> str:
+        if self._process_failure:
+            self.writer_choice = f"thread: the writer process {self._process_failure}"
+            return "thread"
         if self._writer_mode in ("process", "thread"):
             self.writer_choice = f"{self._writer_mode}: writer={self._writer_mode!r}"
             return self._writer_mode
@@ -682,6 +708,13 @@ class MLflowCVLogger(MLFlowLogger):
         if writer is None or self._spool is None:
             return
         delivered = writer.stop(self._finalize_timeout_s if not writer.degraded else self._request_timeout_s)
+        if not delivered and getattr(writer, "failure", None):
+            # the writer process died or was given up (e.g. killed with the process group): deliver the rest from
+            # here, within the same bound
+            with self._writer_lock:
+                self._give_up_process_writer()
+            writer = self._ensure_writer()
+            delivered = writer.stop(self._finalize_timeout_s if not writer.degraded else self._request_timeout_s)
         self._writer = None
         spool, self._spool = self._spool, None
         if delivered and writer.run_id:
@@ -690,10 +723,16 @@ class MLflowCVLogger(MLFlowLogger):
         else:
             spool.close()
             self.last_spool_path = spool.path
+            if writer.degraded:
+                why = "the store is unreachable"
+            else:
+                why = (
+                    f"the store is reachable but accepted nothing for {self._finalize_timeout_s:g} s (slow or stalled)"
+                )
             msg = (
-                f"MLflowCVLogger: {spool.pending} bytes of logged data could not be delivered to "
-                f"{safe_uri(self._tracking_uri)} and are kept in {spool.path}. Nothing is lost: when the store "
-                f"is reachable, run: lightning-mlflow-cv sync {spool.path}"
+                f"MLflowCVLogger: {spool.pending} bytes of logged data were not delivered to "
+                f"{safe_uri(self._tracking_uri)}: {why}. They are kept in {spool.path}; nothing is lost. "
+                f"Finish the job with: lightning-mlflow-cv sync {spool.path}"
             )
             print(msg, file=sys.stderr)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
