@@ -170,6 +170,8 @@ class ProcessWriter:
                 self._last_beat = now
                 if msg["attempts"] != self._attempts or msg["acked"] != self._acked:
                     self._attempts, self._acked, self._last_progress = msg["attempts"], msg["acked"], now
+            elif ev == "unfit":
+                self._fail(msg["reason"])
             elif ev == "ready":
                 self._ready = True
                 self._last_beat = self._last_progress = time.monotonic()
@@ -476,8 +478,22 @@ def _own_client(uri: str) -> Any:
     return client
 
 
+class _Unfit(Exception):
+    """This process cannot write to the store (a lock inherited through fork that nothing here will release)."""
+
+
+#: How long the SQLite probe waits for another process's write lock to go before it calls the child unfit.
+PROBE_BUSY_MS = 2000
+
+
 def _open_store(uri: str) -> Any:
-    """The Writer's first client, with a connection of an SQL store opened and used once."""
+    """The Writer's first client, with a connection of an SQL store opened and used once.
+
+    On SQLite it also takes the write lock once (``BEGIN EXCLUSIVE``, then rolls back): SQLite tracks the locks of
+    a process's connections in process memory, and a child forked while another thread's connection held one
+    inherits it, held by a connection that no longer exists there, so every write would wait for it forever
+    ("database is locked"). Such a child raises :class:`_Unfit`; a lock another process holds goes within
+    :data:`PROBE_BUSY_MS`."""
     client = _own_client(uri)
     engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
     if engine is not None:
@@ -485,6 +501,16 @@ def _open_store(uri: str) -> Any:
 
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT 1"))
+            if engine.dialect.name == "sqlite":
+                try:
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout = {PROBE_BUSY_MS}")
+                    conn.exec_driver_sql("BEGIN EXCLUSIVE")
+                    conn.exec_driver_sql("ROLLBACK")
+                except sqlalchemy.exc.OperationalError as err:
+                    raise _Unfit(
+                        f"could not take the SQLite store's write lock within {PROBE_BUSY_MS / 1000:g} s ({err.orig}; "
+                        "a process forked beside a thread that was using the store inherits that thread's locks)"
+                    ) from err
     return client
 
 
@@ -518,6 +544,9 @@ def _serve(cfg: dict[str, Any], inp: TextIO, out: TextIO) -> None:
     opened: list[Any] = []
     try:  # prove the store opens here (a lock inherited through fork hangs this): the parent waits for "ready"
         opened.append(_open_store(uri))
+    except _Unfit as err:
+        emit(event="unfit", reason=str(err))
+        return
     except Exception:  # noqa: BLE001 - unreachable or refused: the writer reports and retries it as usual
         pass
     emit(event="ready")

@@ -708,13 +708,18 @@ class MLflowCVLogger(MLFlowLogger):
         if writer is None or self._spool is None:
             return
         delivered = writer.stop(self._finalize_timeout_s if not writer.degraded else self._request_timeout_s)
-        if not delivered and getattr(writer, "failure", None):
-            # the writer process died or was given up (e.g. killed with the process group): deliver the rest from
-            # here, within the same bound
+        if not delivered and getattr(writer, "is_process", False):
+            # The writer process is gone (died, given up, or killed with the process group) or delivered nothing
+            # for the timeout: the training process tries the rest itself, once, within a request's time when the
+            # process was making no progress.
+            failed = getattr(writer, "failure", None)
             with self._writer_lock:
                 self._give_up_process_writer()
+                if self._spool is not None:
+                    self._spool.adopt()
+                self._writer = None
             writer = self._ensure_writer()
-            delivered = writer.stop(self._finalize_timeout_s if not writer.degraded else self._request_timeout_s)
+            delivered = writer.stop(self._finalize_timeout_s if failed else self._request_timeout_s)
         self._writer = None
         spool, self._spool = self._spool, None
         if delivered and writer.run_id:
