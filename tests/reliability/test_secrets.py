@@ -83,8 +83,18 @@ class _SpoolSnapshot(Callback):
 class _NeutralNames(TinyModel):
     """Credentials under hyperparameter names that say nothing about them."""
 
-    def __init__(self, storage: dict, hub: str, notify: str, header: str, session: str, repo_auth: str,
-                 dataset_sha256: str, run_ref: str, checksum: str) -> None:
+    def __init__(
+        self,
+        storage: dict,
+        hub: str,
+        notify: str,
+        header: str,
+        session: str,
+        repo_auth: str,
+        dataset_sha256: str,
+        run_ref: str,
+        checksum: str,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
 
@@ -108,9 +118,7 @@ def test_credentials_by_shape_never_reach_the_store_or_the_spool(tmp_path, track
     monkeypatch.setattr(sys, "argv", ["fit.py", "--password", argv_pw, "--hf-token", argv_hf, "--lr", "0.05"])
     sha = make_git_repo(tmp_path)
     diff_token, diff_key = fake.github_token(seed=51), fake.pem_private_key(seed=52)
-    (tmp_path / "train.py").write_text(
-        f"HEADERS = {{'X-Api': '{diff_token}'}}\nKEY = '''\n{diff_key}\n'''\n"
-    )
+    (tmp_path / "train.py").write_text(f"HEADERS = {{'X-Api': '{diff_token}'}}\nKEY = '''\n{diff_key}\n'''\n")
     aws_id, aws_secret = fake.aws_key_id(), fake.aws_secret_key()
     hparams = {
         "storage": {"bucket": "s3://team-data/digits", "key_id": aws_id, "key": aws_secret},
@@ -155,7 +163,9 @@ def test_credentials_by_shape_never_reach_the_store_or_the_spool(tmp_path, track
     params, tags = json.loads(found["params"]), json.loads(found["tags"])
     assert params["dataset_sha256"] == keep["dataset_sha256"] and params["run_ref"] == keep["run_ref"]
     assert params["checksum"] == keep["checksum"] and tags["git_commit"] == sha
-    assert params["storage/bucket"] == "s3://team-data/digits" and params["header"] == "Authorization: Bearer " + REDACTED
+    assert (
+        params["storage/bucket"] == "s3://team-data/digits" and params["header"] == "Authorization: Bearer " + REDACTED
+    )
     system = json.loads(found["artifact:environment/system.json"])
     assert system["argv"] == ["fit.py", "--password", REDACTED, "--hf-token", REDACTED, "--lr", "0.05"]
     assert "HEADERS" in found["artifact:environment/git_diff.patch"]
