@@ -169,3 +169,29 @@ def test_credentials_by_shape_never_reach_the_store_or_the_spool(tmp_path, track
     system = json.loads(found["artifact:environment/system.json"])
     assert system["argv"] == ["fit.py", "--password", REDACTED, "--hf-token", REDACTED, "--lr", "0.05"]
     assert "HEADERS" in found["artifact:environment/git_diff.patch"]
+
+
+class _Holder:
+    """An object whose text (what MLflow stores for a param or tag that is not a string) holds a credential."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def __str__(self) -> str:
+        return f"Holder(auth={self.secret!r})"
+
+
+def test_log_text_and_non_string_params_and_tags_are_redacted_by_shape(tmp_path, tracking_uri):
+    token, key = fake.hf_token(seed=60), fake.github_token(seed=61)
+    logger = MLflowCVLogger(experiment_name="shapes", tracking_uri=tracking_uri)
+    logger.log_text(f"pulled with {token}\n", "notes/run.txt")
+    logger.log_hyperparams({"hub": _Holder(token), "lr": 0.1})
+    logger.set_tags({"deploy": _Holder(key), "mlflow.note.content": f"# Run\nrepo `{key}`"})
+    logger.finalize("success")
+    found = _all_text(MlflowClient(tracking_uri), logger.run_id, tmp_path / "dl", tmp_path / "none")
+    assert "artifact:notes/run.txt" in found, sorted(found)
+    for where, text in found.items():
+        assert token not in text and key not in text, where
+    params, tags = json.loads(found["params"]), json.loads(found["tags"])
+    assert params["lr"] == "0.1" and params["hub"] == f"Holder(auth='{REDACTED}')"
+    assert tags["mlflow.note.content"] == f"# Run\nrepo `{REDACTED}`"
