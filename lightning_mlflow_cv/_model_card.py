@@ -10,6 +10,7 @@ import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lightning_mlflow_cv._redact import redact_text
 from lightning_mlflow_cv.environment import framework_versions
 
 #: Sections of ``model_card=`` with a fixed place in the card; any other key becomes an extra section.
@@ -89,7 +90,8 @@ def model_card_markdown(
     extra: Mapping[str, str] | None = None,
     versions: Mapping[str, str] | None = None,
 ) -> str:
-    """The ``MODEL_CARD.md`` text (pure: everything comes in as arguments).
+    """The ``MODEL_CARD.md`` text (pure: everything comes in as arguments), secrets redacted (the user's own
+    sections are free text).
 
     Args:
         model_name: Registered model name.
@@ -155,4 +157,4 @@ def model_card_markdown(
     lines += [f"- {k}: {v}" for k, v in (versions or framework_versions()).items()]
     for title, text in (extra or {}).items():
         lines += ["", f"## {title}", "", str(text)]
-    return "\n".join(lines) + "\n"
+    return redact_text("\n".join(lines) + "\n")

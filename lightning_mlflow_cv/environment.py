@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_mlflow_cv._redact import redact, redact_text
+from lightning_mlflow_cv._redact import redact, redact_argv, redact_text
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -394,7 +394,7 @@ def system_info() -> dict[str, Any]:
             "implementation": platform.python_implementation(),
             "executable": sys.executable,
         },
-        "argv": [redact_text(a) for a in sys.argv],
+        "argv": redact_argv(sys.argv),
         "environment": env,
     }
     return redact(info)

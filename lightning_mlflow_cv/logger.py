@@ -40,7 +40,7 @@ from lightning_mlflow_cv._keys import (
     split_long_params,
     validate_tags,
 )
-from lightning_mlflow_cv._redact import redact
+from lightning_mlflow_cv._redact import redact, redact_text
 from lightning_mlflow_cv._runs import (
     ACTIVE_STAGE,
     DEFAULT_TRACKING_DB,  # noqa: F401 - kept importable from here
@@ -845,7 +845,8 @@ class MLflowCVLogger(MLFlowLogger):
         """
         flat = _flatten_dict(_convert_params(params))
         flat = flatten(redact(flat))
-        values = {self._key(k): param_value(v) for k, v in flat.items()}
+        # a value that is not a string (an object, a number) is checked again once it is the text MLflow stores
+        values = {self._key(k): v if isinstance(v, str) else redact_text(param_value(v)) for k, v in flat.items()}
         self.log_params_dict(values)
         if self._synchronous:
             self.flush(self._finalize_timeout_s)
@@ -881,7 +882,10 @@ class MLflowCVLogger(MLFlowLogger):
         from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH
 
         spool = self._spool_ready()
-        clean = {self._key(k, "tag"): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in redact(dict(tags)).items()}
+        clean = {
+            self._key(k, "tag"): (v if isinstance(v, str) else redact_text(str(v)))[:MAX_TAG_VAL_LENGTH]
+            for k, v in redact(dict(tags)).items()
+        }
         if clean:
             spool.append({"t": "tag", "d": clean})
 
@@ -944,7 +948,9 @@ class MLflowCVLogger(MLFlowLogger):
 
     @rank_zero_only
     def log_text(self, text: str, artifact_file: str) -> None:
-        """Log ``text`` as the artifact ``artifact_file``."""
+        """Log ``text`` (secrets redacted: credential shapes, ``user:pass@`` in URLs, ``secret=value`` pairs) as the
+        artifact ``artifact_file``."""
+        text = redact_text(text)
         self._log_file(artifact_file, lambda path: path.write_text(text, encoding="utf-8"))
 
     @rank_zero_only

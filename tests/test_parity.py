@@ -31,7 +31,8 @@ INTENDED_DIFFERENCES = {
     "never losing data when the store is down). synchronous=True makes each call block until stored, as in Lightning.",
     "long params": "values over 250 characters are kept up to MLflow's own limit (6000 in MLflow 3) instead of cut at "
     "250; longer ones are cut there and kept whole in the params/full_values.json artifact.",
-    "secrets": "params and tags whose key looks secret (password, token, ...) or URLs with credentials are redacted.",
+    "secrets": "params and tags whose key looks secret (password, token, ...), URLs with credentials and values shaped "
+    "like credentials (private keys, cloud keys, GitHub/HF/Slack tokens, JWTs, ...) are redacted.",
     "changed param": "logging a param again with another value warns instead of raising MLflow's exception.",
     "extra tags": "hardware and git_commit tags are added (CV tag schema).",
     "invalid keys": "param/tag keys MLflow rejects lose the rejected characters (one warning) instead of raising; "

@@ -70,8 +70,10 @@ class ReproducibilityCallback(Callback):
     ``lr``/``batch_size``/``seed`` that Lightning logs from ``hparams``) is not
     logged again, see :func:`lightning_mlflow_cv._params.drop_repeated`.
 
-    Everything is redacted (keys such as password/token/secret/api_key, and ``user:pass@`` in URLs) by the
-    logger before it is written. Only global rank zero logs.
+    Everything is redacted by the logger before it is written: values under keys such as
+    password/token/secret/api_key, ``user:pass@`` in URLs, the value after a secret-named flag on the command line
+    (``--password X``) and credential shapes under any name (private keys, cloud keys, GitHub/Hugging Face/Slack
+    tokens, JWTs, ``Authorization`` values; see :mod:`lightning_mlflow_cv._redact`). Only global rank zero logs.
 
     Args:
         seed: Seed for everything; ``None`` leaves the RNGs alone and logs the seed already set (if any).
