@@ -7,9 +7,13 @@ process stay light; ``from lightning_mlflow_cv import MLflowCVLogger`` works as 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+try:  # one source for the version: pyproject.toml, read back from the installed distribution's metadata
+    __version__ = importlib.metadata.version("lightning-mlflow-cv")
+except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _EXPORTS = {
     "AugmentationSamplesCallback": "lightning_mlflow_cv.callbacks.augmentation_samples",
