@@ -35,7 +35,9 @@ def code_blocks(page: Path) -> list[tuple[int, str, str | None]]:
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         skip = SKIP.search(before)
         if skip is not None and not skip.group("reason"):
-            raise AssertionError(f"{page}: a skip marker without a reason before line {text.count(chr(10), 0, m.start()) + 1}")
+            raise AssertionError(
+                f"{page}: a skip marker without a reason before line {text.count(chr(10), 0, m.start()) + 1}"
+            )
         out.append((text.count("\n", 0, m.start()) + 2, m.group("body"), skip.group("reason") if skip else None))
     return out
 
@@ -99,7 +101,9 @@ def test_every_page_with_code_is_found_and_skips_are_few():
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=_rel)
-def test_the_python_blocks_of_a_page_run(page: Path, store_template: Path, tiny_trainer: None, tmp_path: Path, monkeypatch):
+def test_the_python_blocks_of_a_page_run(
+    page: Path, store_template: Path, tiny_trainer: None, tmp_path: Path, monkeypatch
+):
     import warnings
 
     from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
@@ -148,7 +152,7 @@ def test_the_api_reference_documents_every_public_name():
     public |= {"optuna_sweep", "ray_sweep", "trial_logger"} & set(dir(hpo))
     missing = sorted(public - documented)
     assert not missing, f"public names without an API reference entry: {missing}"
-    missing_tasks = sorted(f"lightning_mlflow_cv.tasks.{n}" for n in tasks.__all__) 
+    missing_tasks = sorted(f"lightning_mlflow_cv.tasks.{n}" for n in tasks.__all__)
     missing_tasks = [t for t in missing_tasks if t not in targets]
     assert not missing_tasks, f"tasks names without an API reference entry: {missing_tasks}"
 
@@ -174,4 +178,6 @@ def test_the_docs_show_the_screenshots_the_browser_check_writes():
     assert shown <= written, f"shown but not written by the browser check: {sorted(shown - written)}"
     assert written <= shown, f"written by the browser check but shown on no page: {sorted(written - shown)}"
     on_disk = {p.name for p in (DOCS / "screenshots").glob("*.png")}
-    assert on_disk == written, f"docs/screenshots differs from what the browser check writes: {sorted(on_disk ^ written)}"
+    assert on_disk == written, (
+        f"docs/screenshots differs from what the browser check writes: {sorted(on_disk ^ written)}"
+    )
