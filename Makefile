@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint test test-fast test-compat bench bench-quick gpu-check wheel clean browser-deps browser-check
+.PHONY: install demo lint docs test test-fast test-compat bench bench-quick gpu-check wheel dist clean browser-deps browser-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[test,captum,optuna]' $(TORCH_PIN)
+	$(PIP) install -q -e '.[test,captum,optuna,docs,release]' $(TORCH_PIN)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -26,11 +26,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lightning-mlflow-cv demo
 
-lint: $(STAMP)  ## ruff and mypy (pyproject's [tool.ruff], [tool.mypy]) and the docstring examples; `make test` runs it first
+lint: $(STAMP)  ## ruff and mypy (pyproject's [tool.ruff], [tool.mypy]), the docstring examples and the docs site; `make test` runs it first
 	$(VENV)/bin/ruff check lightning_mlflow_cv
 	$(VENV)/bin/ruff format --check lightning_mlflow_cv
 	$(PY) -m mypy
 	$(PY) -m pytest -q --doctest-modules lightning_mlflow_cv
+	$(MAKE) --no-print-directory docs
+
+# NO_MKDOCS_2_WARNING: Material 9.7+ prints a banner about MkDocs 2.0 on every build (pyproject pins mkdocs<2)
+docs: $(STAMP)  ## the MkDocs site into site/ with --strict: a broken link or anchor, a missing reference or a docstring that does not render fails
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
@@ -63,5 +68,10 @@ browser-check: browser-deps  ## demo + `mlflow ui` + headless Chromium; screensh
 wheel: $(STAMP)
 	$(PIP) wheel --no-deps -w dist .
 
+dist: $(STAMP)  ## sdist + wheel into dist/ (python -m build), checked with twine; tests/test_wheel.py installs the wheel in a fresh venv
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) dist build *.egg-info mlflow.db checkpoints
+	rm -rf $(VENV) dist build site *.egg-info mlflow.db checkpoints

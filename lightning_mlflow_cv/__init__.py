@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 _EXPORTS = {
     "AugmentationSamplesCallback": "lightning_mlflow_cv.callbacks.augmentation_samples",
     "CVMetricsCallback": "lightning_mlflow_cv.callbacks.cv_metrics",
@@ -33,6 +31,7 @@ _EXPORTS = {
 __all__ = [*sorted(_EXPORTS), "__version__"]
 
 if TYPE_CHECKING:
+    __version__: str
     from lightning_mlflow_cv.callbacks import (
         AugmentationSamplesCallback,
         CVMetricsCallback,
@@ -54,7 +53,22 @@ if TYPE_CHECKING:
     from lightning_mlflow_cv.spool_sync import sync
 
 
+def _version() -> str:
+    """One source for the version: pyproject.toml, read back from the installed distribution's metadata (on first
+    use: importing ``importlib.metadata`` and scanning the path costs ~15 ms that ``import lightning_mlflow_cv``
+    does not need to pay)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("lightning-mlflow-cv")
+    except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = version = _version()
+        return version
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'lightning_mlflow_cv' has no attribute {name!r}")
