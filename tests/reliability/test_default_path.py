@@ -158,3 +158,82 @@ def test_sigkill_after_a_pause_loses_nothing(tmp_path, writer):
     proc.wait(10)
     _gone(info["child"], 60)
     assert len(_stored_values(db, info["run_id"], info["spool"])) == 5
+
+
+@pytest.mark.slow
+def test_finalize_waits_while_the_store_takes_data_and_shows_progress(tmp_path):
+    """60,000 points logged at once against a reachable store, ``finalize_timeout_s=2``: finalize waits as long as
+    delivery progresses (before: it gave up at the timeout, left the run RUNNING and called the store unreachable),
+    and tells the terminal what is left and the rate."""
+    db = tmp_path / "store.db"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "backlog", f"sqlite:///{db}", "60000", "process", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    (res,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert res["spool_left"] is None and res["warnings"] == [], res
+    assert _metric_rows(db, res["run_id"]) == 60000
+    assert _status(db, res["run_id"]) == "FINISHED"
+    if res["finalize_s"] > 4:  # the progress line appears after 3 s
+        assert "points) left" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_stalled_store_is_told_apart_from_an_unreachable_one_and_sync_finishes(tmp_path):
+    """Another connection holds the SQLite store's write lock through finalize: the message says the store is
+    reachable but took nothing for the timeout (not "unreachable") and names the exact command, which then
+    delivers everything."""
+    db = tmp_path / "store.db"
+    (res,) = _run("backlog", f"sqlite:///{db}", "8000", "process", "2", "lock", timeout=600)
+    (message,) = res["warnings"]
+    assert "reachable but accepted nothing for 2 s" in message and "unreachable" not in message, message
+    command = f"lightning-mlflow-cv sync {res['spool_left']}"
+    assert message.endswith(command), message
+    subprocess.run([str(Path(sys.executable).with_name("lightning-mlflow-cv")), *command.split()[1:]], check=True)
+    assert _metric_rows(db, res["run_id"]) == 8000
+    assert _status(db, res["run_id"]) == "FINISHED"
+
+
+def _fit_and_signal(tmp_path: Path, how: str, steps: int = 3000) -> tuple[dict, list[tuple[str, int, int]], str]:
+    db = tmp_path / "store.db"
+    proc, info = _start("fit", f"sqlite:///{db}", str(steps))
+    assert proc.stdout is not None
+    assert json.loads(proc.stdout.readline()) == {"started": True}
+    time.sleep(1.0)
+    if how == "group":
+        os.killpg(proc.pid, signal.SIGTERM)  # how SLURM and most schedulers cancel a job
+    elif how == "process":
+        os.kill(proc.pid, signal.SIGTERM)
+    else:  # the writer alone dies
+        os.kill(info["child"], signal.SIGKILL)
+    proc.wait(120)
+    _gone(info["child"], 60)
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT key, COUNT(*), MAX(step) FROM metrics WHERE run_uuid = ? GROUP BY key", (info["run_id"],)
+        ).fetchall()
+    return info, rows, _status(db, info["run_id"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["group", "process"])
+def test_sigterm_to_the_process_group_ends_the_run_as_sigterm_to_the_training_process(tmp_path, how):
+    """SIGTERM to the whole process group (the writer child too) and to the training process alone end the same way:
+    run FAILED, every logged step stored (0..N for every key), no spool left (before, with the group: the child
+    died, the run stayed RUNNING with its spool)."""
+    info, rows, status = _fit_and_signal(tmp_path, how)
+    assert status == "FAILED"
+    assert not Path(info["spool"]).exists(), "data left undelivered"
+    train = [(k, n, last) for k, n, last in rows if k.startswith("train/")]
+    assert len(train) == 8 and all(n == last + 1 and n > 20 for _, n, last in train), rows
+
+
+@pytest.mark.slow
+def test_a_writer_killed_mid_fit_is_replaced_and_the_fit_stores_everything(tmp_path):
+    """The writer child SIGKILLed mid-fit (an OOM kill): one warning, the thread writer takes over from the last
+    acknowledged point, and the run ends FINISHED with all 600 steps."""
+    info, rows, status = _fit_and_signal(tmp_path, "writer", steps=600)
+    assert status == "FINISHED"
+    assert not Path(info["spool"]).exists()
+    train = [(k, n, last) for k, n, last in rows if k.startswith("train/")]
+    assert train == [(f"train/m{k}", 600, 599) for k in range(8)], rows

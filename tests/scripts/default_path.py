@@ -7,6 +7,9 @@ tests/reliability/test_default_path.py. Prints one JSON object per line; the tes
     default_path.py kill URI WRITER pause|stream      logs until the test SIGKILLs it
     default_path.py fit URI STEPS                     a Trainer fit the test signals (SIGTERM)
     default_path.py overload URI POINTS               waits for a line on stdin, logs, finalizes
+    default_path.py backlog URI POINTS WRITER TIMEOUT [lock]
+                                                     logs a backlog at once, then finalizes (optionally with the
+                                                     SQLite store write-locked by another connection meanwhile)
 """
 
 from __future__ import annotations
@@ -173,6 +176,36 @@ def overload(uri: str, points: int) -> None:
     out(done=True, spool_left=str(logger.last_spool_path) if logger.last_spool_path else None)
 
 
+def backlog(uri: str, points: int, writer: str, timeout: float, lock: bool) -> None:
+    """Log ``points`` points at once (8 a call) and finalize with ``finalize_timeout_s=timeout``."""
+    import sqlite3
+
+    logger = MLflowCVLogger(tracking_uri=uri, experiment_name="backlog", writer=writer, finalize_timeout_s=timeout)
+    logger.log_hyperparams({"lr": 0.1})
+    logger.flush(60)
+    keys = [f"m{k}" for k in range(8)]
+    for step in range(points // 8):
+        logger.log_metrics(dict.fromkeys(keys, float(step)), step=step)
+    holder = None
+    if lock:  # a reachable store that takes nothing: another connection holds its write lock
+        holder = sqlite3.connect(uri.removeprefix("sqlite:///"), isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger.finalize("success")
+    took = time.perf_counter() - t0
+    if holder is not None:
+        holder.execute("ROLLBACK")
+        holder.close()
+    out(
+        finalize_s=took,
+        run_id=logger.run_id,
+        spool_left=str(logger.last_spool_path) if logger.last_spool_path else None,
+        warnings=[str(w.message) for w in caught if "not delivered" in str(w.message)],
+    )
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "fork-hazard":
@@ -183,6 +216,8 @@ if __name__ == "__main__":
         kill(args[0], args[1], args[2])
     elif mode == "fit":
         fit(args[0], int(args[1]))
+    elif mode == "backlog":
+        backlog(args[0], int(args[1]), args[2], float(args[3]), args[4:] == ["lock"])
     elif mode == "overload":
         overload(args[0], int(args[1]))
     else:
