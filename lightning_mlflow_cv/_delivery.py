@@ -103,6 +103,37 @@ def is_retryable(err: BaseException) -> bool:
     return bool(TRANSIENT.search(str(err)))
 
 
+#: Error codes of a store that answered but could not take the request now.
+_BUSY_CODES = {"TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR"}
+_UNREACHABLE = re.compile(
+    r"connection refused|max retries exceeded|failed to establish|name or service not known|no route to host"
+    r"|network is unreachable|unable to open database file|nodename nor servname",
+    re.IGNORECASE,
+)
+
+
+def is_overload(err: BaseException) -> bool:
+    """True when the store answered but is overloaded or failing for now (pool exhausted, database locked, 429,
+    5xx): a flush then waits for it as for a slow store, instead of giving up as for an unreachable one.
+
+    Example::
+
+        >>> from mlflow.exceptions import MlflowException
+        >>> from mlflow.protos.databricks_pb2 import BAD_REQUEST
+        >>> is_overload(MlflowException("QueuePool limit of size 1 overflow 1 reached", error_code=BAD_REQUEST))
+        True
+        >>> is_overload(MlflowException("API request failed: Max retries exceeded (Connection refused)"))
+        False
+    """
+    text = str(err)
+    if _UNREACHABLE.search(text):
+        return False
+    status = getattr(err, "get_http_status_code", lambda: None)()
+    if isinstance(status, int) and (status == 429 or status >= 500):
+        return True
+    return getattr(err, "error_code", None) in _BUSY_CODES or bool(TRANSIENT.search(text))
+
+
 def describe_failure(err: BaseException) -> str:
     """A short reason for a tracking failure, with the fix for credential problems (never the secret)."""
     from lightning_mlflow_cv._artifact_errors import describe

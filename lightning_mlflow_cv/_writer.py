@@ -18,7 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning_mlflow_cv import _forkguard, _http
-from lightning_mlflow_cv._delivery import Deliverer, concurrency_for, describe_failure, lower_priority, safe_uri
+from lightning_mlflow_cv._delivery import (
+    Deliverer,
+    concurrency_for,
+    describe_failure,
+    is_overload,
+    lower_priority,
+    safe_uri,
+)
 from lightning_mlflow_cv._journal import Spool
 
 log = logging.getLogger(__name__)
@@ -120,6 +127,8 @@ class Writer(threading.Thread):
         self._next_try = 0.0
         self.last_error: BaseException | None = None
         self.degraded = already_warned  # the caller already told the user the store is unreachable
+        #: The last failure was the store answering that it is overloaded (not unreachable): flushes wait for it.
+        self.overloaded = False
         self._deliverer: Deliverer | None = None
         #: Show a long flush's progress on stderr (the writer process leaves that to the training process).
         self.report_progress = True
@@ -138,7 +147,7 @@ class Writer(threading.Thread):
 
         Returns True when the spool is fully delivered. It waits while the store takes data, however long the
         backlog, and gives up when nothing was delivered for ``timeout`` seconds (a store that is reachable but
-        stopped taking data). It does not wait out an outage: when the store was already unreachable it returns
+        stopped taking data, or answers that it is overloaded). It does not wait out an outage: when the store was already unreachable it returns
         after the first failed attempt, and when it fails during this flush (a transient 5xx, a dropped
         connection) after :data:`FLUSH_TRIES` attempts in a row have failed. After :data:`PROGRESS_AFTER_S` it
         shows what is left and the rate on stderr.
@@ -160,8 +169,8 @@ class Writer(threading.Thread):
                         break
                     if self.spool.pending <= 0 and self._attempts > start:
                         return True
-                    if self._attempts > start and self.degraded and self._failures >= tries:
-                        return False
+                    if self._attempts > start and self.degraded and not self.overloaded and self._failures >= tries:
+                        return False  # unreachable: don't wait out an outage (an overloaded store is waited for)
                     if self.report_progress:
                         progress.update()
                     self._idle.wait(min(0.05, max(timeout - (now - since), 0)))
@@ -219,9 +228,11 @@ class Writer(threading.Thread):
                 if self._on_recovered is not None:
                     self._on_recovered()
             self.degraded = False
+            self.overloaded = False
             self._failures = 0
         except Exception as err:  # noqa: BLE001 - any failure is retried, data stays in the spool
             self.last_error = err
+            self.overloaded = is_overload(err)
             self._failures += 1
             backoff = min(0.5 * 2 ** (self._failures - 1), self.max_backoff_s)
             self._next_try = time.monotonic() + backoff

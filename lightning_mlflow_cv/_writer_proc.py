@@ -16,7 +16,8 @@ two pipes, one JSON object per line:
 - parent -> child: ``{"op": "wake"}``, ``{"op": "flush", "seq": n, "timeout": s}``, ``{"op": "stop", "seq": n, "timeout": s}``
 - child -> parent: ``{"event": "ready"}`` (the store is open), ``{"event": "beat", "attempts": n, "acked": n}``
   (every :data:`BEAT_S`), ``{"event": "warning", "message": ...}``, ``{"event": "bound", "run_id": ...}``,
-  ``{"event": "flushed" | "stopped", "seq": n, "ok": bool, "acked": int, "degraded": bool, "run_id": ...}``
+  ``{"event": "flushed" | "stopped", "seq": n, "ok": bool, "acked": int, "degraded": bool, "overloaded": bool,
+  "run_id": ...}``
 
 The child is never trusted blindly (DESIGN: training never waits on tracking). A child forked beside a thread that
 was using the store can inherit a lock held by that thread (SQLite's process-wide mutex) and hang at its first
@@ -99,6 +100,7 @@ class ProcessWriter:
         self.request_timeout_s = request_timeout_s
         self._flush_interval_s = flush_interval_s
         self.degraded = already_warned
+        self.overloaded = False
         self._on_bound = on_bound
         self._cfg = {
             "dir": str(spool.directory),
@@ -187,6 +189,7 @@ class ProcessWriter:
             elif ev in ("flushed", "stopped"):
                 with self._cv:
                     self.degraded = bool(msg.get("degraded"))
+                    self.overloaded = bool(msg.get("overloaded"))
                     self._replies[msg["seq"]] = msg
                     self._cv.notify_all()
         with self._cv:
@@ -577,7 +580,15 @@ def _serve(cfg: dict[str, Any], inp: TextIO, out: TextIO) -> None:
     threading.Thread(target=beat, name="MLflowCVLogger-writer-beat", daemon=True).start()
 
     def reply(event: str, seq: int, ok: bool) -> None:
-        emit(event=event, seq=seq, ok=ok, acked=spool.acked, degraded=writer.degraded, run_id=writer.run_id)
+        emit(
+            event=event,
+            seq=seq,
+            ok=ok,
+            acked=spool.acked,
+            degraded=writer.degraded,
+            overloaded=writer.overloaded,
+            run_id=writer.run_id,
+        )
 
     for cmd in _messages(inp):
         op = cmd.get("op")

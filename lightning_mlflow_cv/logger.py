@@ -702,12 +702,19 @@ class MLflowCVLogger(MLFlowLogger):
         self._spool.append({"t": "status", "status": mlflow_status, "end": int(time.time() * 1000)})
         self._close_writer()
 
+    def _drain_timeout(self, writer: Any) -> float:
+        """How long the last flush waits with nothing delivered: a request's time for an unreachable store (it does
+        not wait out an outage), ``finalize_timeout_s`` for one that answers (slow or overloaded)."""
+        if writer.degraded and not getattr(writer, "overloaded", False):
+            return self._request_timeout_s
+        return self._finalize_timeout_s
+
     def _close_writer(self) -> None:
         self._follow_spool_to_memory()
         writer = self._writer
         if writer is None or self._spool is None:
             return
-        delivered = writer.stop(self._finalize_timeout_s if not writer.degraded else self._request_timeout_s)
+        delivered = writer.stop(self._drain_timeout(writer))
         if not delivered and getattr(writer, "is_process", False):
             # The writer process is gone (died, given up, or killed with the process group) or delivered nothing
             # for the timeout: the training process tries the rest itself, once, within a request's time when the
@@ -719,7 +726,7 @@ class MLflowCVLogger(MLFlowLogger):
                     self._spool.adopt()
                 self._writer = None
             writer = self._ensure_writer()
-            delivered = writer.stop(self._finalize_timeout_s if failed else self._request_timeout_s)
+            delivered = writer.stop(self._drain_timeout(writer) if failed else self._request_timeout_s)
         self._writer = None
         spool, self._spool = self._spool, None
         if delivered and writer.run_id:
@@ -728,7 +735,9 @@ class MLflowCVLogger(MLFlowLogger):
         else:
             spool.close()
             self.last_spool_path = spool.path
-            if writer.degraded:
+            if writer.degraded and getattr(writer, "overloaded", False):
+                why = f"the store answered that it is overloaded and took nothing for {self._finalize_timeout_s:g} s"
+            elif writer.degraded:
                 why = "the store is unreachable"
             else:
                 why = (
