@@ -50,9 +50,8 @@ def test_fits_beside_a_thread_using_the_same_store_never_stall_or_lose_points(tm
     """A user's thread hammering the same SQLite store while 10 fits fork their writers: a child that inherited a
     lock fails its handshake and the thread writer takes over; every fit ends FINISHED with every point, within
     1.5x of the slowest fit with the thread writer (before: 3 of 4 fits waited 73-75 s and stored nothing)."""
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    threads = _run("fork-hazard", uri, "3", "thread", timeout=600)
-    forked = _run("fork-hazard", uri, "10", "process", timeout=900)
+    threads = _run("fork-hazard", f"sqlite:///{tmp_path / 'thread.db'}", "3", "thread", timeout=600)
+    forked = _run("fork-hazard", f"sqlite:///{tmp_path / 'process.db'}", "10", "process", timeout=900)
     baseline = max(f["seconds"] for f in threads)
     for fit in threads + forked:
         assert fit["status"] == "FINISHED", fit
