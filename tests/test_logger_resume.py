@@ -17,7 +17,8 @@ def test_outside_a_trainer_the_frame_walk_finds_nothing_and_reports_no_miss():
 
 
 def test_the_frame_walk_finds_the_trainer_and_the_checkpoint_of_the_running_fit(tracking_uri, tmp_path):
-    """On the Lightning installed here (2.6.6), the named frames are found: no warning, checkpoint read."""
+    """On the Lightning installed here (2.6.6, or 2.2.0 at the floor), the named frames are found: no warning,
+    checkpoint read."""
     seen = []
 
     class Probe(MLflowCVLogger):
@@ -49,7 +50,7 @@ def test_renamed_lightning_frames_warn_and_the_public_paths_still_resume(trackin
     first = MLflowCVLogger(tracking_uri=tracking_uri, experiment_name="resume")
     tr = trainer(first, max_epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)],
                  enable_checkpointing=True)
-    with pytest.warns(RuntimeWarning, match=r"checked on Lightning 2\.6\.6; this is Lightning .*Fix: "
+    with pytest.warns(RuntimeWarning, match=r"checked on Lightning 2\.2\.0 and 2\.6\.6; this is Lightning .*Fix: "
                       r"`MLflowCVLogger\(resume_from=<the checkpoint>\)`"):
         tr.fit(TinyModel(), train, val)
     assert run_id_from_checkpoint(ckpt) == first.run_id
