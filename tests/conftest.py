@@ -79,6 +79,14 @@ def refused_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
+def console_script() -> list[str]:
+    """The ``lightning-mlflow-cv`` command: the console script installed beside this interpreter, or, in the
+    compatibility environments (the package imported from the checkout, not installed), the same ``main`` through
+    ``python -m lightning_mlflow_cv.cli``. ``tests/test_cli.py`` runs the installed script itself."""
+    exe = Path(sys.executable).with_name("lightning-mlflow-cv")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_mlflow_cv.cli"]
+
+
 def git(cwd: Path, *args: str) -> str:
     """``git ARGS`` in ``cwd`` with a throwaway identity and no signing; its stdout, stripped."""
     cmd = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-c", "commit.gpgsign=false", *args]
@@ -194,6 +202,8 @@ class MlflowServer(_ServerProcess):
             "--workers", "1", *self.extra,
         ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
+        # MLflow 2.x execs `gunicorn` by name: the one installed beside that `mlflow`, not one found elsewhere
+        env["PATH"] = os.pathsep.join([str(Path(exe).parent), env.get("PATH", "")])
         log_start = self.log.stat().st_size if self.log.exists() else 0
         self._spawn(cmd, env)
         if self._wait_ready(f"{self.uri}/health", timeout, "mlflow server"):
