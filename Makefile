@@ -43,7 +43,7 @@ test: $(STAMP) lint
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not server and not ddp" $(PYTEST_ARGS)
 
-test-compat: $(STAMP)  ## MLflow 2.22 / 2.4 clients and an MLflow 2.22 server (cached venvs; see .ci/compat.sh)
+test-compat: $(STAMP)  ## the framework floor (torch 2.0, Lightning 2.2, MLflow 2.4, ...), the MLflow 2.22 client and an MLflow 2.22 server (cached venvs; see .ci/compat.sh)
 	PYTHON=$(PYTHON) MAIN_PY=$(PY) TORCH_PIN="$(TORCH_PIN)" bash .ci/compat.sh
 
 bench: $(STAMP)  ## logging overhead + realistic CV fit + store CPU + writer start (~30 min on 2 quiet cores, estimate); writes benchmarks/README*.md

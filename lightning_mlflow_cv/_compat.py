@@ -13,6 +13,8 @@ logged-model API (server)       3.0        same; detected once per store (404 ``
 ``MetaDataset``                 2.10       the dataset input entity is built here
 models from code                2.13       the pyfunc is a ``loader_module`` with ``data_path``
 ``evaluate(predictions=...)``   2.8        classifier metrics from torchmetrics, same names
+``mlflow.system_metrics``       2.8        ``SystemMetricsCallback`` logs the same ``system/...`` metrics;
+                                           the UI shows them among the run's charts (one warning)
 artifact repo takes the URI     3.0        uploads resolve ``mlflow-artifacts:`` against the
                                            run's tracking URI here (not the global one)
 ==============================  =========  ==========================================================
@@ -74,6 +76,12 @@ def has_logged_model_api() -> bool:
 def has_multimedia() -> bool:
     """``mlflow.tracking.multimedia`` (step-aware image logging, MLflow 2.12)."""
     return _has_module("mlflow.tracking.multimedia")
+
+
+@functools.cache
+def has_system_metrics() -> bool:
+    """``mlflow.system_metrics`` (MLflow 2.8): MLflow's own monitor, and the UI's System metrics tab."""
+    return _has_module("mlflow.system_metrics")
 
 
 @functools.cache

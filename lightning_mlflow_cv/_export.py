@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
+from lightning_mlflow_cv import _compat_frameworks
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -196,10 +198,16 @@ def export_onnx(
     dynamic_batch: bool = True,
     dynamo: bool = True,
 ) -> Path:
-    """Export ``module(sample)`` to ONNX at ``path`` (batch axis dynamic when asked). Raises what the exporter raises."""
+    """Export ``module(sample)`` to ONNX at ``path`` (batch axis dynamic when asked). Raises what the exporter raises.
+
+    ``dynamo=True`` uses the ``torch.export``-based exporter where torch has it (2.5), the TorchScript-based one
+    otherwise (callers that let a user choose say so once).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Any] = {}
+    takes_dynamo = _compat_frameworks.onnx_export_takes_dynamo()
+    dynamo = dynamo and takes_dynamo
+    extra: dict[str, Any] = {"dynamo": dynamo} if takes_dynamo else {}
     if dynamic_batch and dynamo:
         extra["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1)},)
     elif dynamic_batch:
@@ -214,7 +222,6 @@ def export_onnx(
                 opset_version=opset,
                 input_names=list(input_names),
                 output_names=list(output_names),
-                dynamo=dynamo,
                 verbose=False,
                 **extra,
                 **more,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -37,6 +38,32 @@ def _wrap(fn: Any) -> Any:
     return http_request
 
 
+def _wrap_retries(fn: Any) -> Any:
+    """MLflow's ``_get_http_response_with_retries`` with no retries and no backoff for a marked thread.
+
+    Older MLflow (2.4 among them) reads ``max_retries = max_retries or <default>`` in ``http_request``, so the
+    ``max_retries=0`` passed there becomes the default (5 retries with backoff, about a minute per request); the
+    retry count reaches this function either way, so it is set here too. The arguments are bound by name (their
+    positions differ between releases).
+    """
+    if getattr(fn, "_lmc_wrapped", False):
+        return fn
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def get_with_retries(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_state, "timeout", None) is None:
+            return fn(*args, **kwargs)
+        bound = sig.bind(*args, **kwargs)
+        for name in ("max_retries", "backoff_factor", "backoff_jitter"):
+            if name in bound.arguments:
+                bound.arguments[name] = 0
+        return fn(*bound.args, **bound.kwargs)
+
+    get_with_retries._lmc_wrapped = True  # type: ignore[attr-defined]
+    return get_with_retries
+
+
 def install() -> None:
     """Wrap MLflow's ``http_request`` (idempotent). Unmarked threads behave exactly as before."""
     global _installed
@@ -46,6 +73,8 @@ def install() -> None:
         import mlflow.utils.rest_utils as rest_utils
 
         rest_utils.http_request = _wrap(rest_utils.http_request)
+        if hasattr(rest_utils, "_get_http_response_with_retries"):
+            rest_utils._get_http_response_with_retries = _wrap_retries(rest_utils._get_http_response_with_retries)
         with contextlib.suppress(ImportError):
             import mlflow.store.artifact.http_artifact_repo as http_repo
 

@@ -21,8 +21,10 @@ def _path_not_unique_fallback(name: str) -> bool:  # MLflow releases without `pa
     return norm != str(name) or norm == "." or norm.startswith(("..", "/"))
 
 
-#: MLflow's own checks (character set, which depends on the OS, and path form), with fallbacks for old releases.
-_valid_chars = getattr(_v, "validate_param_and_metric_name", None) or (lambda name: re.match(r"^[/\w.\- :]*$", name))
+#: MLflow's own checks (character set, which depends on the OS and the release, and path form): older releases
+#: (before ``validate_param_and_metric_name``) check their ``_VALID_PARAM_AND_METRIC_NAMES``, which has no ``:``.
+_old_names = getattr(_v, "_VALID_PARAM_AND_METRIC_NAMES", None) or re.compile(r"^[/\w.\- ]*$")
+_valid_chars = getattr(_v, "validate_param_and_metric_name", None) or _old_names.match
 _path_not_unique = getattr(_v, "path_not_unique", None) or _path_not_unique_fallback
 
 MAX_PARAM_VAL_LENGTH: int = _v.MAX_PARAM_VAL_LENGTH

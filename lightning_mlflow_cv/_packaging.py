@@ -210,10 +210,13 @@ def save_pyfunc(model_dir: Path, bundle: Bundle, card_path: Path | None = None, 
         "mlflow_model": mlflow_model,
         "pip_requirements": pip_requirements(bundle),
     }
+    names = bundle.cfg.get("class_names")
     if not _compat.has_models_from_code():
+        # class names in the MLmodel file as below, where this MLflow's save_model takes metadata
+        if names and "metadata" in inspect.signature(mlflow.pyfunc.save_model).parameters:
+            common["metadata"] = {"class_names": names}
         _save_loader_module(model_dir, bundle, artifacts, common)
         return
-    names = bundle.cfg.get("class_names")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mlflow.pyfunc.save_model(

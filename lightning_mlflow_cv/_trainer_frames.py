@@ -9,8 +9,8 @@ every rank, and whose ``state_dict`` puts the run id in each checkpoint), and to
 The public ways come first (see ``MLflowCVLogger``): ``resume_from=`` / ``run_id=`` name the run, and
 ``trainer.ckpt_path`` is read when the user set it before the fit. This module is the fallback for plain
 ``trainer.fit(model, ckpt_path=...)``: Lightning creates logger experiments inside ``call._call_setup_hook(trainer)``
-on every rank, called from ``Trainer._run(model, ckpt_path, ...)``. Checked on Lightning 2.6.6 (installed here) and
-a 2.x source from before ``weights_only`` was added to ``_run``; the frames are the same.
+on every rank, called from ``Trainer._run(model, ckpt_path, ...)``. Checked on Lightning 2.6.6 (the main environment) and
+2.2.0 (the floor, ``make test-compat``): the frames are the same.
 
 When Lightning renames them, :func:`trainer_context` still finds a Trainer among the frames of Lightning's trainer
 package (so the callback and the DDP broadcast keep working), reports ``missed`` and the logger warns once: a fit
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 #: Lightning versions whose frames were checked (named in the fallback warning).
-CHECKED_ON = "2.6.6"
+CHECKED_ON = "2.2.0 and 2.6.6"
 #: The function that touches ``logger.experiment`` on every rank (local ``trainer``).
 SETUP_FRAME = "_call_setup_hook"
 #: The Trainer method that runs it (locals ``self``, ``ckpt_path``: the resolved checkpoint of this fit).

@@ -8,6 +8,7 @@ pipeline, each as flat ``{key: str}`` params. Pure functions, usable without a s
 
 from __future__ import annotations
 
+import collections
 import enum
 import inspect
 from collections.abc import Iterable, Mapping
@@ -47,6 +48,9 @@ def _render(value: Any) -> Any:
         return value.tolist()
     if isinstance(value, (list, tuple)):
         return type(value)(_render(v) for v in value)
+    if isinstance(value, collections.defaultdict) and not value and value.default_factory is not None:
+        # one value for every input type: what the user passed (torchvision 0.15's v2 `ToDtype(dtype)`, `fill`)
+        return _render(value.default_factory())
     if isinstance(value, Mapping):
         return {str(k): _render(v) for k, v in value.items()}
     if inspect.isbuiltin(value):

@@ -108,22 +108,30 @@ def _lightning_version() -> str:
 def run_id_from_checkpoint(path: str | os.PathLike[str]) -> str | None:
     """The MLflow run id stored in a Lightning checkpoint by :class:`MLflowCVLogger`, or ``None``.
 
-    Reads with ``weights_only=True`` (no arbitrary unpickling) and ``mmap`` (no full load).
+    Reads with ``weights_only=True`` (no arbitrary unpickling) and, where torch has it, ``mmap`` (no full load).
+    Warns when the checkpoint cannot be read.
     """
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint just means "start a new run"
+    run_id, unread = _read_run_id(path)
+    if unread is not None:
         warnings.warn(
-            f"MLflowCVLogger: could not read the MLflow run id from checkpoint {path} ({err}); a new run is "
+            f"MLflowCVLogger: could not read the MLflow run id from checkpoint {path} ({unread}); a new run is "
             "started. Pass `run_id=` to continue a specific run.",
             RuntimeWarning,
             stacklevel=2,
         )
-        return None
+    return run_id
+
+
+def _read_run_id(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
+    """``(run id or None, None)``, or ``(None, why the checkpoint could not be read)``."""
+    from lightning_mlflow_cv import _compat_frameworks
+
+    try:
+        ckpt = _compat_frameworks.load_checkpoint(path)
+    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint just means "start a new run"
+        return None, f"{type(err).__name__}: {err}"
     state = (ckpt.get("callbacks") or {}).get(CHECKPOINT_KEY) or {}
-    return state.get("run_id")
+    return state.get("run_id"), None
 
 
 class _RunIdInCheckpoint(Callback):
@@ -447,8 +455,17 @@ class MLflowCVLogger(MLFlowLogger):
                 mlflow.set_tracking_uri(self._tracking_uri)
                 ckpt = self._resume_from or ctx.ckpt_path
                 if not self._explicit_run_id and ckpt and self._run_id is None:
-                    self._run_id = run_id_from_checkpoint(ckpt)
+                    # unreadable: said once, with both run ids, when Lightning restores it (_check_resumed_run)
+                    self._run_id, self._ckpt_unread = _read_run_id(ckpt)
                 self._start_run(trainer)
+                if self._resume_from is not None and self._ckpt_unread is not None:
+                    self._warn_once(
+                        "resume-missed",
+                        f"MLflowCVLogger: could not read the MLflow run id from resume_from={self._resume_from!r} "
+                        f"({self._ckpt_unread}); this fit logs into the new run {self._run_id}. Fix: pass the "
+                        "checkpoint's run as `run_id=` (shown in the MLflow UI) instead of `resume_from=`.",
+                        RuntimeWarning,
+                    )
             self._initialized = True
         if trainer is not None and trainer.world_size <= 1:
             self._broadcast_done = True  # single process: nothing to share
@@ -466,17 +483,25 @@ class MLflowCVLogger(MLFlowLogger):
                 )
         self._broadcast_done = True
 
+    #: Why the checkpoint of a resumed fit could not be read when the run was chosen (``None``: it was, or none).
+    _ckpt_unread: str | None = None
+
     def _check_resumed_run(self, ckpt_run_id: str | None) -> None:
         """Lightning restored a checkpoint written under run ``ckpt_run_id``: warn when this fit logs elsewhere
-        without being told to (the frame fallback missed the checkpoint)."""
+        without being told to (the frame fallback missed the checkpoint, or could not read it)."""
         if _rank() != 0 or not ckpt_run_id or self._explicit_run_id or self.resumed:
             return
         if ckpt_run_id != self._run_id:
+            why = (
+                "the checkpoint was not known when the run was chosen"
+                if self._ckpt_unread is None
+                else f"its run id could not be read when the run was chosen ({self._ckpt_unread})"
+            )
             self._warn_once(
                 "resume-missed",
                 f"MLflowCVLogger: this fit restored a checkpoint of MLflow run {ckpt_run_id}, but logs into the new "
-                f"run {self._run_id}: the checkpoint was not known when the run was chosen. Fix: "
-                "`MLflowCVLogger(resume_from=<the checkpoint>)` continues the checkpoint's run.",
+                f"run {self._run_id}: {why}. Fix: `MLflowCVLogger(resume_from=<the checkpoint>)` (or "
+                f"`run_id={ckpt_run_id!r}`) continues the checkpoint's run.",
                 RuntimeWarning,
             )
 

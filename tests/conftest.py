@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import os
+import re
 import shutil
 import signal
 import socket
@@ -75,6 +77,14 @@ def refused_port() -> Iterator[int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         yield s.getsockname()[1]
+
+
+def console_script() -> list[str]:
+    """The ``lightning-mlflow-cv`` command: the console script installed beside this interpreter, or, in the
+    compatibility environments (the package imported from the checkout, not installed), the same ``main`` through
+    ``python -m lightning_mlflow_cv.cli``. ``tests/test_cli.py`` runs the installed script itself."""
+    exe = Path(sys.executable).with_name("lightning-mlflow-cv")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lightning_mlflow_cv.cli"]
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -192,6 +202,8 @@ class MlflowServer(_ServerProcess):
             "--workers", "1", *self.extra,
         ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
+        # MLflow 2.x execs `gunicorn` by name: the one installed beside that `mlflow`, not one found elsewhere
+        env["PATH"] = os.pathsep.join([str(Path(exe).parent), env.get("PATH", "")])
         log_start = self.log.stat().st_size if self.log.exists() else 0
         self._spawn(cmd, env)
         if self._wait_ready(f"{self.uri}/health", timeout, "mlflow server"):
@@ -303,9 +315,83 @@ def require_real(part: str, reason: str) -> None:
     fail instead: CI must exercise every real part, and a skip there would leave that path untested while the
     run stays green."""
     message = f"{part} is not available: {reason}"
-    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+    if under_ci():
         pytest.fail(f"{message}. Under CI a missing real part fails the test (install it; .ci/run does).", pytrace=False)
     pytest.skip(message, allow_module_level=True)
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+#: How a skip for a part older than the test needs starts (see needs_newer); under CI, other skips fail.
+NEEDS_NEWER = re.compile(r"^needs (\S+) >= (\S+) \(this is \1 [^)]*\): .")
+
+
+def _installed(part: str) -> str:
+    try:
+        return importlib.metadata.version(part)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def newer_reason(part: str, since: str, what: str) -> str:
+    """The one form of reason a skip may give under CI: ``needs torch >= 2.4 (this is torch 2.0.1): what``."""
+    return f"needs {part} >= {since} (this is {part} {_installed(part)}): {what}"
+
+
+def needs_newer(part: str, since: str, have_it: bool, what: str) -> pytest.MarkDecorator:
+    """Skip the test where ``have_it`` is false: it exercises ``what``, which the installed ``part`` (a torch,
+    torchvision, Lightning, torchmetrics or MLflow older than ``since``, e.g. at the floor pyproject admits) lacks.
+    The product detects the same feature in ``lightning_mlflow_cv._compat`` / ``_compat_frameworks``."""
+    return pytest.mark.skipif(not have_it, reason=newer_reason(part, since, what))
+
+
+def skip_needs_newer(part: str, since: str, what: str) -> None:
+    """:func:`needs_newer` inside a test (or at a module's top, before its imports need the part)."""
+    pytest.skip(newer_reason(part, since, what), allow_module_level=True)
+
+
+def ci_skip_failure(reason: str, markers: set[str]) -> str | None:
+    """Why a skip with ``reason`` fails under CI (``None``: it may skip). Only two kinds skip there: a test that
+    needs a newer release than the one installed (:func:`needs_newer`), and a ``gpu`` test on a machine without a
+    GPU (CI has none; ``make gpu-check`` runs them on one)."""
+    if NEEDS_NEWER.match(reason) or "gpu" in markers:
+        return None
+    return (
+        f"skipped under CI: {reason}. Under CI a test may skip only when it needs a newer release than the one "
+        "installed (conftest.needs_newer) or a GPU; anything else it needs must be installed (.ci/run does)"
+    )
+
+
+def _skip_reason(longrepr: Any) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        text = str(longrepr[2])
+    else:
+        text = str(getattr(longrepr, "reprcrash", None) and longrepr.reprcrash.message or longrepr)
+    return text.removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Under CI, a skip that is neither :func:`needs_newer` nor a ``gpu`` test without a GPU fails the test."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and under_ci() and not hasattr(report, "wasxfail"):
+        why = ci_skip_failure(_skip_reason(report.longrepr), {m.name for m in item.iter_markers()})
+        if why is not None:
+            report.outcome, report.longrepr = "failed", why
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """The same rule for a module that skips as a whole (``pytest.skip(..., allow_module_level=True)``)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and under_ci():
+        why = ci_skip_failure(_skip_reason(report.longrepr), set())
+        if why is not None:
+            report.outcome, report.longrepr = "failed", why
 
 
 def import_real(module: str, extra: str) -> Any:

@@ -16,6 +16,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import needs_newer
 from faults import FaultProxy
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
@@ -40,7 +41,7 @@ def test_feature_detection_matches_the_documented_mlflow_versions():
     assert _compat.evaluate_takes_predictions() == (V >= (2, 8, 0))
 
 
-@pytest.mark.skipif(not _compat.has_multimedia(), reason="MLflow < 2.12 has no mlflow.tracking.multimedia to compare with")
+@needs_newer("mlflow", "2.12", _compat.has_multimedia(), "compares with mlflow.tracking.multimedia")
 @pytest.mark.parametrize("size", [(300, 40), (40, 300), (256, 256), (17, 9)])
 def test_thumbnail_fallback_equals_mlflows(size, monkeypatch):
     from mlflow.tracking.multimedia import compress_image_size
@@ -52,7 +53,7 @@ def test_thumbnail_fallback_equals_mlflows(size, monkeypatch):
     assert np.array_equal(np.asarray(ours), np.asarray(compress_image_size(img)))
 
 
-@pytest.mark.skipif(not _compat.has_meta_dataset(), reason="MLflow < 2.10 has no MetaDataset to compare with")
+@needs_newer("mlflow", "2.10", _compat.has_meta_dataset(), "compares with mlflow.data.meta_dataset.MetaDataset")
 @pytest.mark.parametrize("digest", [None, "abc123"])
 def test_dataset_entity_fallback_equals_metadatasets(digest, monkeypatch):
     from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -66,7 +67,7 @@ def test_dataset_entity_fallback_equals_metadatasets(digest, monkeypatch):
         assert getattr(ours, field) == getattr(theirs, field), field
 
 
-@pytest.mark.skipif(not _compat.evaluate_takes_predictions(), reason="MLflow < 2.8 cannot evaluate a predictions table")
+@needs_newer("mlflow", "2.8", _compat.evaluate_takes_predictions(), "compares with evaluate(predictions=...)")
 def test_classifier_metrics_fallback_equals_mlflow_evaluate(tracking_uri):
     """The metrics evaluate() computes itself on MLflow < 2.8 carry MLflow's names and values."""
     import pandas as pd

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from lightning_mlflow_cv import _trainer_frames
+
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_logger.py"
 
@@ -48,7 +50,7 @@ def test_ddp_shares_the_run_id_through_the_callbacks_setup_hook_when_lightnings_
         timeout=240, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "checked on Lightning 2.6.6" in proc.stderr
+    assert f"checked on Lightning {_trainer_frames.CHECKED_ON};" in proc.stderr
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2
     assert ranks[0]["run_id"] == ranks[1]["run_id"] is not None

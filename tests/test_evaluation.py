@@ -9,6 +9,7 @@ import math
 import mlflow
 import pytest
 import torch
+from conftest import skip_needs_newer
 from mlflow import MlflowClient
 
 
@@ -35,10 +36,12 @@ def _log_oracle(tmp_path, uri: str, table: torch.Tensor, postprocess: str, size:
     import inspect
     import shutil
 
-    from lightning_mlflow_cv import _compat, _export, _pyfunc
+    from lightning_mlflow_cv import _compat, _compat_frameworks, _export, _pyfunc
 
     if not _compat.has_models_from_code():  # the package's own < 2.13 pyfunc path is covered by tests/test_compat.py
-        pytest.skip(f"MLflow {_compat.version_string()} < 2.13 cannot log the oracle as a models-from-code pyfunc")
+        skip_needs_newer("mlflow", "2.13", "logs the oracle as a models-from-code pyfunc")
+    if not _compat_frameworks.has_torch_export():
+        skip_needs_newer("torch", "2.2", "saves the oracle as a torch.export archive")
     work = tmp_path / "oracle"
     work.mkdir()
     net = _export.export_pt2(_Lookup(table), torch.zeros(2, 1, size, size), work / "network.pt2")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import MlflowServer
+from conftest import MlflowServer, import_real
 
-ray = pytest.importorskip("ray")
-tune = pytest.importorskip("ray.tune")
+ray = import_real("ray", "ray")
+tune = import_real("ray.tune", "ray")
 
 from lightning_mlflow_cv.hpo import ray_sweep  # noqa: E402
 from lightning_mlflow_cv._ray_sweep import check_store_reachable  # noqa: E402

@@ -38,7 +38,7 @@ def test_transform_params_v1_compose_nested_containers() -> None:
 
 def test_transform_params_v2_pipeline_and_lambda() -> None:
     affine = v2.RandomAffine(degrees=15, translate=(0.1, 0.2))
-    t = v2.Compose([affine, v2.ToDtype(torch.float32, scale=True), v2.Lambda(torch.flatten)])
+    t = v2.Compose([affine, v2.ToDtype(torch.float32), v2.Lambda(torch.flatten)])  # ToDtype(scale=): 0.16
     p = transform_params(t, prefix="train_tf")
     assert p["train_tf/RandomAffine/degrees"] == str(list(affine.degrees)) == "[-15.0, 15.0]"
     assert p["train_tf/RandomAffine/translate"] == "(0.1, 0.2)"

@@ -8,11 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-from conftest import MlflowServer, refused_port
+from conftest import MlflowServer, console_script, refused_port
 from faults import FaultProxy
 from mlflow import MlflowClient
 from tiny import N_METRICS, TinyModel, history_counts, loaders, trainer
@@ -139,7 +138,7 @@ def test_unreachable_for_the_whole_fit_then_sync_gives_the_same_run(tmp_path, ca
     try:
         online = MLflowCVLogger(tracking_uri=uri, experiment_name="offline", run_name="r")
         fit(online)
-        cmd = [str(Path(sys.executable).with_name("lightning-mlflow-cv")), "sync", str(spool)]
+        cmd = [*console_script(), "sync", str(spool)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
         synced_id = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
         client = MlflowClient(uri)
@@ -167,7 +166,7 @@ def test_unreachable_for_the_whole_fit_then_sync_gives_the_same_run(tmp_path, ca
 
 
 def test_sync_rejects_a_missing_file(tmp_path):
-    cmd = [str(Path(sys.executable).with_name("lightning-mlflow-cv")), "sync", str(tmp_path / "nope.jsonl")]
+    cmd = [*console_script(), "sync", str(tmp_path / "nope.jsonl")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "does not exist or is not a .jsonl spool" in out.stderr

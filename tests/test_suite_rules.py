@@ -69,3 +69,52 @@ def test_server_moves_to_another_port_when_its_chosen_one_was_taken(tmp_path, mo
                 assert r.status == 200
         finally:
             server.stop()
+
+
+SKIPS = '''
+import pytest
+from conftest import needs_newer, skip_needs_newer
+
+def test_plain_skip():
+    pytest.skip("chromium is missing")
+
+@needs_newer("torch", "99.0", False, "an API from the future")
+def test_needs_a_newer_torch():
+    pass
+
+def test_needs_a_newer_mlflow_inside():
+    skip_needs_newer("mlflow", "99.0", "an API from the future")
+
+@pytest.mark.gpu
+def test_gpu_without_one():
+    pytest.skip("needs a CUDA GPU; torch sees none")
+'''
+
+
+@pytest.mark.parametrize("ci", ["true", None])
+def test_under_ci_only_a_newer_release_or_a_gpu_may_skip(tmp_path, ci):
+    """Run a small test file with this conftest: under CI the plain skip fails (naming its reason and the rule), the
+    skips for a newer release and the GPU test without a GPU stay skips; outside CI all four skip."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_skips.py").write_text(SKIPS)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    if ci:
+        env["CI"] = ci
+    tests = Path(__file__).parent
+    env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent), env.get("PYTHONPATH", "")])
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "conftest", "-p", "no:cacheprovider", "--strict-markers",
+         "-o", "markers=gpu: needs a GPU", "test_skips.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    if ci:
+        assert "1 failed, 3 skipped" in p.stdout, p.stdout[-3000:]
+        assert re.search(r"FAILED test_skips\.py::test_plain_skip - skipped under CI: chromium is missing\. Under CI "
+                         r"a test may skip only when it needs a newer release", p.stdout), p.stdout[-3000:]
+    else:
+        assert "4 skipped" in p.stdout, p.stdout[-3000:]
+    assert re.search(r"SKIPPED .*needs torch >= 99\.0 \(this is torch \d", p.stdout), p.stdout[-3000:]

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from typing_extensions import override
 
-from lightning_mlflow_cv import _compat, _export, _http, _logged_model, _packaging, _pyfunc
+from lightning_mlflow_cv import _compat, _compat_frameworks, _export, _http, _logged_model, _packaging, _pyfunc
 from lightning_mlflow_cv import tasks as _tasks
+from lightning_mlflow_cv._compat import warn_once
 from lightning_mlflow_cv._context import find_mlflow_logger
 from lightning_mlflow_cv._model_card import (
     CARD_KEYS,
@@ -114,7 +115,8 @@ class ModelRegistryCallback(ShippingCallback):
         compare_mode: ``"max"`` (higher is better) or ``"min"``.
         use_stages: Legacy stages: ``Staging`` for a new version, ``Production`` with
             ``archive_existing_versions=True`` when promoted (deprecated by MLflow; aliases are set as well).
-        network_format: ``"pt2"`` (``torch.export``) or ``"onnx"``.
+        network_format: ``"pt2"`` (``torch.export``) or ``"onnx"``. Torch without ``torch.export`` (< 2.2) bundles
+            ONNX instead, with one warning.
         class_names: One distinct name per class id: the served probability columns and the output schema of
             ``softmax``/``sigmoid`` models, the model card and the ``class_names`` of the MLmodel metadata
             (default: the datamodule's ``class_names`` attribute, else a ``CVMetricsCallback``'s ``class_names``;
@@ -248,6 +250,15 @@ class ModelRegistryCallback(ShippingCallback):
         self.model_card = dict(model_card or {})
         self.compare_mode = compare_mode
         self.use_stages = bool(use_stages)
+        if network_format == "pt2" and not _compat_frameworks.has_torch_export():
+            warn_once(
+                "registry-pt2",
+                f"{_NAME}: network_format='pt2' needs torch.export with dynamic shapes (torch >= 2.2); this is "
+                f"torch {_compat_frameworks.version('torch')}, so the network is bundled as ONNX (served with "
+                "onnxruntime). Fix: pass network_format='onnx' (the same model, no warning) or upgrade torch.",
+                RuntimeWarning,
+            )
+            network_format = "onnx"
         self.network_format = network_format
         self.class_names = [str(n) for n in class_names] if class_names is not None else None
         self.postprocess_options = dict(postprocess_options or {})

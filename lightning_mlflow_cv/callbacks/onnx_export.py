@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
-from lightning_mlflow_cv import _export
+from lightning_mlflow_cv import _compat_frameworks, _export
+from lightning_mlflow_cv._compat import warn_once
 from lightning_mlflow_cv._context import find_mlflow_logger
 from lightning_mlflow_cv._shipping import ShippingCallback
 
@@ -131,6 +132,14 @@ class ONNXExportCallback(ShippingCallback):
         self.atol = float(atol)
         self.also_torchscript = bool(also_torchscript)
         self.dynamo = bool(dynamo)
+        if self.dynamo and not _compat_frameworks.onnx_export_takes_dynamo():
+            warn_once(
+                "onnx-dynamo",
+                f"{_NAME}: dynamo=True needs torch.onnx.export(dynamo=...) (torch >= 2.5); this is torch "
+                f"{torch.__version__}, so the TorchScript-based exporter is used. Fix: pass dynamo=False (the same "
+                "exporter, no warning) or upgrade torch.",
+                RuntimeWarning,
+            )
         #: Local path of the exported model (``None`` until a successful export).
         self.onnx_path: Path | None = None
         #: Largest |onnxruntime - PyTorch| over the parity batches (``None`` when not checked).

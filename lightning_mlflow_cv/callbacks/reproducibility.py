@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_mlflow_cv import _compat_frameworks
 from lightning_mlflow_cv._context import find_mlflow_logger
 from lightning_mlflow_cv._params import drop_repeated
 from lightning_mlflow_cv._redact import redact_text
@@ -139,7 +140,7 @@ class ReproducibilityCallback(Callback):
             self._seed()
 
     def _seed(self) -> None:
-        pl.seed_everything(self.seed, workers=True, verbose=False)
+        _compat_frameworks.seed_everything(self.seed, workers=True)
         if self.deterministic_cudnn:
             import torch
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_mlflow_cv import _compat
 from lightning_mlflow_cv._context import find_mlflow_logger
 from lightning_mlflow_cv._system_sampling import (
     GPUSampler,
@@ -85,11 +86,21 @@ class SystemMetricsCallback(Callback):
         self._logger: MLflowCVLogger | None = None
         self._node: int | None = None
         self._direct = False
+        self._said_no_tab = False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             find_mlflow_logger(trainer, _NAME)
+            if trainer.is_global_zero and not _compat.has_system_metrics() and not self._said_no_tab:
+                self._said_no_tab = True
+                warnings.warn(
+                    f"{_NAME}: this MLflow {_compat.version_string()} has no System metrics tab (MLflow >= 2.8): the "
+                    "figures are logged as the same system/... metrics and show among the run's charts. Fix: "
+                    "upgrade MLflow (client and server) for the tab.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
+from lightning_mlflow_cv import _compat_frameworks
 from lightning_mlflow_cv.demos._base import ExampleDataModule, ExampleModule, Split
 
 #: Normalisation of the digits images after scaling to [0, 1].
@@ -235,7 +236,7 @@ def run_demo(
     from lightning_mlflow_cv import MLflowCVLogger
     from lightning_mlflow_cv._summary import NOTE_TAG, run_description
 
-    pl.seed_everything(42, workers=True, verbose=False)
+    _compat_frameworks.seed_everything(42, workers=True)
     logger = MLflowCVLogger(
         experiment_name=experiment_name,
         run_name="digits-cnn",

@@ -65,12 +65,12 @@ def curve_figure(
         legend_loc: Where the per-class legend goes (matplotlib's ``loc``).
     """
     from matplotlib.figure import Figure
-    from torchmetrics.utilities.plot import plot_curve
+
+    from lightning_mlflow_cv._compat_frameworks import plot_curve
 
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
-    names: list[int | str] | None = None if labels is None else list(labels)
-    plot_curve(curve, score=score, ax=ax, label_names=axis_names, name=title, labels=names)
+    plot_curve(curve, score, ax, axis_names, title, labels)
     if labels is not None:
         ax.legend(fontsize=7, loc=legend_loc)
     return fig

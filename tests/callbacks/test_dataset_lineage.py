@@ -172,9 +172,10 @@ class FolderDigits(pl.LightningDataModule):
     def __init__(self, root: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
         super().__init__()
         from torchvision.datasets import ImageFolder
-        from torchvision.transforms import v2
+        from torchvision import transforms as T
 
-        tf = v2.Compose([v2.Grayscale(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+        # float images in [0, 1] with the transforms every supported torchvision has (v2.ToImage: 0.16)
+        tf = T.Compose([T.Grayscale(), T.PILToTensor(), T.ConvertImageDtype(torch.float32)])
         self.train_set = ImageFolder(str(root), transform=tf)
         self.val_set = TensorDataset(images[:32].float() / 255.0, labels[:32])
 

@@ -75,14 +75,27 @@ def test_export_best_weights_parity_two_batch_sizes(tracking_uri):
 
 
 # an operator ONNX has no translation for, in both exporters
-@torch.library.custom_op("lmc_onnx_test::no_onnx", mutates_args=())
-def _no_onnx(x: torch.Tensor) -> torch.Tensor:
-    return x.clone()
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4, which the torch.export-based exporter needs
+
+    @torch.library.custom_op("lmc_onnx_test::no_onnx", mutates_args=())
+    def _no_onnx(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @_no_onnx.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+else:  # the same operator through the older torch.library API (torch 2.0 exports with TorchScript only)
+    _lib = torch.library.Library("lmc_onnx_test", "DEF")
+    _lib.define("no_onnx(Tensor x) -> Tensor")
+    _lib.impl("no_onnx", lambda x: x.clone(), "CompositeExplicitAutograd")
+    _no_onnx = torch.ops.lmc_onnx_test.no_onnx
 
 
-@_no_onnx.register_fake
-def _(x):
-    return torch.empty_like(x)
+def _exporting() -> bool:
+    """Whether torch is tracing or exporting the module (``torch.compiler.is_exporting``: torch >= 2.3)."""
+    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    return torch.jit.is_tracing() or bool(is_exporting and is_exporting())
 
 
 class Unexportable(DigitsClassifier):
@@ -95,7 +108,7 @@ class ExportsDifferently(DigitsClassifier):
 
     def forward(self, x):
         out = super().forward(x)
-        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        if _exporting():
             out = out + 1.0
         return out
 

@@ -60,7 +60,7 @@ def test_seed_seeds_every_rng() -> None:
 def test_global_seed_given_already_set_or_none(monkeypatch) -> None:
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     assert ReproducibilityCallback().global_seed() == "none"
-    pl.seed_everything(99, verbose=False)  # a seed set elsewhere (e.g. LightningCLI's seed_everything)
+    pl.seed_everything(99)  # a seed set elsewhere (e.g. LightningCLI's seed_everything)
     assert ReproducibilityCallback().global_seed() == "99"
     assert ReproducibilityCallback(seed=5).global_seed() == "5"
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import needs_newer
 from mlflow import MlflowClient
-from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 
-from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv import MLflowCVLogger, _compat
 from lightning_mlflow_cv._system_sampling import (
     GPU_NAMES,
     HOST_NAMES,
@@ -26,6 +25,10 @@ from tests.tiny import TinyModel, loaders
 
 def _mlflow_names() -> set[str]:
     """The names MLflow's own monitors produce on this machine (the peer doing the same job)."""
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
     names: set[str] = set()
     for monitor in (CPUMonitor(), DiskMonitor(), NetworkMonitor()):
         monitor.collect_metrics()
@@ -33,9 +36,14 @@ def _mlflow_names() -> set[str]:
     return names
 
 
-def test_host_sample_uses_mlflows_names_and_sane_values():
+@needs_newer("mlflow", "2.8", _compat.has_system_metrics(), "compares with MLflow's own system metric monitors")
+def test_host_sample_uses_mlflows_names():
+    assert set(HostSampler().sample()) == set(HOST_NAMES) == _mlflow_names()
+
+
+def test_host_sample_has_sane_values():
     sample = HostSampler().sample()
-    assert set(sample) == set(HOST_NAMES) == _mlflow_names()
+    assert set(sample) == set(HOST_NAMES)
     assert 0 <= sample["cpu_utilization_percentage"] <= 100 and 0 < sample["system_memory_usage_percentage"] < 100
     assert sample["system_memory_usage_megabytes"] > 0 and sample["disk_available_megabytes"] > 0
     assert metric_keys({"cpu_utilization_percentage": 1.0}, None) == {"system/cpu_utilization_percentage": 1.0}
@@ -95,3 +103,26 @@ def test_gpu_figures_per_device_under_mlflows_names():
         for name in GPU_NAMES[:3]:  # memory and utilisation: every NVIDIA device reports them
             assert name.format(i=i) in sample
         assert 0 <= sample[f"gpu_{i}_utilization_percentage"] <= 100
+
+
+def test_without_mlflows_system_metrics_one_warning_and_the_figures_still_logged(tracking_uri, monkeypatch):
+    """MLflow < 2.8 (no mlflow.system_metrics, no System metrics tab): one line naming the version, and the fit
+    logs the same system/... metrics."""
+    monkeypatch.setattr(_compat, "has_system_metrics", lambda: False)
+    logger = MLflowCVLogger(experiment_name="sys-old", tracking_uri=tracking_uri)
+    cb = SystemMetricsCallback(interval_s=10)
+    train, val = loaders(n=16, batch_size=4)
+    trainer = pl.Trainer(
+        max_epochs=2, logger=logger, callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1,
+    )
+    with pytest.warns(RuntimeWarning) as record:
+        trainer.fit(TinyModel(), train, val)
+        trainer.fit(TinyModel(), train, val)  # the same callback again: said once
+    said = [str(w.message) for w in record if "System metrics tab" in str(w.message)]
+    assert len(said) == 1 and re.match(
+        r"SystemMetricsCallback: this MLflow \S+ has no System metrics tab \(MLflow >= 2\.8\): .* Fix: upgrade MLflow",
+        said[0],
+    ), said
+    assert logger.flush()
+    assert {f"system/{n}" for n in HOST_NAMES} <= set(MlflowClient(tracking_uri).get_run(logger.run_id).data.metrics)
