@@ -489,32 +489,42 @@ class _Unfit(Exception):
 PROBE_BUSY_MS = 2000
 
 
-def _open_store(uri: str) -> Any:
-    """The Writer's first client, with a connection of an SQL store opened and used once.
+def _prove_store(uri: str) -> None:
+    """Prove that this (forked) process can open and write an SQLite store, before the parent relies on it.
 
-    On SQLite it also takes the write lock once (``BEGIN EXCLUSIVE``, then rolls back): SQLite tracks the locks of
-    a process's connections in process memory, and a child forked while another thread's connection held one
-    inherits it, held by a connection that no longer exists there, so every write would wait for it forever
-    ("database is locked"). Such a child raises :class:`_Unfit`; a lock another process holds goes within
-    :data:`PROBE_BUSY_MS`."""
-    client = _own_client(uri)
-    engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
-    if engine is not None:
-        import sqlalchemy
+    It opens the store's file with SQLite directly (a child forked while another thread was opening a connection
+    inherits SQLite's process-wide mutex held, and hangs here: the parent then gives it up) and takes the write
+    lock once (``BEGIN EXCLUSIVE``, then ``ROLLBACK``): SQLite tracks the locks of a process's connections in
+    process memory, and a child forked while another thread's connection held one inherits it, held by a
+    connection that no longer exists there, so every write would wait for it forever ("database is locked"). Such a
+    child raises :class:`_Unfit`; a lock another process holds goes within :data:`PROBE_BUSY_MS`. A store that
+    cannot be opened at all (missing, unreachable) is not the fork's doing: the writer reports and retries it. Other
+    stores have no such process-wide state: their connections are the child's own (see :func:`_own_client`).
+    """
+    if not uri.startswith("sqlite:"):
+        return
+    import sqlite3
 
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT 1"))
-            if engine.dialect.name == "sqlite":
-                try:
-                    conn.exec_driver_sql(f"PRAGMA busy_timeout = {PROBE_BUSY_MS}")
-                    conn.exec_driver_sql("BEGIN EXCLUSIVE")
-                    conn.exec_driver_sql("ROLLBACK")
-                except sqlalchemy.exc.OperationalError as err:
-                    raise _Unfit(
-                        f"could not take the SQLite store's write lock within {PROBE_BUSY_MS / 1000:g} s ({err.orig}; "
-                        "a process forked beside a thread that was using the store inherits that thread's locks)"
-                    ) from err
-    return client
+    from sqlalchemy.engine import make_url
+
+    path = make_url(uri).database
+    if not path or path == ":memory:":
+        return
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=PROBE_BUSY_MS / 1000, isolation_level=None)
+    except sqlite3.Error:
+        return
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("ROLLBACK")
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err) or "busy" in str(err):
+            raise _Unfit(
+                f"could not take the SQLite store's write lock within {PROBE_BUSY_MS / 1000:g} s ({err}; a process "
+                "forked beside a thread that was using the store inherits that thread's locks)"
+            ) from err
+    finally:
+        conn.close()
 
 
 def main() -> None:
@@ -544,21 +554,14 @@ def _serve(cfg: dict[str, Any], inp: TextIO, out: TextIO) -> None:
     _journal.COMPACT_BYTES = int(cfg.get("compact_bytes", _journal.COMPACT_BYTES))
     spool = Spool(cfg["dir"], cfg["key"])
     spool.shared = True  # the parent appends to the same file
-    opened: list[Any] = []
     try:  # prove the store opens here (a lock inherited through fork hangs this): the parent waits for "ready"
-        opened.append(_open_store(uri))
+        _prove_store(uri)
     except _Unfit as err:
         emit(event="unfit", reason=str(err))
         return
-    except Exception:  # noqa: BLE001 - unreachable or refused: the writer reports and retries it as usual
-        pass
     emit(event="ready")
-
-    def client() -> Any:
-        return opened.pop() if opened else _own_client(uri)
-
     writer = Writer(
-        client,
+        lambda: _own_client(uri),
         spool,
         cfg["run_id"],
         uri,

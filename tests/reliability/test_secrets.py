@@ -27,6 +27,7 @@ HP_TOKEN = "hp-token-SECRET-55"
 def _run_text(client: MlflowClient, run_id: str, dest: Path) -> str:
     run = client.get_run(run_id)
     parts = [json.dumps(run.data.params), json.dumps(run.data.tags)]
+    dest.mkdir(parents=True, exist_ok=True)  # MLflow 2.4 requires it to exist
     for f in Path(client.download_artifacts(run_id, "", str(dest))).rglob("*"):
         if f.is_file():
             parts.append(f.read_bytes().decode("utf-8", "ignore"))
@@ -103,6 +104,7 @@ def _all_text(client: MlflowClient, run_id: str, dest: Path, spool: Path) -> dic
     """Every param, tag, artifact file and spool file of a run, by where it was found."""
     run = client.get_run(run_id)
     found = {"params": json.dumps(run.data.params), "tags": json.dumps(run.data.tags)}
+    dest.mkdir(parents=True, exist_ok=True)  # MLflow 2.4 requires it to exist
     local = Path(client.download_artifacts(run_id, "", str(dest)))
     for root, tag in ((local, "artifact"), (spool, "spool")):
         for f in sorted(root.rglob("*")):
