@@ -14,10 +14,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH, metric_key, validate_tags
-from lightning_mlflow_cv._ray_sweep import RaySweep, ray_sweep  # noqa: F401 - public names of this module
-from lightning_mlflow_cv._redact import redact_text
-from lightning_mlflow_cv._runs import (
+from lightning_mlflow_cv._facts.keys import MAX_TAG_VAL_LENGTH, metric_key, validate_tags
+from lightning_mlflow_cv._facts.redact import redact_text
+from lightning_mlflow_cv._facts.runs import (
     Stage,
     active_stage,
     default_tracking_uri,
@@ -25,9 +24,17 @@ from lightning_mlflow_cv._runs import (
     set_run_status,
     status_on_exit,
 )
-from lightning_mlflow_cv._sweep import TRIAL_STATE_TAG, Best, drain_loggers, new_params, warn_tracking, write_summary
-from lightning_mlflow_cv._sweep import log_batch as _log_batch
-from lightning_mlflow_cv._sweep import param as _param
+from lightning_mlflow_cv._sweeps.ray_sweep import RaySweep, ray_sweep  # noqa: F401 - public names of this module
+from lightning_mlflow_cv._sweeps.tracking import (
+    TRIAL_STATE_TAG,
+    Best,
+    drain_loggers,
+    new_params,
+    warn_tracking,
+    write_summary,
+)
+from lightning_mlflow_cv._sweeps.tracking import log_batch as _log_batch
+from lightning_mlflow_cv._sweeps.tracking import param as _param
 
 if TYPE_CHECKING:
     import optuna

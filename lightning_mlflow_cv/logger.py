@@ -26,10 +26,12 @@ from lightning.pytorch.loggers.logger import DummyExperiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
-from lightning_mlflow_cv import _http, _trainer_frames
-from lightning_mlflow_cv._delivery import describe_failure, is_retryable, safe_uri
-from lightning_mlflow_cv._journal import Spool
-from lightning_mlflow_cv._keys import (
+from lightning_mlflow_cv._delivery import http as _http
+from lightning_mlflow_cv._delivery.deliverer import describe_failure, is_retryable, safe_uri
+from lightning_mlflow_cv._delivery.journal import Spool
+from lightning_mlflow_cv._delivery.writer import Writer
+from lightning_mlflow_cv._facts import trainer_frames as _trainer_frames
+from lightning_mlflow_cv._facts.keys import (
     MAX_KEY_LENGTH,
     MAX_PARAM_VAL_LENGTH,
     flatten,
@@ -40,8 +42,8 @@ from lightning_mlflow_cv._keys import (
     split_long_params,
     validate_tags,
 )
-from lightning_mlflow_cv._redact import redact, redact_text
-from lightning_mlflow_cv._runs import (
+from lightning_mlflow_cv._facts.redact import redact, redact_text
+from lightning_mlflow_cv._facts.runs import (
     ACTIVE_STAGE,
     DEFAULT_TRACKING_DB,  # noqa: F401 - kept importable from here
     create_run,
@@ -51,7 +53,6 @@ from lightning_mlflow_cv._runs import (
     register_live,
     same_store,
 )
-from lightning_mlflow_cv._writer import Writer
 from lightning_mlflow_cv.environment import git_commit, hardware_summary
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def run_id_from_checkpoint(path: str | os.PathLike[str]) -> str | None:
 
 def _read_run_id(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
     """``(run id or None, None)``, or ``(None, why the checkpoint could not be read)``."""
-    from lightning_mlflow_cv import _compat_frameworks
+    from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
 
     try:
         ckpt = _compat_frameworks.load_checkpoint(path)
@@ -530,7 +531,7 @@ class MLflowCVLogger(MLFlowLogger):
         client = self._mlflow_client
         if self._run_id is not None and self._run_id.startswith("offline-"):
             # resuming a fit that started offline: its spool knows whether the run was created since
-            from lightning_mlflow_cv._journal import default_spool_dir
+            from lightning_mlflow_cv._delivery.journal import default_spool_dir
 
             bound = Spool(self._spool_dir or default_spool_dir(), self._run_id).header().get("run_id")
             if not bound:
@@ -585,7 +586,7 @@ class MLflowCVLogger(MLFlowLogger):
         return get_or_create_experiment(client, self._experiment_name, self._artifact_location)
 
     def _open_spool(self, key: str, header: dict[str, Any]) -> None:
-        from lightning_mlflow_cv._journal import default_spool_dir
+        from lightning_mlflow_cv._delivery.journal import default_spool_dir
 
         spool = Spool(self._spool_dir or default_spool_dir(), key)
         self._spool_key = key
@@ -596,7 +597,7 @@ class MLflowCVLogger(MLFlowLogger):
         self._spool = spool
         self._ensure_writer()
         if not self.offline:  # deliver spools older fits left behind for this store, in the background
-            from lightning_mlflow_cv import _autosync
+            from lightning_mlflow_cv._delivery import autosync as _autosync
 
             _autosync.start(spool.directory, self._tracking_uri, skip=(key,), request_timeout_s=self._request_timeout_s)
 
@@ -615,7 +616,7 @@ class MLflowCVLogger(MLFlowLogger):
                     "already_warned": self.offline,
                 }
                 if self._choose_writer() == "process" and self._spool.on_disk:  # type: ignore[union-attr]
-                    from lightning_mlflow_cv._writer_proc import ProcessWriter
+                    from lightning_mlflow_cv._delivery.writer_proc import ProcessWriter
 
                     self._writer = ProcessWriter(self._spool, bound, uri, **common)  # type: ignore[arg-type]
                 else:
@@ -650,7 +651,7 @@ class MLflowCVLogger(MLFlowLogger):
         if self._writer_mode in ("process", "thread"):
             self.writer_choice = f"{self._writer_mode}: writer={self._writer_mode!r}"
             return self._writer_mode
-        from lightning_mlflow_cv._writer_choice import choose_writer, machine_from
+        from lightning_mlflow_cv._delivery.writer_choice import choose_writer, machine_from
 
         kind, why = choose_writer(machine_from(_trainer_frames.trainer_context().trainer))
         self.writer_choice = f"{kind}: {why}"
@@ -913,7 +914,7 @@ class MLflowCVLogger(MLFlowLogger):
     @rank_zero_only
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (redacted, truncated to MLflow's limit)."""
-        from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH
+        from lightning_mlflow_cv._facts.keys import MAX_TAG_VAL_LENGTH
 
         spool = self._spool_ready()
         clean = {
@@ -1001,7 +1002,7 @@ class MLflowCVLogger(MLFlowLogger):
         Raises:
             ValueError: on an unsupported dtype, shape or value range (names the fix).
         """
-        from lightning_mlflow_cv._compat import compress_image_size
+        from lightning_mlflow_cv._compat.mlflow_api import compress_image_size
 
         spool = self._spool_ready()
         pil = to_pil_image(image)

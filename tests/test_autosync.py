@@ -16,8 +16,9 @@ from conftest import REPO, free_port
 from mlflow import MlflowClient
 from tiny import TinyModel, loaders, trainer
 
-from lightning_mlflow_cv import MLflowCVLogger, _autosync
-from lightning_mlflow_cv._journal import Spool, metric_points
+from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv._delivery import autosync as _autosync
+from lightning_mlflow_cv._delivery.journal import Spool, metric_points
 
 
 class _StopServerAt(pl.Callback):
@@ -75,7 +76,7 @@ def test_fit_ended_while_server_down_is_delivered_by_the_next_logger(mlflow_serv
 
     mlflow_server.start()
     client.delete_run(doomed)
-    caplog.set_level(logging.WARNING, logger="lightning_mlflow_cv._autosync")
+    caplog.set_level(logging.WARNING, logger="lightning_mlflow_cv._delivery.autosync")
     recwarn.clear()
     b = MLflowCVLogger(tracking_uri=uri, experiment_name="next", request_timeout_s=5)
     trainer(b, max_epochs=1).fit(TinyModel(), train, val)

@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lightning_mlflow_cv._runs import get_or_create_experiment, normalize_uri, same_store
+from lightning_mlflow_cv._facts.runs import get_or_create_experiment, normalize_uri, same_store
 
 PKG = Path(__file__).resolve().parents[1] / "lightning_mlflow_cv"
 #: The modules that create or join runs (issue 13: they imported each other in a cycle).
 RUN_PLUMBING = {
-    "lightning_mlflow_cv._runs",
-    "lightning_mlflow_cv._context",
-    "lightning_mlflow_cv._trainer_frames",
+    "lightning_mlflow_cv._facts.runs",
+    "lightning_mlflow_cv.callbacks._context",
+    "lightning_mlflow_cv._facts.trainer_frames",
     "lightning_mlflow_cv.logger",
     "lightning_mlflow_cv.pipeline",
     "lightning_mlflow_cv.hpo",
-    "lightning_mlflow_cv._ray_sweep",
-    "lightning_mlflow_cv._sweep",
+    "lightning_mlflow_cv._sweeps.ray_sweep",
+    "lightning_mlflow_cv._sweeps.tracking",
 }
 
 
@@ -120,9 +120,9 @@ def test_no_import_cycle_runs_through_the_run_plumbing_even_inside_functions():
     """Counting imports inside functions too (what the design reads as "imports each other"), no cycle passes
     through the modules that create or join runs; `_runs` imports nothing from the package."""
     graph = import_graph(module_level_only=False)
-    assert graph["lightning_mlflow_cv._runs"] == set()
-    assert "lightning_mlflow_cv._runs" in graph["lightning_mlflow_cv.logger"]
-    assert "lightning_mlflow_cv._runs" in graph["lightning_mlflow_cv.pipeline"]
+    assert graph["lightning_mlflow_cv._facts.runs"] == set()
+    assert "lightning_mlflow_cv._facts.runs" in graph["lightning_mlflow_cv.logger"]
+    assert "lightning_mlflow_cv._facts.runs" in graph["lightning_mlflow_cv.pipeline"]
     assert [c for c in cycles(graph) if c & RUN_PLUMBING] == []
 
 

@@ -17,7 +17,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_mlflow_cv import tasks as _tasks
-from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 from lightning_mlflow_cv.metrics.best_epoch import fit_summary, is_new_best, resolve_monitor
 from lightning_mlflow_cv.metrics.functional import (
     confusion_matrix_record,

@@ -21,8 +21,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._redact import redact_text
+from lightning_mlflow_cv._facts.redact import redact_text
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 
 if TYPE_CHECKING:
     from lightning_mlflow_cv.logger import MLflowCVLogger
@@ -539,7 +539,7 @@ class DatasetLineageCallback(Callback):
     def _mlflow_dataset(self, context: str, desc: DatasetDescription, suffix: str) -> tuple[Any, str | None]:
         from mlflow.data.numpy_dataset import from_numpy
 
-        from lightning_mlflow_cv._compat import meta_dataset
+        from lightning_mlflow_cv._compat.mlflow_api import meta_dataset
 
         source = self._source(context, desc)
         name = self.names.get(context)

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from typing_extensions import override
 
-from lightning_mlflow_cv import _export
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._latency import (
+from lightning_mlflow_cv._shipping import export as _export
+from lightning_mlflow_cv._shipping.latency import (
     latency_stats,
     time_blocks,
     time_calls,
     torch_threads,
 )
-from lightning_mlflow_cv._shipping import ShippingCallback
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
+from lightning_mlflow_cv.callbacks._shipping_base import ShippingCallback
 
 __all__ = ["InferenceLatencyCallback", "latency_stats", "time_blocks", "time_calls"]
 

@@ -5,8 +5,8 @@ The gates, the champion/challenger rule and the alias move are not here: the cal
 so a fit and a later CI job apply one rule.
 
 The callback is the sequence; what it ships is built elsewhere: the pyfunc bundle in
-:mod:`lightning_mlflow_cv._packaging` (served code in :mod:`lightning_mlflow_cv._pyfunc`), the card in
-:mod:`lightning_mlflow_cv._model_card`, the LoggedModel and version links in :mod:`lightning_mlflow_cv._logged_model`.
+:mod:`lightning_mlflow_cv._shipping.packaging` (served code in :mod:`lightning_mlflow_cv._shipping.pyfunc`), the card in
+:mod:`lightning_mlflow_cv._shipping.model_card`, the LoggedModel and version links in :mod:`lightning_mlflow_cv._shipping.logged_model`.
 """
 
 from __future__ import annotations
@@ -22,19 +22,25 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from typing_extensions import override
 
-from lightning_mlflow_cv import _compat, _compat_frameworks, _export, _http, _logged_model, _packaging, _pyfunc
 from lightning_mlflow_cv import tasks as _tasks
-from lightning_mlflow_cv._compat import warn_once
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._model_card import (
+from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
+from lightning_mlflow_cv._compat import mlflow_api as _compat
+from lightning_mlflow_cv._compat.mlflow_api import warn_once
+from lightning_mlflow_cv._delivery import http as _http
+from lightning_mlflow_cv._facts.summary import NOTE_TAG, run_description
+from lightning_mlflow_cv._shipping import export as _export
+from lightning_mlflow_cv._shipping import logged_model as _logged_model
+from lightning_mlflow_cv._shipping import packaging as _packaging
+from lightning_mlflow_cv._shipping import pyfunc as _pyfunc
+from lightning_mlflow_cv._shipping.model_card import (
     CARD_KEYS,
     dataset_rows,
     metrics_table,
     model_card_markdown,
     serving_contract,
 )
-from lightning_mlflow_cv._shipping import ShippingCallback
-from lightning_mlflow_cv._summary import NOTE_TAG, run_description
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
+from lightning_mlflow_cv.callbacks._shipping_base import ShippingCallback
 from lightning_mlflow_cv.promotion import Decision, parse_gates, promote, transition_stage
 
 if TYPE_CHECKING:
@@ -104,7 +110,7 @@ class ModelRegistryCallback(ShippingCallback):
             those the training data was normalised with after scaling to [0, 1] (default: the datamodule's
             ``mean``/``std`` attributes); ``size`` defaults to the training images' size.
         postprocess: ``"softmax"``, ``"sigmoid"``, ``"boxes"``, ``"masks"``, ``"instances"``, ``"anomaly"``,
-            ``"depth"`` or ``"none"`` (see :mod:`lightning_mlflow_cv._pyfunc`); default: the post-processing of
+            ``"depth"`` or ``"none"`` (see :mod:`lightning_mlflow_cv._shipping.pyfunc`); default: the post-processing of
             ``task``, else ``"softmax"``.
         alias: Alias set on every new version.
         gates: ``{metric: "<op><number>"}``, e.g. ``{"val/acc": ">=0.9", "latency/torch/p95_ms": "<=50"}``.
@@ -449,7 +455,7 @@ class ModelRegistryCallback(ShippingCallback):
     def _bundle(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: torch.nn.Module, work: Path, onnx_cb: Any
     ) -> _packaging.Bundle:
-        """The servable model's files in ``work`` (see :func:`lightning_mlflow_cv._packaging.build_bundle`)."""
+        """The servable model's files in ``work`` (see :func:`lightning_mlflow_cv._shipping.packaging.build_bundle`)."""
         mean, std = self._norm(trainer)
         sample = _export.sample_input(trainer, pl_module, None, 2)
         cfg = _packaging.pyfunc_config(
@@ -683,7 +689,7 @@ def _what_next(logger: Any, err: BaseException) -> str:
     """What the user does with the kept model: wait for the store, or use one that has the missing API."""
     if not _compat.is_endpoint_not_found(err):
         return "log and register it when the store is back"
-    from lightning_mlflow_cv._delivery import safe_uri
+    from lightning_mlflow_cv._delivery.deliverer import safe_uri
 
     uri = getattr(logger, "tracking_uri", "")  # the store is up but lacks an API: waiting will not help
     version = _compat.server_version(uri) if uri else None

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
-from lightning_mlflow_cv import _compat_frameworks, _export
-from lightning_mlflow_cv._compat import warn_once
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._shipping import ShippingCallback
+from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
+from lightning_mlflow_cv._compat.mlflow_api import warn_once
+from lightning_mlflow_cv._shipping import export as _export
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
+from lightning_mlflow_cv.callbacks._shipping_base import ShippingCallback
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_mlflow_cv import _grid
 from lightning_mlflow_cv import tasks as _tasks
-from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 from lightning_mlflow_cv.tasks import PanelOptions
 
 if TYPE_CHECKING:

@@ -79,7 +79,7 @@ class RayTuneReportCallback(Callback):
         values = report_dict(dict(trainer.callback_metrics), self.metrics)
         if not values:
             return
-        from lightning_mlflow_cv._ray_sweep import ACTIVE_RAY_TRIAL
+        from lightning_mlflow_cv._sweeps.ray_sweep import ACTIVE_RAY_TRIAL
 
         trial = ACTIVE_RAY_TRIAL.get()
         if trial is not None:
@@ -101,7 +101,7 @@ class RayTuneReportCallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """A scheduler stop ends the logger's run KILLED (before Lightning finalizes loggers as "failed")."""
-        from lightning_mlflow_cv._ray_sweep import ACTIVE_RAY_TRIAL
+        from lightning_mlflow_cv._sweeps.ray_sweep import ACTIVE_RAY_TRIAL
 
         trial = ACTIVE_RAY_TRIAL.get()
         if trial is None or not trial.stopped or not isinstance(exception, SystemExit):

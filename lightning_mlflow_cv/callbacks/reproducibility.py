@@ -15,10 +15,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv import _compat_frameworks
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._params import drop_repeated
-from lightning_mlflow_cv._redact import redact_text
+from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
+from lightning_mlflow_cv._facts.params import drop_repeated
+from lightning_mlflow_cv._facts.redact import redact_text
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 from lightning_mlflow_cv.environment import (
     ENV_TAG_PREFIX,
     environment_tags,
@@ -69,12 +69,12 @@ class ReproducibilityCallback(Callback):
     datamodule's ``hparams``), and ``augment/*`` (the training transform, flattened:
     ``augment/RandomResizedCrop/size``). One key per value: a value already logged under the same name (the
     ``lr``/``batch_size``/``seed`` that Lightning logs from ``hparams``) is not
-    logged again, see :func:`lightning_mlflow_cv._params.drop_repeated`.
+    logged again, see :func:`lightning_mlflow_cv._facts.params.drop_repeated`.
 
     Everything is redacted by the logger before it is written: values under keys such as
     password/token/secret/api_key, ``user:pass@`` in URLs, the value after a secret-named flag on the command line
     (``--password X``) and credential shapes under any name (private keys, cloud keys, GitHub/Hugging Face/Slack
-    tokens, JWTs, ``Authorization`` values; see :mod:`lightning_mlflow_cv._redact`). Only global rank zero logs.
+    tokens, JWTs, ``Authorization`` values; see :mod:`lightning_mlflow_cv._facts.redact`). Only global rank zero logs.
 
     Args:
         seed: Seed for everything; ``None`` leaves the RNGs alone and logs the seed already set (if any).

@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import SaveConfigCallback
 from typing_extensions import override
 
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._redact import redact
+from lightning_mlflow_cv._facts.redact import redact
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningArgumentParser

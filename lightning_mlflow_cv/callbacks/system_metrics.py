@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv import _compat
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._system_sampling import (
+from lightning_mlflow_cv._compat import mlflow_api as _compat
+from lightning_mlflow_cv._facts.system_sampling import (
     GPUSampler,
     HostSampler,
     metric_keys,
     require_psutil,
 )
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -1,8 +1,8 @@
 """The journal: a durable, append-only queue between training and MLflow.
 
 Everything :class:`~lightning_mlflow_cv.MLflowCVLogger` logs is appended, as one JSON line per call, to a
-spool file on local disk (a write-ahead journal). The writer (:mod:`lightning_mlflow_cv._writer`) reads it from
-its last acknowledged offset and sends it (:mod:`lightning_mlflow_cv._delivery`); when MLflow cannot be reached
+spool file on local disk (a write-ahead journal). The writer (:mod:`lightning_mlflow_cv._delivery.writer`) reads it from
+its last acknowledged offset and sends it (:mod:`lightning_mlflow_cv._delivery.deliverer`); when MLflow cannot be reached
 the data simply stays here, and ``lightning-mlflow-cv sync SPOOL`` (:mod:`lightning_mlflow_cv.spool_sync`) can
 replay it later. Replaying is idempotent: identical metric points are stored once by MLflow's SQL stores, params
 and tags are re-set to the same values, and artifacts are uploaded under fixed names.
@@ -38,7 +38,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_mlflow_cv._compat import warn_once
+from lightning_mlflow_cv._compat.mlflow_api import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class Spool:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             if hold:
-                from lightning_mlflow_cv import _autosync
+                from lightning_mlflow_cv._delivery import autosync as _autosync
 
                 self._hold = _autosync.hold(self.directory, key)
             if self.path.exists():
@@ -501,7 +501,7 @@ class Spool:
         self._kick.set()
 
     def _release(self, unlink: bool = False) -> None:
-        from lightning_mlflow_cv import _autosync
+        from lightning_mlflow_cv._delivery import autosync as _autosync
 
         _autosync.release(self._hold, _autosync.lock_path(self.directory, self.key) if unlink else None)
         self._hold = None

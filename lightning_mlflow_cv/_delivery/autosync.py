@@ -3,7 +3,7 @@
 A fit that ends while its tracking store is down leaves its data in a spool file (``<key>.jsonl``) for
 ``lightning-mlflow-cv sync``. When the next :class:`~lightning_mlflow_cv.MLflowCVLogger` starts against the same
 store with the same spool directory (any process), :func:`start` delivers those older spools in a background
-thread at low CPU priority, with the same code as ``sync`` (:class:`~lightning_mlflow_cv._delivery.Deliverer`, from
+thread at low CPU priority, with the same code as ``sync`` (:class:`~lightning_mlflow_cv._delivery.deliverer.Deliverer`, from
 the spool's acknowledged offset, so replaying is idempotent), removes each one that is fully delivered, and logs
 one line naming what it delivered.
 
@@ -159,7 +159,7 @@ def same_store(spooled_uri: str | None, uri: str) -> bool:
     A relative local path (``sqlite:///mlflow.db``, ``file:./mlruns``) names a different store in each working
     directory, so it never matches.
     """
-    from lightning_mlflow_cv._delivery import safe_uri
+    from lightning_mlflow_cv._delivery.deliverer import safe_uri
 
     if not spooled_uri:
         return False
@@ -220,8 +220,8 @@ def scan(
     Stops at the first failure to reach the store (the rest waits for the next logger or ``sync``). Logs one line
     naming the runs it delivered. Returns a :class:`Report`.
     """
-    from lightning_mlflow_cv._delivery import is_retryable
-    from lightning_mlflow_cv._redact import redact_text
+    from lightning_mlflow_cv._delivery.deliverer import is_retryable
+    from lightning_mlflow_cv._facts.redact import redact_text
 
     report = Report()
     client = None
@@ -240,7 +240,7 @@ def scan(
                 if client is None:
                     from mlflow import MlflowClient
 
-                    from lightning_mlflow_cv import _forkguard
+                    from lightning_mlflow_cv._delivery import forkguard as _forkguard
 
                     with _forkguard.store_call():
                         client = MlflowClient(tracking_uri)
@@ -266,7 +266,7 @@ def scan(
             elif outcome == "deleted":
                 report.deleted_run.append(key)
     if report.delivered:
-        from lightning_mlflow_cv._delivery import safe_uri
+        from lightning_mlflow_cv._delivery.deliverer import safe_uri
 
         runs = ", ".join(
             f"run {d.run_id} ({d.size} bytes{', ' + d.status if d.status else ''})" for d in report.delivered
@@ -281,9 +281,9 @@ def scan(
 
 
 def _deliver_one(client: Any, path: Path, tracking_uri: str, request_timeout_s: float) -> Delivered | str:
-    from lightning_mlflow_cv import _http
-    from lightning_mlflow_cv._delivery import Deliverer, concurrency_for, is_retryable
-    from lightning_mlflow_cv._journal import Spool
+    from lightning_mlflow_cv._delivery import http as _http
+    from lightning_mlflow_cv._delivery.deliverer import Deliverer, concurrency_for, is_retryable
+    from lightning_mlflow_cv._delivery.journal import Spool
 
     spool = Spool(path.parent, path.stem, compact=False, hold=False)
     try:
@@ -294,7 +294,7 @@ def _deliver_one(client: Any, path: Path, tracking_uri: str, request_timeout_s: 
         with _http.fail_fast(request_timeout_s):
             if run_id:
                 try:
-                    from lightning_mlflow_cv import _forkguard
+                    from lightning_mlflow_cv._delivery import forkguard as _forkguard
 
                     with _forkguard.store_call():
                         run = client.get_run(run_id)
@@ -342,7 +342,7 @@ def start(
     """Start (at most one per spool directory and store in this process) a background :func:`scan`."""
     if not enabled():
         return None
-    from lightning_mlflow_cv._delivery import safe_uri
+    from lightning_mlflow_cv._delivery.deliverer import safe_uri
 
     directory = Path(directory)
     if not any(True for _ in candidates(directory, skip)):
@@ -351,7 +351,7 @@ def start(
     skip = tuple(skip)
 
     def run() -> None:
-        from lightning_mlflow_cv._delivery import lower_priority
+        from lightning_mlflow_cv._delivery.deliverer import lower_priority
 
         lower_priority()
         try:
