@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from lightning_mlflow_cv._delivery import http as _http
-from lightning_mlflow_cv._delivery.deliverer import describe_failure, is_retryable, safe_uri
+from lightning_mlflow_cv._delivery.deliverer import describe_failure, is_retryable
 from lightning_mlflow_cv._delivery.journal import Spool
 from lightning_mlflow_cv._delivery.writer import Writer
 from lightning_mlflow_cv._facts import trainer_frames as _trainer_frames
@@ -42,7 +42,7 @@ from lightning_mlflow_cv._facts.keys import (
     split_long_params,
     validate_tags,
 )
-from lightning_mlflow_cv._facts.redact import redact, redact_text
+from lightning_mlflow_cv._facts.redact import redact, redact_text, safe_uri
 from lightning_mlflow_cv._facts.runs import (
     ACTIVE_STAGE,
     DEFAULT_TRACKING_DB,  # noqa: F401 - kept importable from here

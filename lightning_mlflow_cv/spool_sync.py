@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning_mlflow_cv._delivery.deliverer import Deliverer, concurrency_for, safe_uri
+from lightning_mlflow_cv._delivery.deliverer import Deliverer, concurrency_for
 from lightning_mlflow_cv._delivery.journal import Spool
+from lightning_mlflow_cv._facts.redact import safe_uri
 
 __all__ = ["sync"]
 

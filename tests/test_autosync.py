@@ -18,6 +18,7 @@ from tiny import TinyModel, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger
 from lightning_mlflow_cv._delivery import autosync as _autosync
+from lightning_mlflow_cv._delivery import locks
 from lightning_mlflow_cv._delivery.journal import Spool, metric_points
 
 
@@ -106,7 +107,7 @@ def test_fit_ended_while_server_down_is_delivered_by_the_next_logger(mlflow_serv
 _SCAN = """
 import json, sys, time
 from pathlib import Path
-from lightning_mlflow_cv import _autosync
+from lightning_mlflow_cv._delivery import autosync as _autosync
 import mlflow.store.tracking.rest_store  # noqa: F401 - imported before the start line
 directory, uri, go, ready = sys.argv[1:5]
 Path(ready).touch()
@@ -181,20 +182,20 @@ def test_same_store(spooled, mine, same):
 
 
 def test_locks_live_holders_block_delivery_and_a_missing_directory_does_not_wait(tmp_path):
-    a, b = _autosync.hold(tmp_path, "k"), _autosync.hold(tmp_path, "k")  # logger and its writer process
+    a, b = locks.hold(tmp_path, "k"), locks.hold(tmp_path, "k")  # logger and its writer process
     assert a is not None and b is not None
-    with _autosync.claim(tmp_path, "k") as lock:
+    with locks.claim(tmp_path, "k") as lock:
         assert lock is None  # open in a live process: left alone
-    _autosync.release(a)
-    with _autosync.claim(tmp_path, "k") as lock:
+    locks.release(a)
+    with locks.claim(tmp_path, "k") as lock:
         assert lock is None
-    _autosync.release(b)
-    with _autosync.claim(tmp_path, "k") as lock:
+    locks.release(b)
+    with locks.claim(tmp_path, "k") as lock:
         assert lock is not None
-        with _autosync.claim(tmp_path, "k") as second:
+        with locks.claim(tmp_path, "k") as second:
             assert second is None  # one deliverer at a time
     start = time.monotonic()
-    assert _autosync.hold(tmp_path / "missing", "k") is None and time.monotonic() - start < 1
+    assert locks.hold(tmp_path / "missing", "k") is None and time.monotonic() - start < 1
 
 
 def test_sqlite_store_left_behind_spool_and_the_opt_out(tracking_uri, spool_dir, monkeypatch):

@@ -7,12 +7,10 @@ thread at low CPU priority, with the same code as ``sync`` (:class:`~lightning_m
 the spool's acknowledged offset, so replaying is idempotent), removes each one that is fully delivered, and logs
 one line naming what it delivered.
 
-Ownership is coordinated with ``flock`` on ``<key>.lock`` beside the spool:
-
-- every process that has a spool open (the logger, its writer process, ``sync``) holds a *shared* lock on it for
-  as long as it is open (:func:`hold`); the kernel drops it when the process dies, even by SIGKILL;
-- auto-delivery takes an *exclusive* lock without waiting (:func:`claim`), so a spool still open in a live
-  process, or being delivered by another process, is left alone.
+Ownership is coordinated with ``flock`` on ``<key>.lock`` beside the spool
+(:mod:`lightning_mlflow_cv._delivery.locks`): every process that has a spool open holds a *shared* lock on it,
+and auto-delivery takes an *exclusive* lock without waiting (:func:`~lightning_mlflow_cv._delivery.locks.claim`),
+so a spool still open in a live process, or being delivered by another process, is left alone.
 
 Left alone as well: spools of another store (silently: they deliver when a logger of that store starts), and
 spools whose run was deleted (with one warning naming the spool and the fix). ``LIGHTNING_MLFLOW_CV_AUTOSYNC=0``
@@ -21,25 +19,23 @@ turns auto-delivery off.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
 import re
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from lightning_mlflow_cv._delivery.locks import claim, lock_path, release
 
 log = logging.getLogger(__name__)
 
 #: Environment variable: ``0`` / ``false`` / ``no`` / ``off`` disables auto-delivery.
 ENV = "LIGHTNING_MLFLOW_CV_AUTOSYNC"
-#: How long a process opening a spool waits for another process that is delivering it.
-HOLD_WAIT_S = 30.0
 
 _threads: dict[tuple[str, str], threading.Thread] = {}
 _threads_lock = threading.Lock()
@@ -50,85 +46,6 @@ _warned: set[str] = set()
 def enabled() -> bool:
     """False when ``$LIGHTNING_MLFLOW_CV_AUTOSYNC`` is ``0``, ``false``, ``no`` or ``off``."""
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-# ------------------------------------------------------------------------------------------------
-# ownership locks
-# ------------------------------------------------------------------------------------------------
-def lock_path(directory: str | os.PathLike[str], key: str) -> Path:
-    return Path(directory) / f"{key}.lock"
-
-
-def _try_lock(path: Path, mode: int) -> IO[bytes] | None:
-    """Open ``path`` and ``flock`` it without waiting; None when another process holds a conflicting lock.
-
-    Raises OSError when the lock file cannot be opened (read-only or missing directory). Rechecks that the locked file is still the one at ``path`` (it may have been unlinked by a process that
-    removed a delivered spool meanwhile), so two processes never both believe they own the spool.
-    """
-    for _ in range(5):
-        fh = open(path, "ab")  # noqa: SIM115 - held for the lock's lifetime; OSError: the caller decides
-        try:
-            fcntl.flock(fh.fileno(), mode | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            return None
-        try:
-            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
-        except OSError:
-            same = False
-        if same:
-            return fh
-        fh.close()
-    return None
-
-
-def hold(directory: str | os.PathLike[str], key: str, wait_s: float = HOLD_WAIT_S) -> IO[bytes] | None:
-    """Shared lock that marks a spool as open in a live process (released by :func:`release` or process exit).
-
-    Waits up to ``wait_s`` while another process is auto-delivering the spool (it then sees the delivered
-    state); past that it goes on without the lock, which is only a risk of sending a point twice.
-    """
-    path = lock_path(directory, key)
-    deadline = time.monotonic() + wait_s
-    noted = False
-    while True:
-        try:
-            fh = _try_lock(path, fcntl.LOCK_SH)
-        except OSError:
-            return None  # an unwritable spool directory: the spool falls back to memory anyway
-        if fh is not None or time.monotonic() >= deadline:
-            return fh
-        if not noted:
-            noted = True
-            log.warning(
-                "MLflowCVLogger: waiting for another process that is delivering the spool %s",
-                path.with_suffix(".jsonl"),
-            )
-        time.sleep(0.2)
-
-
-def release(fh: IO[bytes] | None, unlink: str | os.PathLike[str] | None = None) -> None:
-    """Drop a lock from :func:`hold` or :func:`claim`; ``unlink`` removes the lock file first (spool removed)."""
-    if fh is None:
-        return
-    if unlink is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(unlink)
-    with contextlib.suppress(OSError):
-        fh.close()
-
-
-@contextlib.contextmanager
-def claim(directory: str | os.PathLike[str], key: str) -> Iterator[IO[bytes] | None]:
-    """Exclusive lock for delivering a spool nobody has open; yields None (and holds nothing) when busy."""
-    try:
-        fh = _try_lock(lock_path(directory, key), fcntl.LOCK_EX)
-    except OSError:
-        fh = None
-    try:
-        yield fh
-    finally:
-        release(fh)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +76,7 @@ def same_store(spooled_uri: str | None, uri: str) -> bool:
     A relative local path (``sqlite:///mlflow.db``, ``file:./mlruns``) names a different store in each working
     directory, so it never matches.
     """
-    from lightning_mlflow_cv._delivery.deliverer import safe_uri
+    from lightning_mlflow_cv._facts.redact import safe_uri
 
     if not spooled_uri:
         return False
@@ -266,7 +183,7 @@ def scan(
             elif outcome == "deleted":
                 report.deleted_run.append(key)
     if report.delivered:
-        from lightning_mlflow_cv._delivery.deliverer import safe_uri
+        from lightning_mlflow_cv._facts.redact import safe_uri
 
         runs = ", ".join(
             f"run {d.run_id} ({d.size} bytes{', ' + d.status if d.status else ''})" for d in report.delivered
@@ -342,7 +259,7 @@ def start(
     """Start (at most one per spool directory and store in this process) a background :func:`scan`."""
     if not enabled():
         return None
-    from lightning_mlflow_cv._delivery.deliverer import safe_uri
+    from lightning_mlflow_cv._facts.redact import safe_uri
 
     directory = Path(directory)
     if not any(True for _ in candidates(directory, skip)):

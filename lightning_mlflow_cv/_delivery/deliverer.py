@@ -158,11 +158,6 @@ def describe_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}"
 
 
-def safe_uri(uri: str) -> str:
-    """The tracking URI without credentials, as kept in the spool header."""
-    return redact_text(uri)
-
-
 class Deliverer:
     """Sends spool records to MLflow in batches within MLflow's limits, acking as it goes.
 

@@ -25,9 +25,9 @@ from lightning_mlflow_cv._delivery.deliverer import (
     describe_failure,
     is_overload,
     lower_priority,
-    safe_uri,
 )
 from lightning_mlflow_cv._delivery.journal import Spool
+from lightning_mlflow_cv._facts.redact import safe_uri
 
 log = logging.getLogger(__name__)
 

@@ -689,7 +689,7 @@ def _what_next(logger: Any, err: BaseException) -> str:
     """What the user does with the kept model: wait for the store, or use one that has the missing API."""
     if not _compat.is_endpoint_not_found(err):
         return "log and register it when the store is back"
-    from lightning_mlflow_cv._delivery.deliverer import safe_uri
+    from lightning_mlflow_cv._facts.redact import safe_uri
 
     uri = getattr(logger, "tracking_uri", "")  # the store is up but lacks an API: waiting will not help
     version = _compat.server_version(uri) if uri else None

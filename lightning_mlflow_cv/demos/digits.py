@@ -301,7 +301,7 @@ def _quiet() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lightning_mlflow_cv._delivery.deliverer import safe_uri
+    from lightning_mlflow_cv._facts.redact import safe_uri
     from lightning_mlflow_cv._facts.summary import headline, promotion_line
 
     parser = argparse.ArgumentParser(prog="lightning-mlflow-cv demo", description=__doc__.splitlines()[0])
