@@ -1,6 +1,6 @@
 """Sweeps: one parent MLflow run per sweep, one nested child run per trial.
 
-``optuna_sweep`` (here) for Optuna, ``ray_sweep`` (implemented in ``_ray_sweep``) for Ray Tune. Both are
+``optuna_sweep`` (here) for Optuna, ``ray_sweep`` (implemented in ``_sweeps.ray_sweep``) for Ray Tune. Both are
 optional dependencies (``pip install "lightning-mlflow-cv[optuna]"`` / ``[ray]``), imported lazily.
 """
 
@@ -47,7 +47,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 #: Trial user attribute holding the trial's MLflow child run id (``study.best_trial.user_attrs[...]``).
 TRIAL_RUN_ATTR = "mlflow_run_id"
-# TRIAL_STATE_TAG (from _sweep): on each child run ``RUNNING``, ``COMPLETE``, ``PRUNED`` or ``FAIL`` (Optuna's names).
+# TRIAL_STATE_TAG (from _sweeps.tracking): on each child run ``RUNNING``, ``COMPLETE``, ``PRUNED`` or ``FAIL`` (Optuna's names).
 #: MLflow run status per final Optuna trial state.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 #: How long a worker that did not create the study waits for the creator to publish the parent run id.

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-# MLflow's own per-request limits, read here rather than through ``_keys`` (which loads the task registry, and so
+# MLflow's own per-request limits, read here rather than through ``_facts.keys`` (which loads the task registry, and so
 # torch): the writer process imports this module and nothing heavier than MLflow's client.
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
