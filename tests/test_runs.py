@@ -138,7 +138,6 @@ def test_no_import_cycle_anywhere_even_inside_functions():
 ROOT = {
     "__init__", "logger", "cli", "cli_lightning", "hpo", "pipeline", "promotion", "evaluation", "environment",
     "hyperparameters", "spool_sync", "callbacks", "tasks", "metrics", "demos",
-    "_adapters",
 }  # fmt: skip
 #: The layers below the entry points, and the parts each may import (and, through them, what those may import).
 #: A part is a subpackage, or a root module named here; everything else (the logger, callbacks/, the CLI, the
@@ -155,7 +154,6 @@ LAYERS: dict[str, set[str]] = {
     "_delivery": {"_compat", "_facts"},  # journal, locks, deliverer, writers, autosync, HTTP helpers
     "_shipping": {"_compat", "_facts", "environment"},  # export, packaging, pyfunc, logged model, model card
     "_sweeps": {"_facts"},  # the parent/child tracking of a sweep, the Ray sweep
-    "_adapters": {"tasks"},
 }
 
 

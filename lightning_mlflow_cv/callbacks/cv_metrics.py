@@ -55,7 +55,7 @@ class CVMetricsCallback(Callback):
     """Metric presets for classification, object detection and semantic segmentation, built on torchmetrics.
 
     Reads predictions from what ``validation_step``/``test_step`` return (the output convention in
-    :mod:`lightning_mlflow_cv._adapters`, or ``output_fn``), accumulates torchmetrics states on every rank
+    :mod:`lightning_mlflow_cv.tasks`, or ``output_fn``), accumulates torchmetrics states on every rank
     (synchronised under DDP) and logs, with the stage as prefix (``val/...``, ``test/...``):
 
     - **classification**: ``top1_acc``, ``top5_acc`` (k capped at ``num_classes``), macro ``precision``,
