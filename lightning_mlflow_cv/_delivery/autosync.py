@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import threading
 import time
 import warnings
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_mlflow_cv._delivery.locks import claim, lock_path, release
+from lightning_mlflow_cv._facts.runs import is_relative_store, same_store
 
 log = logging.getLogger(__name__)
 
@@ -70,29 +70,16 @@ class Report:
     failed: list[str] = dataclasses.field(default_factory=list)
 
 
-def same_store(spooled_uri: str | None, uri: str) -> bool:
-    """Whether a spool header's (credential-free) URI names the store ``uri``.
+def spooled_for(spooled_uri: str | None, uri: str) -> bool:
+    """Whether a spool header's (credential-free) URI names the store ``uri``, by the one rule of
+    :func:`~lightning_mlflow_cv._facts.runs.same_store`.
 
-    A relative local path (``sqlite:///mlflow.db``, ``file:./mlruns``) names a different store in each working
-    directory, so it never matches.
+    A relative local path in the header (``sqlite:///mlflow.db``, ``file:./mlruns``) was relative to the directory
+    of the process that wrote it, so it never matches.
     """
-    from lightning_mlflow_cv._facts.redact import safe_uri
-
-    if not spooled_uri:
+    if not spooled_uri or is_relative_store(spooled_uri):
         return False
-    # credentials (given in the URI or in the environment) do not change which store it is
-    norm = [re.sub(r"^([a-zA-Z][\w+.\-]*://)[^/@]*@", r"\1", safe_uri(u)).rstrip("/") for u in (spooled_uri, uri)]
-    if norm[0] != norm[1]:
-        return False
-    if ":" not in norm[1]:
-        return os.path.isabs(norm[1])
-    scheme, _, rest = norm[1].partition(":")
-    scheme = scheme.split("+")[0].lower()
-    if scheme == "sqlite":
-        return rest.startswith("////")  # sqlite:////abs/path.db; sqlite:///rel.db is relative
-    if scheme == "file":
-        return (rest[2:] if rest.startswith("//") else rest).startswith("/")
-    return True
+    return same_store(spooled_uri, uri)
 
 
 def candidates(directory: Path, skip: Iterable[str] = ()) -> list[Path]:
@@ -144,7 +131,7 @@ def scan(
     client = None
     for path in candidates(Path(directory), skip):
         key = path.stem
-        if not same_store(_first_record(path).get("tracking_uri"), tracking_uri):
+        if not spooled_for(_first_record(path).get("tracking_uri"), tracking_uri):
             report.other_store.append(key)  # left for a logger of that store, silently
             continue
         with claim(path.parent, key) as lock:
@@ -205,7 +192,7 @@ def _deliver_one(client: Any, path: Path, tracking_uri: str, request_timeout_s: 
     spool = Spool(path.parent, path.stem, compact=False, hold=False)
     try:
         header = spool.header()
-        if not same_store(header.get("tracking_uri"), tracking_uri):
+        if not spooled_for(header.get("tracking_uri"), tracking_uri):
             return "other"
         run_id = header.get("run_id")
         with _http.fail_fast(request_timeout_s):
