@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_mlflow_cv._draw import pixels as _pixels
 from lightning_mlflow_cv._draw import panels as _panels
-from lightning_mlflow_cv.callbacks import _samples
+from lightning_mlflow_cv.callbacks import _checks, _samples
 
 WHO = "SomeCallback"
 
@@ -104,52 +104,52 @@ def test_check_targets(task, good, bad):
 # ------------------------------------------------------------------------------------------------
 def test_argument_checks():
     with pytest.raises(ValueError, match=r"SomeCallback: `task` must be one of .*'classification'.*got 'detect'"):
-        _samples.check_task(WHO, "detect")
+        _checks.check_task(WHO, "detect")
     # one registry of task names: the short names work in every callback
-    assert _samples.check_task(WHO, "detection") == "object-detection"
+    assert _checks.check_task(WHO, "detection") == "object-detection"
     for bad in (0, -1, 2.0, True, "3"):
         with pytest.raises(ValueError, match=r"SomeCallback: `n` must be an int >= 1, got"):
-            _samples.check_positive_int(WHO, "n", bad)
-    assert _samples.check_positive_int(WHO, "n", None, allow_none=True) is None
-    assert _samples.check_mean_std(WHO, 0.5, 0.25) == ((0.5,), (0.25,))
+            _checks.check_int(WHO, "n", bad)
+    assert _checks.check_int(WHO, "n", None, allow_none=True) is None
+    assert _checks.check_mean_std(WHO, 0.5, 0.25) == ((0.5,), (0.25,))
     with pytest.raises(ValueError, match=r"both `mean` and `std` or neither"):
-        _samples.check_mean_std(WHO, (0.5,), None)
+        _checks.check_mean_std(WHO, (0.5,), None)
     with pytest.raises(ValueError, match=r"same length, got 3 and 1"):
-        _samples.check_mean_std(WHO, (0.5, 0.5, 0.5), (0.2,))
+        _checks.check_mean_std(WHO, (0.5, 0.5, 0.5), (0.2,))
     with pytest.raises(ValueError, match=r"every `std` value must be > 0"):
-        _samples.check_mean_std(WHO, (0.5,), (0.0,))
+        _checks.check_mean_std(WHO, (0.5,), (0.0,))
     with pytest.raises(ValueError, match=r"`mean` must be a number or a sequence"):
-        _samples.check_mean_std(WHO, "abc", (1.0, 1.0, 1.0))
+        _checks.check_mean_std(WHO, "abc", (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match=r"`mean` must not be empty"):
-        _samples.check_mean_std(WHO, (), ())
+        _checks.check_mean_std(WHO, (), ())
 
 
 def test_resolve_callable(tmp_path, monkeypatch):
     (tmp_path / "my_adapters.py").write_text("def to_logits(out):\n    return out['logits']\nVALUE = 3\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    fn = _samples.resolve_callable(WHO, "output_transform", "my_adapters:to_logits")
+    fn = _checks.resolve_callable(WHO, "output_transform", "my_adapters:to_logits")
     assert fn({"logits": 7}) == 7
-    assert _samples.resolve_callable(WHO, "output_transform", len) is len
-    assert _samples.resolve_callable(WHO, "output_transform", None) is None
+    assert _checks.resolve_callable(WHO, "output_transform", len) is len
+    assert _checks.resolve_callable(WHO, "output_transform", None) is None
     with pytest.raises(ValueError, match=r"`output_transform` must be a callable or an import path .*got 'my_adapters.to_logits'"):
-        _samples.resolve_callable(WHO, "output_transform", "my_adapters.to_logits")
+        _checks.resolve_callable(WHO, "output_transform", "my_adapters.to_logits")
     with pytest.raises(ValueError, match=r"cannot import module 'no_such_module_xyz'"):
-        _samples.resolve_callable(WHO, "output_transform", "no_such_module_xyz:f")
+        _checks.resolve_callable(WHO, "output_transform", "no_such_module_xyz:f")
     with pytest.raises(ValueError, match=r"module 'my_adapters' has no attribute 'nope'"):
-        _samples.resolve_callable(WHO, "output_transform", "my_adapters:nope")
+        _checks.resolve_callable(WHO, "output_transform", "my_adapters:nope")
     with pytest.raises(ValueError, match=r"is a int, not a callable"):
-        _samples.resolve_callable(WHO, "output_transform", "my_adapters:VALUE")
+        _checks.resolve_callable(WHO, "output_transform", "my_adapters:VALUE")
     sys.modules.pop("my_adapters", None)
 
 
 def test_resolve_module_lists_close_matches():
     m = torch.nn.Module()
     m.features = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Conv2d(2, 2, 3))
-    assert isinstance(_samples.resolve_module(WHO, m, "features.2"), torch.nn.Conv2d)
+    assert isinstance(_checks.resolve_module(WHO, m, "features.2"), torch.nn.Conv2d)
     with pytest.raises(ValueError, match=r"`target_layer`='feature.2' is not a submodule of Module\. Close matches: \['features.2'"):
-        _samples.resolve_module(WHO, m, "feature.2")
+        _checks.resolve_module(WHO, m, "feature.2")
     with pytest.raises(ValueError, match=r"No close matches\..*'features.0', 'features.2'"):
-        _samples.resolve_module(WHO, m, "zzzzzz")
+        _checks.resolve_module(WHO, m, "zzzzzz")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,10 +3,8 @@
 The callbacks :class:`~lightning_mlflow_cv.callbacks.prediction_grid.PredictionGridCallback`,
 :class:`~lightning_mlflow_cv.callbacks.augmentation_samples.AugmentationSamplesCallback` and
 :class:`~lightning_mlflow_cv.callbacks.gradcam.GradCAMCallback` are a guard plus calls into this module and into
-the drawing modules:
+the drawing modules (their arguments are checked in :mod:`lightning_mlflow_cv.callbacks._checks`):
 
-- argument checks: :func:`check_task`, :func:`check_positive_int`, :func:`check_mean_std`,
-  :func:`resolve_callable`, :func:`resolve_module`;
 - :func:`pick_indices`, :func:`fixed_samples`: a fixed, seeded sample set;
 - :func:`split_batch`, :func:`check_outputs`, :func:`check_targets`: the output conventions of
   :mod:`lightning_mlflow_cv.tasks`, with one error message format (callback, expected format, what arrived);
@@ -15,9 +13,8 @@ the drawing modules:
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, overload
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,97 +34,6 @@ EXPECTED_OUTPUT = {t: _tasks.get_task(t).expected_output for t in TASKS}
 
 #: What each task's targets must look like.
 EXPECTED_TARGET = {t: _tasks.get_task(t).expected_target for t in TASKS}
-
-
-def check_task(who: str, task: Any) -> str:
-    """The canonical name of ``task`` (short names allowed) or a ValueError naming the allowed values."""
-    return _tasks.normalize_task(task, who)
-
-
-@overload
-def check_positive_int(who: str, name: str, value: Any, allow_none: Literal[False] = False) -> int: ...
-
-
-@overload
-def check_positive_int(who: str, name: str, value: Any, allow_none: bool) -> int | None: ...
-
-
-def check_positive_int(who: str, name: str, value: Any, allow_none: bool = False) -> int | None:
-    """Return ``value`` when it is an int >= 1 (or None when allowed), else raise ValueError."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{who}: `{name}` must be an int >= 1{extra}, got {value!r}. Fix: e.g. {name}=4.")
-    return value
-
-
-def check_mean_std(who: str, mean: Any, std: Any) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """Validate the normalisation statistics: both or neither, equal length, std > 0."""
-
-    def as_tuple(name: str, v: Any) -> tuple[float, ...] | None:
-        if v is None:
-            return None
-        if isinstance(v, (int, float)):
-            return (float(v),)
-        try:
-            out = tuple(float(x) for x in v)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{who}: `{name}` must be a number or a sequence of numbers (one per channel), got {v!r}. "
-                f"Fix: e.g. {name}=(0.485, 0.456, 0.406)."
-            ) from None
-        if not out:
-            raise ValueError(f"{who}: `{name}` must not be empty. Fix: one value per channel, or None.")
-        return out
-
-    m, s = as_tuple("mean", mean), as_tuple("std", std)
-    if (m is None) != (s is None):
-        raise ValueError(
-            f"{who}: pass both `mean` and `std` or neither, got mean={mean!r}, std={std!r}. "
-            "Fix: the values your Normalize transform uses."
-        )
-    if m is not None and s is not None:
-        if len(m) != len(s):
-            raise ValueError(f"{who}: `mean` and `std` need the same length, got {len(m)} and {len(s)}: {m}, {s}.")
-        if any(v <= 0 for v in s):
-            raise ValueError(f"{who}: every `std` value must be > 0, got {s}.")
-    return m, s
-
-
-def resolve_callable(who: str, name: str, fn: str | Callable[..., Any] | None) -> Callable[..., Any] | None:
-    """A callable given directly or by import path ``"package.module:function"`` (so YAML can name it).
-
-    Raises:
-        ValueError: malformed path, module or attribute not found, or not callable.
-
-    Example::
-
-        >>> resolve_callable("X", "output_transform", "math:sqrt")(4.0)
-        2.0
-    """
-    if fn is None or callable(fn):
-        return fn
-    if not isinstance(fn, str) or fn.count(":") != 1 or not all(fn.split(":")):
-        raise ValueError(
-            f"{who}: `{name}` must be a callable or an import path 'package.module:function', got {fn!r}. "
-            f"Fix: e.g. {name}='my_project.adapters:to_logits'."
-        )
-    mod_name, attr = fn.split(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(
-            f"{who}: `{name}`={fn!r}: cannot import module {mod_name!r} ({e}). Fix the import path."
-        ) from e
-    obj: Any = mod
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{who}: `{name}`={fn!r}: module {mod_name!r} has no attribute {attr!r}. Fix the name.")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"{who}: `{name}`={fn!r} is a {type(obj).__name__}, not a callable.")
-    return obj
 
 
 def pick_indices(n_total: int, k: int, seed: int = 0) -> list[int]:
@@ -304,30 +210,3 @@ def fixed_samples(who: str, loader: Any, k: int, seed: int, indices: Sequence[in
     if idx is None:
         x, y = x[:k], y[:k]
     return x, y, idx
-
-
-def resolve_module(who: str, model: torch.nn.Module, path: Any, arg: str = "target_layer") -> torch.nn.Module:
-    """The submodule of ``model`` at dotted ``path`` (as in ``model.named_modules()``).
-
-    Raises:
-        ValueError: when there is none, listing close matches (difflib) and some valid names.
-
-    Example::
-
-        >>> m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
-        >>> type(resolve_module("X", m, "0")).__name__
-        'Conv2d'
-    """
-    import difflib
-
-    names = [n for n, _ in model.named_modules() if n]
-    if isinstance(path, str) and path in names:
-        return model.get_submodule(path)
-    close = difflib.get_close_matches(str(path), names, n=5, cutoff=0.5)
-    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
-    hint = f" Close matches: {close}." if close else " No close matches."
-    some = convs[-5:] or names[:10]
-    raise ValueError(
-        f"{who}: `{arg}`={path!r} is not a submodule of {type(model).__name__}.{hint} Fix: a dotted name from "
-        f"`[n for n, _ in model.named_modules()]`, e.g. one of {some} (usually the last conv layer)."
-    )

@@ -12,7 +12,7 @@ from typing_extensions import override
 from lightning_mlflow_cv import tasks as _tasks
 from lightning_mlflow_cv._draw import panels as _panels
 from lightning_mlflow_cv._draw import pixels as _pixels
-from lightning_mlflow_cv.callbacks import _samples
+from lightning_mlflow_cv.callbacks import _checks, _samples
 from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 from lightning_mlflow_cv.callbacks._samples import Task
 from lightning_mlflow_cv.tasks import PanelOptions
@@ -82,25 +82,25 @@ class AugmentationSamplesCallback(Callback):
         display_max_size: int = 256,
     ) -> None:
         super().__init__()
-        _samples.check_positive_int(_WHO, "num_samples", num_samples)
+        _checks.check_int(_WHO, "num_samples", num_samples)
         self.num_samples = num_samples
-        self.mean, self.std = _samples.check_mean_std(_WHO, mean, std)
+        self.mean, self.std = _checks.check_mean_std(_WHO, mean, std)
         if not isinstance(artifact_file, str) or not artifact_file.lower().endswith(".png"):
             raise ValueError(
                 f"{_WHO}: `artifact_file` must be a path ending in .png, got {artifact_file!r}. "
                 "Fix: e.g. artifact_file='augmentations/train_samples.png'."
             )
-        self.task = None if task is None else _samples.check_task(_WHO, task)
-        if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
-            raise ValueError(f"{_WHO}: `class_names` must be a list of names or None, got {class_names!r}.")
-        self.class_names = list(class_names) if class_names is not None else None
-        self.num_classes = _samples.check_positive_int(_WHO, "num_classes", num_classes, allow_none=True)
+        self.task = None if task is None else _checks.check_task(_WHO, task)
+        self.class_names = _checks.check_names(
+            _WHO, "class_names", class_names, must="a list of names or None", fix="e.g. class_names=['cat', 'dog']"
+        )
+        self.num_classes = _checks.check_int(_WHO, "num_classes", num_classes, allow_none=True)
         self.background_class = background_class
-        self.batch_transform = _samples.resolve_callable(_WHO, "batch_transform", batch_transform)
-        self.nrow = _samples.check_positive_int(_WHO, "nrow", nrow, allow_none=True)
-        _samples.check_positive_int(_WHO, "display_min_size", display_min_size)
+        self.batch_transform = _checks.resolve_callable(_WHO, "batch_transform", batch_transform)
+        self.nrow = _checks.check_int(_WHO, "nrow", nrow, allow_none=True)
+        _checks.check_int(_WHO, "display_min_size", display_min_size)
         self.display_min_size = display_min_size
-        _samples.check_positive_int(_WHO, "display_max_size", display_max_size)
+        _checks.check_int(_WHO, "display_max_size", display_max_size)
         self.display_max_size = display_max_size
         self.artifact_file = artifact_file.strip("/")
         self.logged = False

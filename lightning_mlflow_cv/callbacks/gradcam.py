@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_mlflow_cv._draw import panels as _panels
 from lightning_mlflow_cv._draw import pixels as _pixels
-from lightning_mlflow_cv.callbacks import _samples
+from lightning_mlflow_cv.callbacks import _checks, _samples
 from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 
 if TYPE_CHECKING:
@@ -104,28 +104,24 @@ class GradCAMCallback(Callback):
                 "Fix: e.g. target_layer='features.3'; list names with `[n for n, _ in model.named_modules()]`."
             )
         self.target_layer = target_layer
-        _samples.check_positive_int(_WHO, "num_samples", num_samples)
+        _checks.check_int(_WHO, "num_samples", num_samples)
         self.num_samples = num_samples
-        self.every_n_epochs = _samples.check_positive_int(_WHO, "every_n_epochs", every_n_epochs, allow_none=True)
-        if target not in ("predicted", "true"):
-            raise ValueError(f"{_WHO}: `target` must be 'predicted' or 'true', got {target!r}.")
-        self.target = target
-        if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
-            raise ValueError(f"{_WHO}: `class_names` must be a list of names or None, got {class_names!r}.")
-        self.class_names = list(class_names) if class_names is not None else None
-        self.mean, self.std = _samples.check_mean_std(_WHO, mean, std)
-        if key is not None and (not isinstance(key, str) or not key.strip()):
-            raise ValueError(f"{_WHO}: `key` must be a non-empty string or None, got {key!r}.")
+        self.every_n_epochs = _checks.check_int(_WHO, "every_n_epochs", every_n_epochs, allow_none=True)
+        self.target = _checks.check_choice(_WHO, "target", target, ("predicted", "true"))
+        self.class_names = _checks.check_names(
+            _WHO, "class_names", class_names, must="a list of names or None", fix="e.g. class_names=['cat', 'dog']"
+        )
+        self.mean, self.std = _checks.check_mean_std(_WHO, mean, std)
+        _checks.check_text(_WHO, "key", key, allow_none=True, fix="e.g. key='gradcam/features.3', or None")
         self.key = key or f"gradcam/{target_layer}"
         self.seed = int(seed)
-        self.output_transform = _samples.resolve_callable(_WHO, "output_transform", output_transform)
-        self.batch_transform = _samples.resolve_callable(_WHO, "batch_transform", batch_transform)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ValueError(f"{_WHO}: `alpha` must be a number in (0, 1], got {alpha!r}. Fix: e.g. alpha=0.5.")
+        self.output_transform = _checks.resolve_callable(_WHO, "output_transform", output_transform)
+        self.batch_transform = _checks.resolve_callable(_WHO, "batch_transform", batch_transform)
+        _checks.check_number(_WHO, "alpha", alpha, 0, 1, above=True, fix="e.g. alpha=0.5")
         self.alpha = float(alpha)
-        _samples.check_positive_int(_WHO, "display_min_size", display_min_size)
+        _checks.check_int(_WHO, "display_min_size", display_min_size)
         self.display_min_size = display_min_size
-        _samples.check_positive_int(_WHO, "display_max_size", display_max_size)
+        _checks.check_int(_WHO, "display_max_size", display_max_size)
         self.display_max_size = display_max_size
         self.indices: list[int] | None = None
         self._samples: tuple[Any, Any] | None = None
@@ -148,7 +144,7 @@ class GradCAMCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _samples.resolve_module(_WHO, pl_module, self.target_layer)
+        _checks.resolve_module(_WHO, pl_module, self.target_layer)
         find_mlflow_logger(trainer, who=_WHO)
 
     @override
@@ -201,7 +197,7 @@ class GradCAMCallback(Callback):
                 "`batch_transform='pkg.mod:fn'` returning (images, class ids)."
             )
         n = x.shape[0]
-        layer = _samples.resolve_module(_WHO, pl_module, self.target_layer)
+        layer = _checks.resolve_module(_WHO, pl_module, self.target_layer)
         was_training = pl_module.training
         pl_module.eval()
         try:

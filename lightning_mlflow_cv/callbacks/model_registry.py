@@ -39,6 +39,7 @@ from lightning_mlflow_cv._shipping.model_card import (
     model_card_markdown,
     serving_contract,
 )
+from lightning_mlflow_cv.callbacks import _checks
 from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 from lightning_mlflow_cv.callbacks._shipping_base import ShippingCallback
 from lightning_mlflow_cv.promotion import Decision, parse_gates, promote, transition_stage
@@ -180,11 +181,9 @@ class ModelRegistryCallback(ShippingCallback):
         postprocess_options: Mapping[str, float] | None = None,
         task: str | None = None,
     ) -> None:
-        if not isinstance(registered_model_name, str) or not registered_model_name.strip():
-            raise ValueError(
-                f"{_NAME}: `registered_model_name` must be a non-empty string, got {registered_model_name!r}. "
-                "Example: ModelRegistryCallback('digits-cnn')."
-            )
+        _checks.check_text(
+            _NAME, "registered_model_name", registered_model_name, fix="ModelRegistryCallback('digits-cnn')"
+        )
         if "/" in registered_model_name or ":" in registered_model_name:
             raise ValueError(
                 f"{_NAME}: `registered_model_name` cannot contain '/' or ':' (MLflow's rule), got "
@@ -199,11 +198,11 @@ class ModelRegistryCallback(ShippingCallback):
             if postprocess is not None
             else (_tasks.get_task(self.task).postprocess if self.task is not None else "softmax")
         )
-        if kind not in _pyfunc.POSTPROCESS:
-            raise ValueError(
-                f"{_NAME}: `postprocess` must be one of {_pyfunc.POSTPROCESS}, got {kind!r}. Use 'softmax' for "
-                "single-label classification, 'sigmoid' for multi-label, 'boxes' for detection, 'masks' for segmentation."
-            )
+        _checks.check_choice(
+            _NAME, "postprocess", kind, _pyfunc.POSTPROCESS, must=f"one of {_pyfunc.POSTPROCESS}",
+            fix="'softmax' for single-label classification, 'sigmoid' for multi-label, 'boxes' for detection, "
+            "'masks' for segmentation",
+        )  # fmt: skip
         for arg, value in (("alias", alias), ("champion_alias", champion_alias)):
             if not isinstance(value, str) or not value.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(
@@ -219,16 +218,12 @@ class ModelRegistryCallback(ShippingCallback):
             self.gates = parse_gates(gates)
         except ValueError as err:
             raise ValueError(f"{_NAME}: `gates`: {err}") from err
-        if compare_mode not in ("max", "min"):
-            raise ValueError(
-                f"{_NAME}: `compare_mode` must be 'max' or 'min', got {compare_mode!r}. Use 'min' for losses."
-            )
-        if isinstance(min_improvement, bool) or not isinstance(min_improvement, (int, float)) or min_improvement < 0:
-            raise ValueError(
-                f"{_NAME}: `min_improvement` must be a number >= 0, got {min_improvement!r}. Example: 0.005."
-            )
-        if compare_metric is not None and (not isinstance(compare_metric, str) or not compare_metric):
-            raise ValueError(f"{_NAME}: `compare_metric` must be a metric name or None, got {compare_metric!r}.")
+        _checks.check_choice(_NAME, "compare_mode", compare_mode, ("max", "min"), fix="'min' for losses")
+        _checks.check_number(_NAME, "min_improvement", min_improvement, 0, fix="e.g. min_improvement=0.005")
+        _checks.check_text(
+            _NAME, "compare_metric", compare_metric, allow_none=True, strip=False, must="a metric name",
+            fix="e.g. compare_metric='val/f1'",
+        )  # fmt: skip
         if model_card is not None and (
             not isinstance(model_card, Mapping) or not all(isinstance(v, str) for v in model_card.values())
         ):
@@ -245,8 +240,7 @@ class ModelRegistryCallback(ShippingCallback):
                 f"{_NAME}: `class_names` must be a list of distinct names, one per class id, got {class_names!r}. "
                 "Example: class_names=['cat', 'dog']."
             )
-        if network_format not in ("pt2", "onnx"):
-            raise ValueError(f"{_NAME}: `network_format` must be 'pt2' or 'onnx', got {network_format!r}.")
+        _checks.check_choice(_NAME, "network_format", network_format, ("pt2", "onnx"))
         self.registered_model_name = registered_model_name
         self.postprocess = kind
         self.alias = alias

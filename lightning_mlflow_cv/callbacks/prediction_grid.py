@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_mlflow_cv import tasks as _tasks
 from lightning_mlflow_cv._draw import panels as _panels
 from lightning_mlflow_cv._draw import pixels as _pixels
-from lightning_mlflow_cv.callbacks import _samples
+from lightning_mlflow_cv.callbacks import _checks, _samples
 from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 from lightning_mlflow_cv.tasks import PanelOptions
 
@@ -147,45 +147,33 @@ class PredictionGridCallback(Callback):
         worst_mistakes: bool = True,
     ) -> None:
         super().__init__()
-        self.task = _samples.check_task(_WHO, task)
-        self.num_samples = _samples.check_positive_int(_WHO, "num_samples", num_samples)
-        self.every_n_epochs = _samples.check_positive_int(_WHO, "every_n_epochs", every_n_epochs)
-        self.nrow = _samples.check_positive_int(_WHO, "nrow", nrow, allow_none=True)
-        self.display_min_size = _samples.check_positive_int(_WHO, "display_min_size", display_min_size)
-        self.display_max_size = _samples.check_positive_int(_WHO, "display_max_size", display_max_size)
+        self.task = _checks.check_task(_WHO, task)
+        self.num_samples = _checks.check_int(_WHO, "num_samples", num_samples)
+        self.every_n_epochs = _checks.check_int(_WHO, "every_n_epochs", every_n_epochs)
+        self.nrow = _checks.check_int(_WHO, "nrow", nrow, allow_none=True)
+        self.display_min_size = _checks.check_int(_WHO, "display_min_size", display_min_size)
+        self.display_max_size = _checks.check_int(_WHO, "display_max_size", display_max_size)
         if self.display_max_size < self.display_min_size:
             raise ValueError(
                 f"{_WHO}: `display_max_size` ({display_max_size}) must be >= `display_min_size` ({display_min_size})."
             )
-        if (
-            isinstance(score_threshold, bool)
-            or not isinstance(score_threshold, (int, float))
-            or not (0.0 <= score_threshold <= 1.0)
-        ):
-            raise ValueError(
-                f"{_WHO}: `score_threshold` must be a number in [0, 1], got {score_threshold!r}. Fix: e.g. 0.5."
-            )
-        if isinstance(dataloader_idx, bool) or not isinstance(dataloader_idx, int) or dataloader_idx < 0:
-            raise ValueError(f"{_WHO}: `dataloader_idx` must be an int >= 0, got {dataloader_idx!r}.")
-        if not isinstance(key, str) or not key.strip():
-            raise ValueError(f"{_WHO}: `key` must be a non-empty string, got {key!r}. Fix: e.g. key='val/predictions'.")
-        if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
-            raise ValueError(
-                f"{_WHO}: `class_names` must be a list of names (one per class id) or None, got {class_names!r}."
-            )
-        if not isinstance(worst_mistakes, bool):
-            raise ValueError(
-                f"{_WHO}: `worst_mistakes` must be True or False, got {worst_mistakes!r}. Fix: worst_mistakes=False "
-                "to log only the fixed samples."
-            )
-        self.worst_mistakes = worst_mistakes
-        self.mean, self.std = _samples.check_mean_std(_WHO, mean, std)
-        self.class_names = list(class_names) if class_names is not None else None
+        _checks.check_number(_WHO, "score_threshold", score_threshold, 0, 1, fix="e.g. score_threshold=0.5")
+        _checks.check_int(_WHO, "dataloader_idx", dataloader_idx, 0, fix="e.g. dataloader_idx=0")
+        _checks.check_text(_WHO, "key", key, fix="e.g. key='val/predictions'")
+        class_names = _checks.check_names(
+            _WHO, "class_names", class_names, must="a list of names (one per class id) or None",
+            fix="e.g. class_names=['cat', 'dog']",
+        )  # fmt: skip
+        self.worst_mistakes = _checks.check_bool(
+            _WHO, "worst_mistakes", worst_mistakes, fix="worst_mistakes=False to log only the fixed samples"
+        )
+        self.mean, self.std = _checks.check_mean_std(_WHO, mean, std)
+        self.class_names = class_names
         self.score_threshold = float(score_threshold)
         self.key = key
         self.seed = int(seed)
-        self.output_transform = _samples.resolve_callable(_WHO, "output_transform", output_transform)
-        self.batch_transform = _samples.resolve_callable(_WHO, "batch_transform", batch_transform)
+        self.output_transform = _checks.resolve_callable(_WHO, "output_transform", output_transform)
+        self.batch_transform = _checks.resolve_callable(_WHO, "batch_transform", batch_transform)
         self.output_fn = _tasks.load_output_fn(output_fn, _WHO)
         if self.output_fn is not None and self.output_transform is not None:
             raise ValueError(

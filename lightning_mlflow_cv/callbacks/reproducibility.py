@@ -18,6 +18,7 @@ from typing_extensions import override
 from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
 from lightning_mlflow_cv._facts.params import drop_repeated
 from lightning_mlflow_cv._facts.redact import redact_text
+from lightning_mlflow_cv.callbacks import _checks
 from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 from lightning_mlflow_cv.environment import (
     ENV_TAG_PREFIX,
@@ -112,11 +113,10 @@ class ReproducibilityCallback(Callback):
         git_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1):
-            raise ValueError(
-                f"ReproducibilityCallback: `seed` must be an integer in [0, 2**32 - 1] or None, got {seed!r}. "
-                "Fix: pass e.g. seed=42, or seed=None to keep the RNG state that is already set."
-            )
+        _checks.check_int(
+            _WHO, "seed", seed, 0, 2**32 - 1, allow_none=True, must="an integer in [0, 2**32 - 1] or None",
+            fix="pass e.g. seed=42, or seed=None to keep the RNG state that is already set",
+        )  # fmt: skip
         if not isinstance(transform_prefix, str) or not transform_prefix.strip("/"):
             raise ValueError(
                 f"ReproducibilityCallback: `transform_prefix` must be a non-empty key prefix such as 'augment', got "

@@ -16,6 +16,7 @@ from lightning_mlflow_cv._facts.system_sampling import (
     metric_keys,
     require_psutil,
 )
+from lightning_mlflow_cv.callbacks import _checks
 from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 
 if TYPE_CHECKING:
@@ -67,8 +68,9 @@ class SystemMetricsCallback(Callback):
     """
 
     def __init__(self, interval_s: float = 10.0, gpu: bool = True, disk_path: str = "/") -> None:
-        if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not interval_s > 0:
-            raise ValueError(f"{_NAME}: `interval_s` must be a number of seconds > 0, got {interval_s!r}. Example: 10.")
+        _checks.check_number(
+            _NAME, "interval_s", interval_s, 0, above=True, must="a number of seconds > 0", fix="e.g. 10"
+        )
         require_psutil(_NAME)
         self.interval_s = float(interval_s)
         self.gpu = bool(gpu)
