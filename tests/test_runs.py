@@ -154,6 +154,7 @@ LAYERS: dict[str, set[str]] = {
     "_delivery": {"_compat", "_facts"},  # journal, locks, deliverer, writers, autosync, HTTP helpers
     "_shipping": {"_compat", "_facts", "environment"},  # export, packaging, pyfunc, logged model, model card
     "_sweeps": {"_facts"},  # the parent/child tracking of a sweep, the Ray sweep
+    "_logger": {"_delivery", "_facts", "_compat", "environment"},  # the logger's parts: resume, run start, writers
 }
 
 
