@@ -16,7 +16,7 @@ import torch
 from lightning_mlflow_cv import tasks as _tasks
 
 
-def fail(who: str, name: str, must: str, value: Any, fix: str) -> NoReturn:
+def fail(who: str, name: str, must: str, value: Any, fix: str, error: type[Exception] = ValueError) -> NoReturn:
     """Raise the one error format: ``<who>: `<name>` must be <must>, got <value>. Fix: <fix>.``
 
     Example::
@@ -26,7 +26,7 @@ def fail(who: str, name: str, must: str, value: Any, fix: str) -> NoReturn:
         ...
         ValueError: X: `k` must be an int >= 1, got 0. Fix: e.g. k=4.
     """
-    raise ValueError(f"{who}: `{name}` must be {must}, got {value!r}. Fix: {fix.rstrip('.')}.")
+    raise error(f"{who}: `{name}` must be {must}, got {value!r}. Fix: {fix.rstrip('.')}.")
 
 
 def is_int(value: Any) -> bool:
@@ -188,12 +188,19 @@ def check_text(
     fail(who, name, must + (" or None" if allow_none else ""), value, fix)
 
 
-def check_names(who: str, name: str, value: Any, *, must: str, fix: str) -> list[Any] | None:
-    """``value`` as a list when it is a sequence that is not a string, or None."""
+def check_names(
+    who: str, name: str, value: Any, *, must: str, fix: str, strings: bool = False, error: type[Exception] = ValueError
+) -> list[Any] | None:
+    """``value`` as a list when it is a sequence that is not a string (with ``strings``, of non-empty strings only),
+    or None."""
     if value is None:
         return None
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        fail(who, name, must, value, fix)
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or (strings and not all(isinstance(v, str) and v for v in value))
+    ):
+        fail(who, name, must, value, fix, error)
     return list(value)
 
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_mlflow_cv.callbacks import _checks
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -63,14 +65,10 @@ class RayTuneReportCallback(Callback):
     def __init__(self, metrics: Sequence[str] | str | None = None) -> None:
         if isinstance(metrics, str):
             metrics = [metrics]
-        if metrics is not None and (
-            not isinstance(metrics, Sequence) or not all(isinstance(m, str) and m for m in metrics)
-        ):
-            raise TypeError(
-                f"{_NAME}: `metrics` must be None (all) or a list of metric names, got {metrics!r}. "
-                "Use e.g. `RayTuneReportCallback(['val/loss'])`."
-            )
-        self.metrics = list(metrics) if metrics is not None else None
+        self.metrics = _checks.check_names(
+            _NAME, "metrics", metrics, must="None (all) or a list of metric names", strings=True, error=TypeError,
+            fix="e.g. `RayTuneReportCallback(['val/loss'])`",
+        )  # fmt: skip
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
