@@ -50,7 +50,8 @@ def one_run(workdir: Path, dynamo: bool, epochs: int) -> dict[str, float]:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-    from lightning_mlflow_cv import MLflowCVLogger, _export
+    from lightning_mlflow_cv import MLflowCVLogger
+    from lightning_mlflow_cv._shipping import export as _export
     from lightning_mlflow_cv.callbacks import inference_latency, model_registry, onnx_export
     from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 

@@ -335,7 +335,7 @@ def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
         out["log_cpu_s"], out["log_points"] = log_cpu["s"], log_cpu["points"]
     if config.startswith("cv"):
         out["writer"] = logger.writer_choice
-    from lightning_mlflow_cv._writer_choice import choose_writer, machine_from
+    from lightning_mlflow_cv._delivery.writer_choice import choose_writer, machine_from
 
     out["auto_writer"] = choose_writer(machine_from(trainer))[0]
     count_uri = spec.get("count_uri") or uri

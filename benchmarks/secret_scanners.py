@@ -3,8 +3,8 @@ and the cost per logged value (issue 33).
 
 Scanners:
 
-- ``ours``: :func:`lightning_mlflow_cv._redact.redact_text` (curated shapes + names);
-- ``ours-shapes-only``: :func:`lightning_mlflow_cv._redact.redact_shapes` (the shapes alone);
+- ``ours``: :func:`lightning_mlflow_cv._facts.redact.redact_text` (curated shapes + names);
+- ``ours-shapes-only``: :func:`lightning_mlflow_cv._facts.redact.redact_shapes` (the shapes alone);
 - ``ds-default``: detect-secrets' ``scan_line`` with its default settings (every plugin, including the
   high-entropy detectors and its heuristic filters); a value is redacted by removing each reported secret;
 - ``ds-no-entropy``: the same without ``Base64HighEntropyString`` and ``HexHighEntropyString``.
@@ -50,7 +50,7 @@ def negatives() -> dict[str, list[str]]:
     import torch
     import torchvision
 
-    from lightning_mlflow_cv._keys import flatten
+    from lightning_mlflow_cv._facts.keys import flatten
     from lightning_mlflow_cv.demos.digits import DigitsDataModule
     from lightning_mlflow_cv.environment import requirements_txt, system_info
     from lightning_mlflow_cv.hyperparameters import optimizer_params, scheduler_params, trainer_params, transform_params
@@ -139,7 +139,7 @@ def _secret_parts(value: str) -> list[str]:
 
 
 def ours() -> Callable[[str], str]:
-    from lightning_mlflow_cv._redact import redact_text
+    from lightning_mlflow_cv._facts.redact import redact_text
 
     return redact_text
 
@@ -208,7 +208,7 @@ def main() -> None:
     if args.detect_secrets_path:
         sys.path.append(args.detect_secrets_path)
     neg, pos = negatives(), positives()
-    from lightning_mlflow_cv._redact import redact_shapes
+    from lightning_mlflow_cv._facts.redact import redact_shapes
 
     results = {"ours": evaluate(ours(), neg, pos), "ours-shapes-only": evaluate(redact_shapes, neg, pos)}
     try:

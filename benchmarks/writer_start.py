@@ -29,9 +29,9 @@ def _child(start: str, points: int) -> dict[str, float]:
     import torch  # noqa: F401 - the parent's memory is a training process's
     from mlflow import MlflowClient
 
-    from lightning_mlflow_cv import _writer_proc
-    from lightning_mlflow_cv._journal import Spool
-    from lightning_mlflow_cv._writer_proc import ProcessWriter
+    from lightning_mlflow_cv._delivery import writer_proc as _writer_proc
+    from lightning_mlflow_cv._delivery.journal import Spool
+    from lightning_mlflow_cv._delivery.writer_proc import ProcessWriter
 
     _writer_proc.FORK = start == "fork"
     work = Path(tempfile.mkdtemp(prefix="lmc-writer-start-"))

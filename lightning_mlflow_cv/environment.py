@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_mlflow_cv._redact import redact, redact_argv, redact_text
+from lightning_mlflow_cv._facts.redact import redact, redact_argv, redact_text
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

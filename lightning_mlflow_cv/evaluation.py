@@ -156,7 +156,7 @@ def _evaluate_classifier(
     import torch
     from torchmetrics.functional.classification import multiclass_auroc
 
-    from lightning_mlflow_cv import _compat
+    from lightning_mlflow_cv._compat import mlflow_api as _compat
 
     num_classes = probs.shape[1]
     names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
@@ -230,7 +230,7 @@ def _log_table_file(client: Any, run_id: str, df: Any, artifact_file: str) -> No
     import tempfile
     from pathlib import Path
 
-    from lightning_mlflow_cv import _compat
+    from lightning_mlflow_cv._compat import mlflow_api as _compat
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / posixpath.basename(artifact_file)

@@ -1,6 +1,6 @@
 """Sweeps: one parent MLflow run per sweep, one nested child run per trial.
 
-``optuna_sweep`` (here) for Optuna, ``ray_sweep`` (implemented in ``_ray_sweep``) for Ray Tune. Both are
+``optuna_sweep`` (here) for Optuna, ``ray_sweep`` (implemented in ``_sweeps.ray_sweep``) for Ray Tune. Both are
 optional dependencies (``pip install "lightning-mlflow-cv[optuna]"`` / ``[ray]``), imported lazily.
 """
 
@@ -14,10 +14,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH, metric_key, validate_tags
-from lightning_mlflow_cv._ray_sweep import RaySweep, ray_sweep  # noqa: F401 - public names of this module
-from lightning_mlflow_cv._redact import redact_text
-from lightning_mlflow_cv._runs import (
+from lightning_mlflow_cv._facts.keys import MAX_TAG_VAL_LENGTH, metric_key, validate_tags
+from lightning_mlflow_cv._facts.redact import redact_text
+from lightning_mlflow_cv._facts.runs import (
     Stage,
     active_stage,
     default_tracking_uri,
@@ -25,9 +24,17 @@ from lightning_mlflow_cv._runs import (
     set_run_status,
     status_on_exit,
 )
-from lightning_mlflow_cv._sweep import TRIAL_STATE_TAG, Best, drain_loggers, new_params, warn_tracking, write_summary
-from lightning_mlflow_cv._sweep import log_batch as _log_batch
-from lightning_mlflow_cv._sweep import param as _param
+from lightning_mlflow_cv._sweeps.ray_sweep import RaySweep, ray_sweep  # noqa: F401 - public names of this module
+from lightning_mlflow_cv._sweeps.tracking import (
+    TRIAL_STATE_TAG,
+    Best,
+    drain_loggers,
+    new_params,
+    warn_tracking,
+    write_summary,
+)
+from lightning_mlflow_cv._sweeps.tracking import log_batch as _log_batch
+from lightning_mlflow_cv._sweeps.tracking import param as _param
 
 if TYPE_CHECKING:
     import optuna
@@ -40,7 +47,7 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment_id"
 #: Trial user attribute holding the trial's MLflow child run id (``study.best_trial.user_attrs[...]``).
 TRIAL_RUN_ATTR = "mlflow_run_id"
-# TRIAL_STATE_TAG (from _sweep): on each child run ``RUNNING``, ``COMPLETE``, ``PRUNED`` or ``FAIL`` (Optuna's names).
+# TRIAL_STATE_TAG (from _sweeps.tracking): on each child run ``RUNNING``, ``COMPLETE``, ``PRUNED`` or ``FAIL`` (Optuna's names).
 #: MLflow run status per final Optuna trial state.
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 #: How long a worker that did not create the study waits for the creator to publish the parent run id.

@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from lightning_mlflow_cv._redact import REDACTED, is_secret_key
+from lightning_mlflow_cv._facts.redact import REDACTED, is_secret_key
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -375,7 +375,7 @@ def hparams_params(obj: Any, prefix: str) -> dict[str, str]:
     hp = getattr(obj, "hparams", None)
     if not hp:
         return {}
-    from lightning_mlflow_cv._keys import flatten
+    from lightning_mlflow_cv._facts.keys import flatten
 
     # LightningCLI adds private entries (``_instantiator``, ``_class_path``); they are not hyperparameters
     flat = flatten({k: v for k, v in dict(hp).items() if not str(k).startswith("_")})

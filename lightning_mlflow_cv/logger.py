@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -17,19 +16,17 @@ from argparse import Namespace
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from lightning.fabric.utilities.logger import _add_prefix, _convert_params, _flatten_dict
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyExperiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
-from lightning_mlflow_cv import _http, _trainer_frames
-from lightning_mlflow_cv._delivery import describe_failure, is_retryable, safe_uri
-from lightning_mlflow_cv._journal import Spool
-from lightning_mlflow_cv._keys import (
+from lightning_mlflow_cv._delivery.journal import Spool
+from lightning_mlflow_cv._facts import trainer_frames as _trainer_frames
+from lightning_mlflow_cv._facts.keys import (
     MAX_KEY_LENGTH,
     MAX_PARAM_VAL_LENGTH,
     flatten,
@@ -40,36 +37,33 @@ from lightning_mlflow_cv._keys import (
     split_long_params,
     validate_tags,
 )
-from lightning_mlflow_cv._redact import redact, redact_text
-from lightning_mlflow_cv._runs import (
+from lightning_mlflow_cv._facts.redact import redact, redact_text, safe_uri
+from lightning_mlflow_cv._facts.runs import (
     ACTIVE_STAGE,
     DEFAULT_TRACKING_DB,  # noqa: F401 - kept importable from here
-    create_run,
     default_tracking_uri,
-    get_or_create_experiment,
     live_loggers,
-    register_live,
     same_store,
 )
-from lightning_mlflow_cv._writer import Writer
-from lightning_mlflow_cv.environment import git_commit, hardware_summary
+from lightning_mlflow_cv._logger.images import IMAGE_KEY_ILLEGAL, to_pil_image
+from lightning_mlflow_cv._logger.resume import (
+    CHECKPOINT_KEY,  # noqa: F401 - kept importable from here
+    ResumeMixin,
+    read_run_id,
+    run_id_from_checkpoint,  # noqa: F401 - kept importable from here
+)
+from lightning_mlflow_cv._logger.run_start import RunStartMixin
+from lightning_mlflow_cv._logger.state import WriterLike
+from lightning_mlflow_cv._logger.state import rank as _rank
+from lightning_mlflow_cv._logger.writers import WriterMixin
+from lightning_mlflow_cv.environment import git_commit
 
 if TYPE_CHECKING:
-    import lightning.pytorch as pl
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
 
-def _rank() -> int:
-    """This process's global rank, read when called (Lightning's strategies update it at setup)."""
-    # `rank` is an attribute Lightning sets on the function object at import, unknown to its type
-    return rank_zero_only.rank  # type: ignore[attr-defined]
-
-
-#: ``state_key`` under which the run id travels inside Lightning checkpoints.
-CHECKPOINT_KEY = "MLflowCVLogger"
-_IMAGE_KEY_ILLEGAL = re.compile(r"[^a-zA-Z0-9_\-./ ]")
 #: The ModelCheckpoint settings Lightning's MLFlowLogger records in each checkpoint's metadata.yaml.
 _CHECKPOINT_META = (
     "monitor",
@@ -105,74 +99,7 @@ def _lightning_version() -> str:
     return f"Lightning {lightning.__version__}"
 
 
-def run_id_from_checkpoint(path: str | os.PathLike[str]) -> str | None:
-    """The MLflow run id stored in a Lightning checkpoint by :class:`MLflowCVLogger`, or ``None``.
-
-    Reads with ``weights_only=True`` (no arbitrary unpickling) and, where torch has it, ``mmap`` (no full load).
-    Warns when the checkpoint cannot be read.
-    """
-    run_id, unread = _read_run_id(path)
-    if unread is not None:
-        warnings.warn(
-            f"MLflowCVLogger: could not read the MLflow run id from checkpoint {path} ({unread}); a new run is "
-            "started. Pass `run_id=` to continue a specific run.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return run_id
-
-
-def _read_run_id(path: str | os.PathLike[str]) -> tuple[str | None, str | None]:
-    """``(run id or None, None)``, or ``(None, why the checkpoint could not be read)``."""
-    from lightning_mlflow_cv import _compat_frameworks
-
-    try:
-        ckpt = _compat_frameworks.load_checkpoint(path)
-    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint just means "start a new run"
-        return None, f"{type(err).__name__}: {err}"
-    state = (ckpt.get("callbacks") or {}).get(CHECKPOINT_KEY) or {}
-    return state.get("run_id"), None
-
-
-class _RunIdInCheckpoint(Callback):
-    """Internal: shares rank 0's run id with every rank (``setup``) and stores it in every checkpoint, so a resumed
-    fit continues the same run (added to ``trainer.callbacks`` when Lightning first touches the logger)."""
-
-    def __init__(self, logger: MLflowCVLogger) -> None:
-        self._logger = logger  # a plain reference: a Trainer that holds this callback must stay picklable
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return CHECKPOINT_KEY
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._logger._share_run_id(trainer)
-
-    @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Metric records wait up to 100 ms in memory (the journal's group commit); put them on disk before the
-        # checkpoint exists, so a fit killed later and resumed from it loses no point logged before it.
-        spool = self._logger._spool
-        if spool is not None:
-            spool.commit()
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        try:
-            return {"run_id": self._logger._run_id, "experiment_id": self._logger._experiment_id}
-        except ReferenceError:
-            return {}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._logger._check_resumed_run(state_dict.get("run_id"))
-
-
-class MLflowCVLogger(MLFlowLogger):
+class MLflowCVLogger(ResumeMixin, RunStartMixin, WriterMixin, MLFlowLogger):
     """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger` made fit for CV training at scale.
 
     Accepts everything ``MLFlowLogger`` accepts and behaves the same (naming, ``run_id=``, ``prefix``, metric key
@@ -382,7 +309,7 @@ class MLflowCVLogger(MLFlowLogger):
         self._request_timeout_s = float(request_timeout_s)
         self._finalize_timeout_s = float(finalize_timeout_s)
         self._spool: Spool | None = None
-        self._writer: Any = None  # Writer (thread) or ProcessWriter
+        self._writer: WriterLike | None = None  # Writer (thread) or ProcessWriter
         self._process_failure: str | None = None  # why the writer process was given up (then: threads only)
         self._writer_lock = threading.Lock()
         self._params: dict[str, str] = {}
@@ -456,7 +383,7 @@ class MLflowCVLogger(MLFlowLogger):
                 ckpt = self._resume_from or ctx.ckpt_path
                 if not self._explicit_run_id and ckpt and self._run_id is None:
                     # unreadable: said once, with both run ids, when Lightning restores it (_check_resumed_run)
-                    self._run_id, self._ckpt_unread = _read_run_id(ckpt)
+                    self._run_id, self._ckpt_unread = read_run_id(ckpt)
                 self._start_run(trainer)
                 if self._resume_from is not None and self._ckpt_unread is not None:
                     self._warn_once(
@@ -471,196 +398,6 @@ class MLflowCVLogger(MLFlowLogger):
             self._broadcast_done = True  # single process: nothing to share
         # with more processes, the internal callback's `setup` hook (run on every rank) shares rank 0's run id;
         # without a Trainer (e.g. `logger.run_id` read before `fit`), the Trainer's setup attaches it later
-
-    def _share_run_id(self, trainer: pl.Trainer) -> None:
-        """Give every rank rank 0's run id (called on every rank by the internal callback's ``setup``)."""
-        if trainer.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                self._run_id, self._experiment_id = trainer.strategy.broadcast(
-                    (self._run_id, self._experiment_id), src=0
-                )
-        self._broadcast_done = True
-
-    #: Why the checkpoint of a resumed fit could not be read when the run was chosen (``None``: it was, or none).
-    _ckpt_unread: str | None = None
-
-    def _check_resumed_run(self, ckpt_run_id: str | None) -> None:
-        """Lightning restored a checkpoint written under run ``ckpt_run_id``: warn when this fit logs elsewhere
-        without being told to (the frame fallback missed the checkpoint, or could not read it)."""
-        if _rank() != 0 or not ckpt_run_id or self._explicit_run_id or self.resumed:
-            return
-        if ckpt_run_id != self._run_id:
-            why = (
-                "the checkpoint was not known when the run was chosen"
-                if self._ckpt_unread is None
-                else f"its run id could not be read when the run was chosen ({self._ckpt_unread})"
-            )
-            self._warn_once(
-                "resume-missed",
-                f"MLflowCVLogger: this fit restored a checkpoint of MLflow run {ckpt_run_id}, but logs into the new "
-                f"run {self._run_id}: {why}. Fix: `MLflowCVLogger(resume_from=<the checkpoint>)` (or "
-                f"`run_id={ckpt_run_id!r}`) continues the checkpoint's run.",
-                RuntimeWarning,
-            )
-
-    def _attach(self, trainer: pl.Trainer) -> None:
-        self._root_dir = os.fspath(trainer.default_root_dir)
-        # Trainer.callbacks is set by Lightning's CallbackConnector and not declared on the class
-        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
-        if not any(isinstance(cb, _RunIdInCheckpoint) for cb in callbacks):
-            # first: its `setup` shares the run id before other callbacks' `setup` may read it on any rank
-            callbacks.insert(0, _RunIdInCheckpoint(self))
-
-    def _start_run(self, trainer: pl.Trainer | None) -> None:
-        self._warn_if_autolog()
-        tags = {**self._context_tags, **dict(self.tags or {})}
-        tags.setdefault("hardware", hardware_summary(trainer))
-        header: dict[str, Any] = {
-            "t": "run",
-            "tracking_uri": safe_uri(self._tracking_uri),
-            "experiment_name": self._experiment_name,
-            "experiment_id": self._parent_experiment_id,
-            "run_name": self._run_name,
-            "tags": tags,
-            "parent_run_id": self._parent_run_id,
-            "artifact_location": self._artifact_location,
-        }
-        client = self._mlflow_client
-        if self._run_id is not None and self._run_id.startswith("offline-"):
-            # resuming a fit that started offline: its spool knows whether the run was created since
-            from lightning_mlflow_cv._journal import default_spool_dir
-
-            bound = Spool(self._spool_dir or default_spool_dir(), self._run_id).header().get("run_id")
-            if not bound:
-                self.offline = True
-                self._open_spool(self._run_id, header)
-                return
-            self._run_id = bound
-        if self._run_id is not None:
-            self.resumed = True
-            try:
-                with _http.fail_fast(self._request_timeout_s):
-                    run = client.get_run(self._run_id)
-                self._experiment_id = run.info.experiment_id
-                self._params = dict(run.data.params)
-            except Exception as err:  # noqa: BLE001
-                if not is_retryable(err):
-                    raise ValueError(
-                        f"MLflowCVLogger: run_id={self._run_id!r} does not exist in {safe_uri(self._tracking_uri)} "
-                        f"({err}). Pass an existing run id, or none to start a new run."
-                    ) from err
-                self.offline = True
-            header["run_id"] = self._run_id
-            self._open_spool(self._run_id, header)
-            self._spool.append({"t": "status", "status": "RUNNING"})  # type: ignore[union-attr]
-            return
-        try:
-            with _http.fail_fast(self._request_timeout_s):
-                if header["experiment_id"] is None:
-                    header["experiment_id"] = self._resolve_experiment_id(client)
-                self._run_id = create_run(client, header)
-                self._experiment_id = header["experiment_id"]
-        except Exception as err:  # noqa: BLE001
-            if not is_retryable(err):
-                raise
-            self.offline = True
-            placeholder = f"offline-{uuid.uuid4().hex}"
-            self._run_id = placeholder
-            self._open_spool(placeholder, header)
-            warnings.warn(
-                f"MLflowCVLogger: cannot create the MLflow run at {safe_uri(self._tracking_uri)} "
-                f"({describe_failure(err)}). Training continues offline; everything is kept in "
-                f"{self._spool.path} and the run is created when the store comes back. If it does not before the "  # type: ignore[union-attr]
-                f"fit ends: lightning-mlflow-cv sync {self._spool.path}",  # type: ignore[union-attr]
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return
-        header["run_id"] = self._run_id
-        self._open_spool(self._run_id, header)
-
-    def _resolve_experiment_id(self, client: MlflowClient) -> str:
-        return get_or_create_experiment(client, self._experiment_name, self._artifact_location)
-
-    def _open_spool(self, key: str, header: dict[str, Any]) -> None:
-        from lightning_mlflow_cv._journal import default_spool_dir
-
-        spool = Spool(self._spool_dir or default_spool_dir(), key)
-        self._spool_key = key
-        if spool.end == 0 or not spool.header():
-            spool.append(header)
-        elif spool.pending > 0:
-            log.warning("MLflowCVLogger: replaying %d undelivered bytes from %s", spool.pending, spool.path)
-        self._spool = spool
-        self._ensure_writer()
-        if not self.offline:  # deliver spools older fits left behind for this store, in the background
-            from lightning_mlflow_cv import _autosync
-
-            _autosync.start(spool.directory, self._tracking_uri, skip=(key,), request_timeout_s=self._request_timeout_s)
-
-    def _ensure_writer(self) -> Any:
-        with self._writer_lock:
-            if self._writer is None or not self._writer.is_alive():
-                from mlflow import MlflowClient
-
-                self._give_up_process_writer()
-                uri = self._tracking_uri
-                bound = self._run_id if not (self._run_id or "").startswith("offline-") else None
-                common = {
-                    "flush_interval_s": self._flush_interval_s,
-                    "request_timeout_s": self._request_timeout_s,
-                    "on_bound": self._on_bound,
-                    "already_warned": self.offline,
-                }
-                if self._choose_writer() == "process" and self._spool.on_disk:  # type: ignore[union-attr]
-                    from lightning_mlflow_cv._writer_proc import ProcessWriter
-
-                    self._writer = ProcessWriter(self._spool, bound, uri, **common)  # type: ignore[arg-type]
-                else:
-                    self._writer = Writer(lambda: MlflowClient(uri), self._spool, bound, uri, **common)  # type: ignore[arg-type]
-                self._writer.start()
-                register_live(self)
-            return self._writer
-
-    def _give_up_process_writer(self) -> None:
-        """A writer process that failed (did not open the store, stopped, hung, died) is replaced by the thread
-        writer for the rest of this logger's life, with one warning saying why; nothing is lost, as the thread
-        delivers from the spool's last acknowledged point."""
-        failure = getattr(self._writer, "failure", None)
-        if not failure or self._process_failure:
-            return
-        self._process_failure = failure
-        if self._spool is not None:
-            self._spool.adopt()
-        self._writer = None
-        warnings.warn(
-            f"MLflowCVLogger: the writer process {failure}; it was stopped and a writer thread in the training "
-            "process delivers from now on, from the last point the store acknowledged (nothing is lost). "
-            "To skip the process from the start, pass writer='thread' (or LIGHTNING_MLFLOW_CV_WRITER=thread).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-    def _choose_writer(self) -> str:
-        if self._process_failure:
-            self.writer_choice = f"thread: the writer process {self._process_failure}"
-            return "thread"
-        if self._writer_mode in ("process", "thread"):
-            self.writer_choice = f"{self._writer_mode}: writer={self._writer_mode!r}"
-            return self._writer_mode
-        from lightning_mlflow_cv._writer_choice import choose_writer, machine_from
-
-        kind, why = choose_writer(machine_from(_trainer_frames.trainer_context().trainer))
-        self.writer_choice = f"{kind}: {why}"
-        log.debug("MLflowCVLogger: writer %s", self.writer_choice)
-        return kind
-
-    def _on_bound(self, run_id: str) -> None:
-        log.warning("MLflowCVLogger: created run %s for the offline spool %s", run_id, self._spool.path)  # type: ignore[union-attr]
-        self._run_id = run_id
-        self.offline = False
 
     @property
     @override
@@ -727,55 +464,6 @@ class MLflowCVLogger(MLFlowLogger):
         self._spool.append({"t": "status", "status": mlflow_status, "end": int(time.time() * 1000)})
         self._close_writer()
 
-    def _drain_timeout(self, writer: Any) -> float:
-        """How long the last flush waits with nothing delivered: a request's time for an unreachable store (it does
-        not wait out an outage), ``finalize_timeout_s`` for one that answers (slow or overloaded)."""
-        if writer.degraded and not getattr(writer, "overloaded", False):
-            return self._request_timeout_s
-        return self._finalize_timeout_s
-
-    def _close_writer(self) -> None:
-        self._follow_spool_to_memory()
-        writer = self._writer
-        if writer is None or self._spool is None:
-            return
-        delivered = writer.stop(self._drain_timeout(writer))
-        if not delivered and getattr(writer, "is_process", False):
-            # The writer process is gone (died, given up, or killed with the process group) or delivered nothing
-            # for the timeout: the training process tries the rest itself, once, within a request's time when the
-            # process was making no progress.
-            failed = getattr(writer, "failure", None)
-            with self._writer_lock:
-                self._give_up_process_writer()
-                if self._spool is not None:
-                    self._spool.adopt()
-                self._writer = None
-            writer = self._ensure_writer()
-            delivered = writer.stop(self._drain_timeout(writer) if failed else self._request_timeout_s)
-        self._writer = None
-        spool, self._spool = self._spool, None
-        if delivered and writer.run_id:
-            self._run_id = writer.run_id
-            spool.remove()
-        else:
-            spool.close()
-            self.last_spool_path = spool.path
-            if writer.degraded and getattr(writer, "overloaded", False):
-                why = f"the store answered that it is overloaded and took nothing for {self._finalize_timeout_s:g} s"
-            elif writer.degraded:
-                why = "the store is unreachable"
-            else:
-                why = (
-                    f"the store is reachable but accepted nothing for {self._finalize_timeout_s:g} s (slow or stalled)"
-                )
-            msg = (
-                f"MLflowCVLogger: {spool.pending} bytes of logged data were not delivered to "
-                f"{safe_uri(self._tracking_uri)}: {why}. They are kept in {spool.path}; nothing is lost. "
-                f"Finish the job with: lightning-mlflow-cv sync {spool.path}"
-            )
-            print(msg, file=sys.stderr)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
     # ------------------------------------------------------------------------------------------
     # writes (all rank zero, all through the spool)
     # ------------------------------------------------------------------------------------------
@@ -790,13 +478,6 @@ class MLflowCVLogger(MLFlowLogger):
         else:
             self._follow_spool_to_memory()
         return self._spool  # type: ignore[return-value]
-
-    def _follow_spool_to_memory(self) -> None:
-        if self._spool is not None and not self._spool.on_disk and getattr(self._writer, "is_process", False):
-            # the disk failed: the child delivers what reached the disk, a thread takes the in-memory rest
-            self._writer.detach()
-            self._writer = None
-            self._ensure_writer()
 
     def _warn_non_numeric(self, key: str, value: Any) -> None:
         self._warn_once(
@@ -868,7 +549,7 @@ class MLflowCVLogger(MLFlowLogger):
             self.flush(self._finalize_timeout_s)
         elif self._pending_points >= 1000:
             self._pending_points = 0
-            self._writer.wake()
+            cast(WriterLike, self._writer).wake()  # _spool_ready started it
 
     @override
     @rank_zero_only
@@ -913,7 +594,7 @@ class MLflowCVLogger(MLFlowLogger):
     @rank_zero_only
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (redacted, truncated to MLflow's limit)."""
-        from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH
+        from lightning_mlflow_cv._facts.keys import MAX_TAG_VAL_LENGTH
 
         spool = self._spool_ready()
         clean = {
@@ -1001,11 +682,11 @@ class MLflowCVLogger(MLFlowLogger):
         Raises:
             ValueError: on an unsupported dtype, shape or value range (names the fix).
         """
-        from lightning_mlflow_cv._compat import compress_image_size
+        from lightning_mlflow_cv._compat.mlflow_api import compress_image_size
 
         spool = self._spool_ready()
         pil = to_pil_image(image)
-        clean_key = _IMAGE_KEY_ILLEGAL.sub("_", key)
+        clean_key = IMAGE_KEY_ILLEGAL.sub("_", key)
         if clean_key != key:
             self._warn_once(
                 f"image:{key}",
@@ -1094,64 +775,6 @@ class MLflowCVLogger(MLFlowLogger):
                 "already logs metrics and params, and ModelRegistryCallback logs the model. To keep one autolog "
                 "feature, log it through this logger instead.",
             )
-
-
-def to_pil_image(image: Any) -> Any:
-    """Convert a tensor ``(C,H,W)``/``(H,W)``, an ndarray ``(H,W[,C])`` or a PIL image to a PIL image.
-
-    Raises:
-        ValueError: unsupported dtype, shape or value range, with what arrived and the fix.
-
-    Example::
-
-        >>> import numpy as np
-        >>> to_pil_image(np.zeros((4, 5, 3), dtype=np.uint8)).size
-        (5, 4)
-    """
-    import numpy as np
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    if hasattr(image, "detach"):
-        t = image.detach().cpu()
-        if t.ndim == 3:
-            if t.shape[0] not in (1, 3, 4):
-                raise ValueError(
-                    f"log_image: a tensor image must be (C, H, W) with C in (1, 3, 4), got shape {tuple(t.shape)}. "
-                    "Permute channels-last tensors with `img.permute(2, 0, 1)`."
-                )
-            t = t.permute(1, 2, 0)
-        arr = t.numpy()
-    elif isinstance(image, np.ndarray):
-        arr = image
-    else:
-        raise ValueError(
-            f"log_image: unsupported image type {type(image).__name__}. Pass a torch.Tensor (C, H, W), "
-            "a numpy array (H, W[, C]) or a PIL.Image."
-        )
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-        raise ValueError(
-            f"log_image: expected an image of shape (H, W), (H, W, 3|4) or a tensor (C, H, W), got shape "
-            f"{tuple(arr.shape)}. Log one image per call (use torchvision.utils.make_grid for batches)."
-        )
-    if arr.dtype == np.uint8:
-        return Image.fromarray(arr)
-    if arr.dtype == bool:
-        return Image.fromarray(arr.astype(np.uint8) * 255)
-    if np.issubdtype(arr.dtype, np.floating):
-        finite = arr[np.isfinite(arr)]
-        lo = float(finite.min()) if finite.size else 0.0
-        hi = float(finite.max()) if finite.size else 0.0
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(
-                f"log_image: float images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]. Undo the "
-                "normalisation (x * std + mean) or scale uint8 data by 1/255 before logging."
-            )
-        return Image.fromarray((np.nan_to_num(arr).clip(0, 1) * 255).round().astype(np.uint8))
-    raise ValueError(f"log_image: unsupported dtype {arr.dtype}; use uint8 in [0, 255] or float in [0, 1].")
 
 
 @atexit.register

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_mlflow_cv._keys import validate_tags
-from lightning_mlflow_cv._runs import (
+from lightning_mlflow_cv._facts.keys import validate_tags
+from lightning_mlflow_cv._facts.runs import (
     ACTIVE_STAGE,  # noqa: F401 - kept importable from here
     Stage,
     active_stage,

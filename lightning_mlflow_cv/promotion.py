@@ -303,7 +303,7 @@ def require_registry(client: MlflowClient, who: str) -> None:
     """
     reason = registry_unsupported(client)
     if reason is not None:
-        from lightning_mlflow_cv._delivery import safe_uri
+        from lightning_mlflow_cv._facts.redact import safe_uri
 
         uri = safe_uri(str(getattr(client, "_registry_uri", None) or client.tracking_uri))
         raise ValueError(

@@ -1,8 +1,8 @@
 """``sync``: replay a spool file left behind by a fit into its MLflow run.
 
-The public face of the journal (:mod:`lightning_mlflow_cv._journal`): ``from lightning_mlflow_cv import sync`` and
+The public face of the journal (:mod:`lightning_mlflow_cv._delivery.journal`): ``from lightning_mlflow_cv import sync`` and
 the console script ``lightning-mlflow-cv sync SPOOL`` both call :func:`sync`, which delivers with the writer's
-code (:class:`~lightning_mlflow_cv._delivery.Deliverer`).
+code (:class:`~lightning_mlflow_cv._delivery.deliverer.Deliverer`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning_mlflow_cv._delivery import Deliverer, concurrency_for, safe_uri
-from lightning_mlflow_cv._journal import Spool
+from lightning_mlflow_cv._delivery.deliverer import Deliverer, concurrency_for
+from lightning_mlflow_cv._delivery.journal import Spool
+from lightning_mlflow_cv._facts.redact import safe_uri
 
 __all__ = ["sync"]
 

@@ -343,7 +343,7 @@ def newer_reason(part: str, since: str, what: str) -> str:
 def needs_newer(part: str, since: str, have_it: bool, what: str) -> pytest.MarkDecorator:
     """Skip the test where ``have_it`` is false: it exercises ``what``, which the installed ``part`` (a torch,
     torchvision, Lightning, torchmetrics or MLflow older than ``since``, e.g. at the floor pyproject admits) lacks.
-    The product detects the same feature in ``lightning_mlflow_cv._compat`` / ``_compat_frameworks``."""
+    The product detects the same feature in ``lightning_mlflow_cv._compat.mlflow_api`` / ``lightning_mlflow_cv._compat.frameworks``."""
     return pytest.mark.skipif(not have_it, reason=newer_reason(part, since, what))
 
 

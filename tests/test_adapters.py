@@ -143,8 +143,6 @@ def test_logits_and_batch_targets_ready_made_output_fn():
 
     fn = load_output_fn("lightning_mlflow_cv.tasks:logits_and_batch_targets", WHO)
     assert fn is logits_and_batch_targets
-    # the old import path of YAML files keeps working
-    assert load_output_fn("lightning_mlflow_cv._adapters:logits_and_batch_targets", WHO) is logits_and_batch_targets
     logits, y = torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
     for outputs, batch in [(logits, (None, y)), ({"logits": logits}, {"image": None, "mask": y})]:
         out = adapt_outputs("semantic-segmentation", outputs, batch, fn, who=WHO)

@@ -16,8 +16,11 @@ from conftest import REPO, free_port
 from mlflow import MlflowClient
 from tiny import TinyModel, loaders, trainer
 
-from lightning_mlflow_cv import MLflowCVLogger, _autosync
-from lightning_mlflow_cv._journal import Spool, metric_points
+from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv._delivery import autosync as _autosync
+from lightning_mlflow_cv._delivery import locks
+from lightning_mlflow_cv._delivery.journal import Spool, metric_points
+from lightning_mlflow_cv._facts.runs import same_store
 
 
 class _StopServerAt(pl.Callback):
@@ -75,7 +78,7 @@ def test_fit_ended_while_server_down_is_delivered_by_the_next_logger(mlflow_serv
 
     mlflow_server.start()
     client.delete_run(doomed)
-    caplog.set_level(logging.WARNING, logger="lightning_mlflow_cv._autosync")
+    caplog.set_level(logging.WARNING, logger="lightning_mlflow_cv._delivery.autosync")
     recwarn.clear()
     b = MLflowCVLogger(tracking_uri=uri, experiment_name="next", request_timeout_s=5)
     trainer(b, max_epochs=1).fit(TinyModel(), train, val)
@@ -105,7 +108,7 @@ def test_fit_ended_while_server_down_is_delivered_by_the_next_logger(mlflow_serv
 _SCAN = """
 import json, sys, time
 from pathlib import Path
-from lightning_mlflow_cv import _autosync
+from lightning_mlflow_cv._delivery import autosync as _autosync
 import mlflow.store.tracking.rest_store  # noqa: F401 - imported before the start line
 directory, uri, go, ready = sys.argv[1:5]
 Path(ready).touch()
@@ -176,24 +179,59 @@ def test_two_processes_deliver_each_spool_once_and_leave_live_spools_alone(mlflo
     ],
 )
 def test_same_store(spooled, mine, same):
-    assert _autosync.same_store(spooled, mine) is same
+    assert _autosync.spooled_for(spooled, mine) is same
+
+
+@pytest.mark.parametrize(
+    ("spooled", "mine", "same"),
+    [
+        ("HTTP://Tracking.Example:5000", "http://tracking.example:5000", True),
+        ("postgresql+psycopg2://db:5432/mlflow", "postgresql://u:p@db:5432/mlflow", True),
+        ("sqlite:////tmp/a/./b/../mlflow.db", "sqlite:////tmp/a/mlflow.db", True),
+        ("sqlite:////tmp/a/mlflow.db", "sqlite:///mlflow.db", False),  # this process's relative path is its cwd's
+        ("sqlite:////tmp/a/mlflow.db", "sqlite:////tmp/b/mlflow.db", False),
+    ],
+)
+def test_a_spool_names_its_store_by_the_run_plumbing_rule(spooled, mine, same):
+    """One rule for "the same store" (issue 29): the spool's header is compared as the logger compares a pipeline
+    stage's store, normalised (case, driver, credentials, `.` and `..`); only a relative header never matches."""
+    assert _autosync.spooled_for(spooled, mine) is same
+    assert same_store(spooled, mine) is same
+
+
+def test_a_left_behind_spool_spelled_another_way_is_delivered_and_another_store_is_left(tracking_uri, spool_dir):
+    assert tracking_uri.startswith("sqlite:////")
+    db = Path(tracking_uri[len("sqlite:///") :])
+    spelled = f"sqlite:///{db.parent}/./{db.name}"
+    for key, uri in (("spelled", spelled), ("elsewhere", f"sqlite:///{db.parent}/other/{db.name}")):
+        left = Spool(spool_dir, key)
+        left.append(
+            {"t": "run", "tracking_uri": uri, "experiment_name": "sq", "run_name": key},
+            {"t": "m", "s": 0, "ts": 1000, "d": {"a": 1.0}},
+            {"t": "status", "status": "FINISHED", "end": 2000},
+        )
+        left.close()
+    report = _autosync.scan(spool_dir, tracking_uri)
+    assert [Path(d.spool).stem for d in report.delivered] == ["spelled"] and report.other_store == ["elsewhere"]
+    run = MlflowClient(tracking_uri).get_run(report.delivered[0].run_id)
+    assert run.info.run_name == "spelled" and run.info.status == "FINISHED"
 
 
 def test_locks_live_holders_block_delivery_and_a_missing_directory_does_not_wait(tmp_path):
-    a, b = _autosync.hold(tmp_path, "k"), _autosync.hold(tmp_path, "k")  # logger and its writer process
+    a, b = locks.hold(tmp_path, "k"), locks.hold(tmp_path, "k")  # logger and its writer process
     assert a is not None and b is not None
-    with _autosync.claim(tmp_path, "k") as lock:
+    with locks.claim(tmp_path, "k") as lock:
         assert lock is None  # open in a live process: left alone
-    _autosync.release(a)
-    with _autosync.claim(tmp_path, "k") as lock:
+    locks.release(a)
+    with locks.claim(tmp_path, "k") as lock:
         assert lock is None
-    _autosync.release(b)
-    with _autosync.claim(tmp_path, "k") as lock:
+    locks.release(b)
+    with locks.claim(tmp_path, "k") as lock:
         assert lock is not None
-        with _autosync.claim(tmp_path, "k") as second:
+        with locks.claim(tmp_path, "k") as second:
             assert second is None  # one deliverer at a time
     start = time.monotonic()
-    assert _autosync.hold(tmp_path / "missing", "k") is None and time.monotonic() - start < 1
+    assert locks.hold(tmp_path / "missing", "k") is None and time.monotonic() - start < 1
 
 
 def test_sqlite_store_left_behind_spool_and_the_opt_out(tracking_uri, spool_dir, monkeypatch):

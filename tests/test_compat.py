@@ -1,4 +1,4 @@
-"""MLflow 2.4 .. 3.x by feature detection (`lightning_mlflow_cv._compat`).
+"""MLflow 2.4 .. 3.x by feature detection (`lightning_mlflow_cv._compat.mlflow_api`).
 
 This file runs in the main suite (MLflow 3 client) and in the compatibility leg (`make test-compat`), under
 MLflow 2.22 and 2.4 clients, and with `LMC_TEST_SERVER_MLFLOW` naming an MLflow 2.22 server's executable.
@@ -22,7 +22,8 @@ from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 from PIL import Image
 
-from lightning_mlflow_cv import MLflowCVLogger, _compat
+from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv._compat import mlflow_api as _compat
 from lightning_mlflow_cv.callbacks.dataset_lineage import DatasetLineageCallback
 from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback
 from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule

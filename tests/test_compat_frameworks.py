@@ -1,4 +1,4 @@
-"""The torch / Lightning / torchmetrics differences (lightning_mlflow_cv._compat_frameworks): each path gives the
+"""The torch / Lightning / torchmetrics differences (lightning_mlflow_cv._compat.frameworks): each path gives the
 newest releases' result, whichever release is installed."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import skip_needs_newer
 
-from lightning_mlflow_cv import _compat_frameworks
+from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
 from lightning_mlflow_cv.metrics.plots import curve_figure
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lightning_mlflow_cv import _trainer_frames
+from lightning_mlflow_cv._facts import trainer_frames as _trainer_frames
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_logger.py"

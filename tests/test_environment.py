@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import make_git_repo
 
-from lightning_mlflow_cv._redact import REDACTED
+from lightning_mlflow_cv._facts.redact import REDACTED
 from lightning_mlflow_cv.environment import (
     framework_versions,
     git_commit,

@@ -36,7 +36,10 @@ def _log_oracle(tmp_path, uri: str, table: torch.Tensor, postprocess: str, size:
     import inspect
     import shutil
 
-    from lightning_mlflow_cv import _compat, _compat_frameworks, _export, _pyfunc
+    from lightning_mlflow_cv._compat import mlflow_api as _compat
+    from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
+    from lightning_mlflow_cv._shipping import export as _export
+    from lightning_mlflow_cv._shipping import pyfunc as _pyfunc
 
     if not _compat.has_models_from_code():  # the package's own < 2.13 pyfunc path is covered by tests/test_compat.py
         skip_needs_newer("mlflow", "2.13", "logs the oracle as a models-from-code pyfunc")

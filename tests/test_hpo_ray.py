@@ -16,7 +16,7 @@ ray = import_real("ray", "ray")
 tune = import_real("ray.tune", "ray")
 
 from lightning_mlflow_cv.hpo import ray_sweep  # noqa: E402
-from lightning_mlflow_cv._ray_sweep import check_store_reachable  # noqa: E402
+from lightning_mlflow_cv._sweeps.ray_sweep import check_store_reachable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_EPOCHS = 3

@@ -1,4 +1,4 @@
-"""Fail-fast HTTP (lightning_mlflow_cv._http): a marked thread makes one attempt on every MLflow release."""
+"""Fail-fast HTTP (lightning_mlflow_cv._delivery.http): a marked thread makes one attempt on every MLflow release."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import refused_port
 from mlflow.utils import rest_utils
 from mlflow.utils.rest_utils import MlflowHostCreds
 
-from lightning_mlflow_cv import _http
+from lightning_mlflow_cv._delivery import http as _http
 
 
 def _get(port: int) -> None:

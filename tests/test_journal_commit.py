@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from lightning_mlflow_cv._journal import Spool, metric_points
+from lightning_mlflow_cv._delivery.journal import Spool, metric_points
 
 #: The README's promise, not a value read from the code (a larger COMMIT_MS must fail these tests) ...
 PROMISED_MS = 100
@@ -47,7 +47,7 @@ def test_a_reader_sees_every_metric_record_and_the_file_gets_them_by_close(tmp_p
 _KILLED_MID_FIT = textwrap.dedent(
     """
     import os, signal, sys, time
-    from lightning_mlflow_cv._journal import Spool
+    from lightning_mlflow_cv._delivery.journal import Spool
     spool = Spool(sys.argv[1], "killed", hold=False)
     spool.append({"t": "run", "tracking_uri": "sqlite:///x.db", "experiment_name": "e", "tags": {}})
     for step in range(60):
@@ -76,7 +76,7 @@ def test_sigkill_loses_at_most_the_last_commit_window_of_metric_points(tmp_path)
 _KILLED_IN_A_PAUSE = textwrap.dedent(
     """
     import os, signal, sys, time
-    from lightning_mlflow_cv._journal import Spool
+    from lightning_mlflow_cv._delivery.journal import Spool
     spool = Spool(sys.argv[1], "paused", hold=False)
     spool.append({"t": "run", "tracking_uri": "sqlite:///x.db", "experiment_name": "e", "tags": {}})
     for step in range(5):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from mlflow.utils.validation import _validate_metric_name, _validate_param_name
 
-from lightning_mlflow_cv._keys import MAX_KEY_LENGTH, metric_key, sanitize_key
+from lightning_mlflow_cv._facts.keys import MAX_KEY_LENGTH, metric_key, sanitize_key
 
 
 def _mlflow_accepts(char: str) -> bool:

@@ -18,10 +18,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mlflow import MlflowClient
 from tiny import N_METRICS, TinyModel, ctrl_c, history_counts, loaders, trainer
 
-from lightning_mlflow_cv import MLflowCVLogger, _journal
-from lightning_mlflow_cv._delivery import Deliverer
-from lightning_mlflow_cv._journal import Spool
-from lightning_mlflow_cv._keys import MAX_PARAM_VAL_LENGTH
+from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv._delivery import journal as _journal
+from lightning_mlflow_cv._delivery.deliverer import Deliverer
+from lightning_mlflow_cv._delivery.journal import Spool
+from lightning_mlflow_cv._facts.keys import MAX_PARAM_VAL_LENGTH
 
 
 def _fit(logger, max_epochs=2, model=None, **kw):
@@ -393,7 +394,7 @@ def test_unwritable_spool_dir_warns_and_still_delivers(tracking_uri, tmp_path):
 
 
 def test_find_logger_error_names_the_fix():
-    from lightning_mlflow_cv._context import find_mlflow_logger
+    from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 
     tr = trainer(False, max_epochs=1)
     with pytest.raises(RuntimeError, match=r"MyCallback needs an MLflowCVLogger.*found: none.*Trainer\(logger=MLflowCVLogger"):

@@ -7,7 +7,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mlflow import MlflowClient
 from tiny import TinyModel, loaders, trainer
 
-from lightning_mlflow_cv import MLflowCVLogger, _trainer_frames
+from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv._facts import trainer_frames as _trainer_frames
 from lightning_mlflow_cv.logger import run_id_from_checkpoint
 
 
@@ -85,7 +86,7 @@ def test_known_run_id_reads_the_run_id_without_creating_the_run(tracking_uri):
 def test_a_checkpoint_unreadable_before_the_run_starts_warns_once_naming_both_runs(tracking_uri, tmp_path, monkeypatch):
     """When the run id cannot be read from the checkpoint before the run is chosen (as with torch.load(mmap=) on
     torch 2.0, before the compat module), the fit starts a new run, and says so once: both run ids, why, the fix."""
-    from lightning_mlflow_cv import _compat_frameworks
+    from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
 
     train, val = loaders()
     first = MLflowCVLogger(tracking_uri=tracking_uri, experiment_name="resume")
@@ -108,7 +109,7 @@ def test_a_checkpoint_unreadable_before_the_run_starts_warns_once_naming_both_ru
 
 
 def test_an_unreadable_resume_from_warns_at_run_start_naming_the_new_run(tracking_uri, tmp_path, monkeypatch):
-    from lightning_mlflow_cv import _compat_frameworks
+    from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
 
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"not a checkpoint")

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from tiny import TinyModel, ctrl_c, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger
-from lightning_mlflow_cv._keys import MAX_PARAM_VAL_LENGTH
+from lightning_mlflow_cv._facts.keys import MAX_PARAM_VAL_LENGTH
 
 #: What differs on purpose, and why. Everything else is compared for equality.
 INTENDED_DIFFERENCES = {

@@ -11,8 +11,8 @@ import uuid
 import fake_secrets as fake
 import pytest
 
-from lightning_mlflow_cv._model_card import model_card_markdown
-from lightning_mlflow_cv._redact import REDACTED, SHAPES, redact, redact_argv, redact_text
+from lightning_mlflow_cv._shipping.model_card import model_card_markdown
+from lightning_mlflow_cv._facts.redact import REDACTED, SHAPES, redact, redact_argv, redact_text
 
 SHA256 = hashlib.sha256(b"digits").hexdigest()
 COMMIT = hashlib.sha1(b"commit").hexdigest()

@@ -1,4 +1,5 @@
-"""Run plumbing (`_runs`): import graph without cycles, get-or-create experiment under concurrency, store URIs."""
+"""Run plumbing (`_facts.runs`) and the package layout: an import graph without cycles that keeps its declared layers,
+get-or-create experiment under concurrency, store URIs."""
 
 from __future__ import annotations
 
@@ -9,19 +10,19 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lightning_mlflow_cv._runs import get_or_create_experiment, normalize_uri, same_store
+from lightning_mlflow_cv._facts.runs import get_or_create_experiment, normalize_uri, same_store
 
 PKG = Path(__file__).resolve().parents[1] / "lightning_mlflow_cv"
 #: The modules that create or join runs (issue 13: they imported each other in a cycle).
 RUN_PLUMBING = {
-    "lightning_mlflow_cv._runs",
-    "lightning_mlflow_cv._context",
-    "lightning_mlflow_cv._trainer_frames",
+    "lightning_mlflow_cv._facts.runs",
+    "lightning_mlflow_cv.callbacks._context",
+    "lightning_mlflow_cv._facts.trainer_frames",
     "lightning_mlflow_cv.logger",
     "lightning_mlflow_cv.pipeline",
     "lightning_mlflow_cv.hpo",
-    "lightning_mlflow_cv._ray_sweep",
-    "lightning_mlflow_cv._sweep",
+    "lightning_mlflow_cv._sweeps.ray_sweep",
+    "lightning_mlflow_cv._sweeps.tracking",
 }
 
 
@@ -120,10 +121,80 @@ def test_no_import_cycle_runs_through_the_run_plumbing_even_inside_functions():
     """Counting imports inside functions too (what the design reads as "imports each other"), no cycle passes
     through the modules that create or join runs; `_runs` imports nothing from the package."""
     graph = import_graph(module_level_only=False)
-    assert graph["lightning_mlflow_cv._runs"] == set()
-    assert "lightning_mlflow_cv._runs" in graph["lightning_mlflow_cv.logger"]
-    assert "lightning_mlflow_cv._runs" in graph["lightning_mlflow_cv.pipeline"]
+    assert graph["lightning_mlflow_cv._facts.runs"] == set()
+    assert "lightning_mlflow_cv._facts.runs" in graph["lightning_mlflow_cv.logger"]
+    assert "lightning_mlflow_cv._facts.runs" in graph["lightning_mlflow_cv.pipeline"]
     assert [c for c in cycles(graph) if c & RUN_PLUMBING] == []
+
+
+def test_no_import_cycle_anywhere_even_inside_functions():
+    """Counting imports inside functions too, no two modules of the package import each other, even through others
+    (issue 29: journal -> autosync -> delivery -> compat -> delivery, and drawing -> tasks -> drawing, were such)."""
+    assert cycles(import_graph(module_level_only=False)) == []
+
+
+#: The root of the package: the public entry points and nothing else (issue 29). A new module goes into the part
+#: it belongs to; one more here is a decision, taken by editing this list.
+ROOT = {
+    "__init__", "logger", "cli", "cli_lightning", "hpo", "pipeline", "promotion", "evaluation", "environment",
+    "hyperparameters", "spool_sync", "callbacks", "tasks", "metrics", "demos",
+}  # fmt: skip
+#: The layers below the entry points, and the parts each may import (and, through them, what those may import).
+#: A part is a subpackage, or a root module named here; everything else (the logger, callbacks/, the CLI, the
+#: sweeps' and pipelines' public modules, demos/) is an entry point, which may import any part, and which no part
+#: imports. So a lower layer never imports a higher one, not even inside a function.
+LAYERS: dict[str, set[str]] = {
+    "_draw": set(),  # pixels and panels: pure drawing
+    "tasks": {"_draw"},  # one module per CV task: its conventions, metrics and panel
+    "_facts": {"tasks"},  # redaction, key rules, run plumbing, system sampling (a `task` tag is checked by name)
+    "_compat": {"_facts"},  # MLflow and framework version differences
+    "metrics": {"_compat"},
+    "environment": {"_facts", "_compat"},
+    "hyperparameters": {"_facts"},
+    "_delivery": {"_compat", "_facts"},  # journal, locks, deliverer, writers, autosync, HTTP helpers
+    "_shipping": {"_compat", "_facts", "environment"},  # export, packaging, pyfunc, logged model, model card
+    "_sweeps": {"_facts"},  # the parent/child tracking of a sweep, the Ray sweep
+    "_logger": {"_delivery", "_facts", "_compat", "environment"},  # the logger's parts: resume, run start, writers
+}
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _below(part: str) -> set[str]:
+    out: set[str] = set()
+    todo = list(LAYERS[part])
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo.extend(LAYERS[p])
+    return out
+
+
+def test_the_root_holds_the_entry_points_and_every_private_subpackage_is_a_declared_layer():
+    modules = {p.stem for p in PKG.glob("*.py")}
+    packages = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+    assert modules - ROOT == set(), "a new module at the root: put it into its part, or add it to ROOT deliberately"
+    assert len(modules - {"__init__"}) <= 12
+    private = {p for p in packages if p.startswith("_")}
+    assert private <= set(LAYERS), f"a private subpackage without a layer: {sorted(private - set(LAYERS))}"
+    assert packages - private <= ROOT
+    assert all(p in _below(q) or p == q for q in LAYERS for p in LAYERS[q])
+    assert all(q not in _below(q) for q in LAYERS), "the declared layers run in a circle"
+
+
+def test_a_lower_layer_never_imports_a_higher_one_even_inside_functions():
+    graph = import_graph(module_level_only=False)
+    wrong = sorted(
+        f"{mod} -> {dep}"
+        for mod, deps in graph.items()
+        for dep in deps
+        if _part(mod) in LAYERS and _part(dep) != _part(mod) and _part(dep) not in _below(_part(mod))
+    )
+    assert wrong == []
 
 
 def _race(uri: str, names: list[str], barrier, out) -> None:

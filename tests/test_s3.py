@@ -196,7 +196,7 @@ def test_s3_failures_are_retried():
     """Every S3 failure keeps the data in the spool and retries: connection, 5xx, throttling, credentials."""
     from botocore.exceptions import ClientError, EndpointConnectionError
 
-    from lightning_mlflow_cv._delivery import describe_failure, is_retryable
+    from lightning_mlflow_cv._delivery.deliverer import describe_failure, is_retryable
 
     errors = [
         EndpointConnectionError(endpoint_url="http://127.0.0.1:9/mlflow/x"),

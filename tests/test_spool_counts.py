@@ -6,8 +6,8 @@ import warnings
 
 from mlflow import MlflowClient
 
-from lightning_mlflow_cv._delivery import Deliverer
-from lightning_mlflow_cv._journal import Spool
+from lightning_mlflow_cv._delivery.deliverer import Deliverer
+from lightning_mlflow_cv._delivery.journal import Spool
 from lightning_mlflow_cv.spool_sync import sync
 
 

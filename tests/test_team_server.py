@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from tiny import N_METRICS, TinyModel, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger
-from lightning_mlflow_cv._journal import metric_points
+from lightning_mlflow_cv._delivery.journal import metric_points
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 ADMIN, PASSWORD = "admin", "Team-s3cret-Pw-42"

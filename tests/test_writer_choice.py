@@ -7,7 +7,7 @@ import torch
 from mlflow import MlflowClient
 
 from lightning_mlflow_cv import MLflowCVLogger
-from lightning_mlflow_cv._writer_choice import Machine, choose_writer, machine_from, training_cores, usable_cores
+from lightning_mlflow_cv._delivery.writer_choice import Machine, choose_writer, machine_from, training_cores, usable_cores
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def test_writer_process_does_not_import_torch() -> None:
     import sys
 
     code = (
-        "import sys; from lightning_mlflow_cv._writer_proc import main; from mlflow import MlflowClient; "
+        "import sys; from lightning_mlflow_cv._delivery.writer_proc import main; from mlflow import MlflowClient; "
         "print(sorted(m for m in ('torch', 'torchvision', 'torchmetrics', 'lightning') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -15,9 +15,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from lightning_mlflow_cv import _writer_proc
-from lightning_mlflow_cv._journal import Spool
-from lightning_mlflow_cv._writer_proc import ProcessWriter
+from lightning_mlflow_cv._delivery import writer_proc as _writer_proc
+from lightning_mlflow_cv._delivery.journal import Spool
+from lightning_mlflow_cv._delivery.writer_proc import ProcessWriter
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the child's /proc entries")
 

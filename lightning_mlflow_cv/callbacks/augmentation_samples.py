@@ -9,10 +9,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv import _grid
 from lightning_mlflow_cv import tasks as _tasks
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._grid import Task
+from lightning_mlflow_cv._draw import panels as _panels
+from lightning_mlflow_cv._draw import pixels as _pixels
+from lightning_mlflow_cv.callbacks import _checks, _samples
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
+from lightning_mlflow_cv.callbacks._samples import Task
 from lightning_mlflow_cv.tasks import PanelOptions
 
 if TYPE_CHECKING:
@@ -80,25 +82,25 @@ class AugmentationSamplesCallback(Callback):
         display_max_size: int = 256,
     ) -> None:
         super().__init__()
-        _grid.check_positive_int(_WHO, "num_samples", num_samples)
+        _checks.check_int(_WHO, "num_samples", num_samples)
         self.num_samples = num_samples
-        self.mean, self.std = _grid.check_mean_std(_WHO, mean, std)
+        self.mean, self.std = _checks.check_mean_std(_WHO, mean, std)
         if not isinstance(artifact_file, str) or not artifact_file.lower().endswith(".png"):
             raise ValueError(
                 f"{_WHO}: `artifact_file` must be a path ending in .png, got {artifact_file!r}. "
                 "Fix: e.g. artifact_file='augmentations/train_samples.png'."
             )
-        self.task = None if task is None else _grid.check_task(_WHO, task)
-        if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
-            raise ValueError(f"{_WHO}: `class_names` must be a list of names or None, got {class_names!r}.")
-        self.class_names = list(class_names) if class_names is not None else None
-        self.num_classes = _grid.check_positive_int(_WHO, "num_classes", num_classes, allow_none=True)
+        self.task = None if task is None else _checks.check_task(_WHO, task)
+        self.class_names = _checks.check_names(
+            _WHO, "class_names", class_names, must="a list of names or None", fix="e.g. class_names=['cat', 'dog']"
+        )
+        self.num_classes = _checks.check_int(_WHO, "num_classes", num_classes, allow_none=True)
         self.background_class = background_class
-        self.batch_transform = _grid.resolve_callable(_WHO, "batch_transform", batch_transform)
-        self.nrow = _grid.check_positive_int(_WHO, "nrow", nrow, allow_none=True)
-        _grid.check_positive_int(_WHO, "display_min_size", display_min_size)
+        self.batch_transform = _checks.resolve_callable(_WHO, "batch_transform", batch_transform)
+        self.nrow = _checks.check_int(_WHO, "nrow", nrow, allow_none=True)
+        _checks.check_int(_WHO, "display_min_size", display_min_size)
         self.display_min_size = display_min_size
-        _grid.check_positive_int(_WHO, "display_max_size", display_max_size)
+        _checks.check_int(_WHO, "display_max_size", display_max_size)
         self.display_max_size = display_max_size
         self.artifact_file = artifact_file.strip("/")
         self.logged = False
@@ -131,9 +133,9 @@ class AugmentationSamplesCallback(Callback):
 
     def collect(self, batch: Any) -> None:
         """Keep images (and targets) of ``batch`` on the CPU until ``num_samples`` are held."""
-        x, y = _grid.split_batch(_WHO, self.batch_transform(batch) if self.batch_transform else batch)
+        x, y = _samples.split_batch(_WHO, self.batch_transform(batch) if self.batch_transform else batch)
         try:
-            images = _grid.images_of(x)
+            images = _samples.images_of(x)
         except ValueError as e:
             raise ValueError(
                 f"{_WHO}: {e}. Fix: pass `batch_transform='pkg.mod:fn'` returning (images, targets)."
@@ -141,7 +143,7 @@ class AugmentationSamplesCallback(Callback):
         take = self.num_samples - len(self._images)
         images = images[:take]
         if self.task is not None:
-            y = _grid.check_targets(_WHO, self.task, y, len(_grid.images_of(x)))
+            y = _samples.check_targets(_WHO, self.task, y, len(_samples.images_of(x)))
             self._targets.extend(y[: len(images)])
         self._images.extend(t.detach().cpu() for t in images)
 
@@ -157,11 +159,11 @@ class AugmentationSamplesCallback(Callback):
         opts = PanelOptions(class_names=names, background_class=self.background_class, num_classes=self.num_classes)
         panels = []
         for i, x in enumerate(self._images):
-            img = _grid.to_display(x, mean, std, self.display_min_size, self.display_max_size)
+            img = _pixels.to_display(x, mean, std, self.display_min_size, self.display_max_size)
             if task is not None:  # the ground truth as the prediction grid draws it (lightning_mlflow_cv.tasks)
                 img = task.target_panel(img, (x.shape[-2], x.shape[-1]), self._targets[i], opts)
             panels.append(img)
-        return _grid.make_image_grid(panels, nrow=self.nrow)
+        return _panels.make_image_grid(panels, nrow=self.nrow)
 
     def _log(self, trainer: pl.Trainer) -> None:
         from PIL import Image

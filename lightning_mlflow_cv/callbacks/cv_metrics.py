@@ -17,7 +17,8 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_mlflow_cv import tasks as _tasks
-from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv.callbacks import _checks
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 from lightning_mlflow_cv.metrics.best_epoch import fit_summary, is_new_best, resolve_monitor
 from lightning_mlflow_cv.metrics.functional import (
     confusion_matrix_record,
@@ -55,7 +56,7 @@ class CVMetricsCallback(Callback):
     """Metric presets for classification, object detection and semantic segmentation, built on torchmetrics.
 
     Reads predictions from what ``validation_step``/``test_step`` return (the output convention in
-    :mod:`lightning_mlflow_cv._adapters`, or ``output_fn``), accumulates torchmetrics states on every rank
+    :mod:`lightning_mlflow_cv.tasks`, or ``output_fn``), accumulates torchmetrics states on every rank
     (synchronised under DDP) and logs, with the stage as prefix (``val/...``, ``test/...``):
 
     - **classification**: ``top1_acc``, ``top5_acc`` (k capped at ``num_classes``), macro ``precision``,
@@ -179,10 +180,13 @@ class CVMetricsCallback(Callback):
                     f"class_names={class_names!r}. Fix: leave both out, e.g. CVMetricsCallback(task={self.task!r})."
                 )
             num_classes = 0
-        elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(
-                f"{WHO}: `num_classes` must be an int >= 2, got {num_classes!r}. "
-                "Fix: pass the number of classes the model predicts (binary tasks: 2)."
+        else:
+            num_classes = _checks.check_int(
+                WHO,
+                "num_classes",
+                num_classes,
+                2,
+                fix="pass the number of classes the model predicts (binary tasks: 2)",
             )
         #: Number of classes (0 for tasks without classes: anomaly detection, depth estimation).
         self.num_classes: int = num_classes
@@ -214,45 +218,30 @@ class CVMetricsCallback(Callback):
         self.stages: tuple[str, ...] = tuple(dict.fromkeys(picked))
         self._output_fn_spec = output_fn
         self.output_fn = load_output_fn(output_fn, WHO)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"{WHO}: `top_k` must be an int >= 1, got {top_k!r}. Fix: e.g. top_k=5.")
+        _checks.check_int(WHO, "top_k", top_k, fix="e.g. top_k=5")
         self.top_k = min(top_k, num_classes) if num_classes else top_k
-        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-            raise ValueError(f"{WHO}: `ignore_index` must be an int or None, got {ignore_index!r}. Fix: e.g. 255.")
-        self.ignore_index = ignore_index
+        self.ignore_index = _checks.check_int(WHO, "ignore_index", ignore_index, None, allow_none=True, fix="e.g. 255")
         for name, val in (("iou_threshold", iou_threshold), ("score_threshold", score_threshold)):
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= float(val) <= 1.0:
-                raise ValueError(f"{WHO}: `{name}` must be a number in [0, 1], got {val!r}. Fix: e.g. {name}=0.5.")
+            _checks.check_number(WHO, name, val, 0, 1, fix=f"e.g. {name}=0.5")
         self.iou_threshold = float(iou_threshold)
         self.score_threshold = float(score_threshold)
-        if curve_thresholds is not None and (
-            isinstance(curve_thresholds, bool) or not isinstance(curve_thresholds, int) or curve_thresholds < 2
-        ):
-            raise ValueError(
-                f"{WHO}: `curve_thresholds` must be an int >= 2 (binned curves) or None (exact), "
-                f"got {curve_thresholds!r}. Fix: e.g. curve_thresholds=200."
-            )
-        self.curve_thresholds = curve_thresholds
-        if mode not in (None, "min", "max"):
-            raise ValueError(f"{WHO}: `mode` must be 'min', 'max' or None, got {mode!r}. Fix: mode='max'.")
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
-            raise ValueError(f"{WHO}: `monitor` must be a metric name or None, got {monitor!r}. Fix: 'val/f1'.")
+        self.curve_thresholds = _checks.check_int(
+            WHO, "curve_thresholds", curve_thresholds, 2, allow_none=True,
+            must="an int >= 2 (binned curves) or None (exact)", fix="e.g. curve_thresholds=200",
+        )  # fmt: skip
+        _checks.check_choice(WHO, "mode", mode, ("min", "max", None), fix="mode='max'")
+        _checks.check_text(WHO, "monitor", monitor, allow_none=True, strip=False, must="a metric name", fix="'val/f1'")
         self._monitor_arg = monitor
         self._mode_arg = mode
-        if detection_backend not in ("pycocotools", "faster_coco_eval"):
-            raise ValueError(
-                f"{WHO}: `detection_backend` must be 'pycocotools' or 'faster_coco_eval', got {detection_backend!r}."
-            )
+        _checks.check_choice(WHO, "detection_backend", detection_backend, ("pycocotools", "faster_coco_eval"))
         self.detection_backend = detection_backend
-        if isinstance(max_plot_classes, bool) or not isinstance(max_plot_classes, int) or max_plot_classes < 1:
-            raise ValueError(f"{WHO}: `max_plot_classes` must be an int >= 1, got {max_plot_classes!r}.")
-        self.max_plot_classes = max_plot_classes
-        if not isinstance(confusion_matrix_history, bool):
-            raise ValueError(
-                f"{WHO}: `confusion_matrix_history` must be True or False, got {confusion_matrix_history!r}. "
-                "Fix: confusion_matrix_history=False to log the confusion matrix only at fit end."
-            )
-        self.confusion_matrix_history = confusion_matrix_history
+        self.max_plot_classes = _checks.check_int(
+            WHO, "max_plot_classes", max_plot_classes, fix="e.g. max_plot_classes=30"
+        )
+        self.confusion_matrix_history = _checks.check_bool(
+            WHO, "confusion_matrix_history", confusion_matrix_history,
+            fix="confusion_matrix_history=False to log the confusion matrix only at fit end",
+        )  # fmt: skip
 
         self._metrics: dict[str, dict[str, Metric]] = {}
         self._updated: dict[str, bool] = {}

@@ -21,8 +21,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._redact import redact_text
+from lightning_mlflow_cv._facts.redact import redact_text
+from lightning_mlflow_cv.callbacks import _checks
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 
 if TYPE_CHECKING:
     from lightning_mlflow_cv.logger import MLflowCVLogger
@@ -445,11 +446,10 @@ class DatasetLineageCallback(Callback):
                 f"{_WHO}: `contexts` must be a non-empty subset of {list(CONTEXTS)}, got {list(contexts)}. "
                 "Fix: e.g. contexts=['training', 'validation']."
             )
-        if not isinstance(chunk_size_mb, (int, float)) or isinstance(chunk_size_mb, bool) or chunk_size_mb <= 0:
-            raise ValueError(
-                f"{_WHO}: `chunk_size_mb` must be a positive number of MiB, got {chunk_size_mb!r}. "
-                "Fix: leave the default (1.0) or pass e.g. chunk_size_mb=4."
-            )
+        _checks.check_number(
+            _WHO, "chunk_size_mb", chunk_size_mb, 0, above=True, must="a positive number of MiB",
+            fix="leave the default (1.0) or pass e.g. chunk_size_mb=4",
+        )  # fmt: skip
         self.sources = dict(sources or {})
         self.names = dict(names or {})
         self.hash_files = bool(hash_files)
@@ -539,7 +539,7 @@ class DatasetLineageCallback(Callback):
     def _mlflow_dataset(self, context: str, desc: DatasetDescription, suffix: str) -> tuple[Any, str | None]:
         from mlflow.data.numpy_dataset import from_numpy
 
-        from lightning_mlflow_cv._compat import meta_dataset
+        from lightning_mlflow_cv._compat.mlflow_api import meta_dataset
 
         source = self._source(context, desc)
         name = self.names.get(context)

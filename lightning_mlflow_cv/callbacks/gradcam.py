@@ -9,8 +9,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv import _grid
-from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv._draw import panels as _panels
+from lightning_mlflow_cv._draw import pixels as _pixels
+from lightning_mlflow_cv.callbacks import _checks, _samples
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -102,28 +104,24 @@ class GradCAMCallback(Callback):
                 "Fix: e.g. target_layer='features.3'; list names with `[n for n, _ in model.named_modules()]`."
             )
         self.target_layer = target_layer
-        _grid.check_positive_int(_WHO, "num_samples", num_samples)
+        _checks.check_int(_WHO, "num_samples", num_samples)
         self.num_samples = num_samples
-        self.every_n_epochs = _grid.check_positive_int(_WHO, "every_n_epochs", every_n_epochs, allow_none=True)
-        if target not in ("predicted", "true"):
-            raise ValueError(f"{_WHO}: `target` must be 'predicted' or 'true', got {target!r}.")
-        self.target = target
-        if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
-            raise ValueError(f"{_WHO}: `class_names` must be a list of names or None, got {class_names!r}.")
-        self.class_names = list(class_names) if class_names is not None else None
-        self.mean, self.std = _grid.check_mean_std(_WHO, mean, std)
-        if key is not None and (not isinstance(key, str) or not key.strip()):
-            raise ValueError(f"{_WHO}: `key` must be a non-empty string or None, got {key!r}.")
+        self.every_n_epochs = _checks.check_int(_WHO, "every_n_epochs", every_n_epochs, allow_none=True)
+        self.target = _checks.check_choice(_WHO, "target", target, ("predicted", "true"))
+        self.class_names = _checks.check_names(
+            _WHO, "class_names", class_names, must="a list of names or None", fix="e.g. class_names=['cat', 'dog']"
+        )
+        self.mean, self.std = _checks.check_mean_std(_WHO, mean, std)
+        _checks.check_text(_WHO, "key", key, allow_none=True, fix="e.g. key='gradcam/features.3', or None")
         self.key = key or f"gradcam/{target_layer}"
         self.seed = int(seed)
-        self.output_transform = _grid.resolve_callable(_WHO, "output_transform", output_transform)
-        self.batch_transform = _grid.resolve_callable(_WHO, "batch_transform", batch_transform)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ValueError(f"{_WHO}: `alpha` must be a number in (0, 1], got {alpha!r}. Fix: e.g. alpha=0.5.")
+        self.output_transform = _checks.resolve_callable(_WHO, "output_transform", output_transform)
+        self.batch_transform = _checks.resolve_callable(_WHO, "batch_transform", batch_transform)
+        _checks.check_number(_WHO, "alpha", alpha, 0, 1, above=True, fix="e.g. alpha=0.5")
         self.alpha = float(alpha)
-        _grid.check_positive_int(_WHO, "display_min_size", display_min_size)
+        _checks.check_int(_WHO, "display_min_size", display_min_size)
         self.display_min_size = display_min_size
-        _grid.check_positive_int(_WHO, "display_max_size", display_max_size)
+        _checks.check_int(_WHO, "display_max_size", display_max_size)
         self.display_max_size = display_max_size
         self.indices: list[int] | None = None
         self._samples: tuple[Any, Any] | None = None
@@ -146,7 +144,7 @@ class GradCAMCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _grid.resolve_module(_WHO, pl_module, self.target_layer)
+        _checks.resolve_module(_WHO, pl_module, self.target_layer)
         find_mlflow_logger(trainer, who=_WHO)
 
     @override
@@ -177,7 +175,7 @@ class GradCAMCallback(Callback):
                 loader = trainer.train_dataloader
             if loader is None:
                 return None
-            x, y, self.indices = _grid.fixed_samples(
+            x, y, self.indices = _samples.fixed_samples(
                 _WHO, loader, self.num_samples, self.seed, self.indices, self.batch_transform
             )
             self._samples = (x, y)
@@ -195,19 +193,19 @@ class GradCAMCallback(Callback):
         x, y = got
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             raise ValueError(
-                f"{_WHO}: expected images as a Tensor (N, C, H, W), got {_grid.describe(x)}. Fix: pass "
+                f"{_WHO}: expected images as a Tensor (N, C, H, W), got {_samples.describe(x)}. Fix: pass "
                 "`batch_transform='pkg.mod:fn'` returning (images, class ids)."
             )
         n = x.shape[0]
-        layer = _grid.resolve_module(_WHO, pl_module, self.target_layer)
+        layer = _checks.resolve_module(_WHO, pl_module, self.target_layer)
         was_training = pl_module.training
         pl_module.eval()
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 xin = x.detach().clone().to(pl_module.device).requires_grad_(True)
                 with torch.no_grad():
-                    logits = _grid.check_outputs(_WHO, "classification", self._logits(pl_module, xin), n)
-                yy = _grid.check_targets(_WHO, "classification", y, n)
+                    logits = _samples.check_outputs(_WHO, "classification", self._logits(pl_module, xin), n)
+                yy = _samples.check_targets(_WHO, "classification", y, n)
                 probs = logits.softmax(-1)
                 preds = probs.argmax(-1)
                 explain = preds if self.target == "predicted" else yy
@@ -223,9 +221,9 @@ class GradCAMCallback(Callback):
         names = self.class_names if self.class_names is not None else getattr(dm, "class_names", None)
         panels = []
         for i in range(n):
-            img = _grid.to_display(x[i], mean, std, self.display_min_size, self.display_max_size)
+            img = _pixels.to_display(x[i], mean, std, self.display_min_size, self.display_max_size)
             cam = cams[i].detach().float().cpu().sum(0)
-            pair = _grid.hstack([img, _grid.heatmap_overlay(img, cam, self.alpha)])
+            pair = _pixels.hstack([img, _pixels.heatmap_overlay(img, cam, self.alpha)])
             p = int(preds[i])
-            panels.append(_grid.classification_panel(pair, int(yy[i]), p, float(probs[i, p]), names))
-        return _grid.make_image_grid(panels)
+            panels.append(_panels.classification_panel(pair, int(yy[i]), p, float(probs[i, p]), names))
+        return _panels.make_image_grid(panels)

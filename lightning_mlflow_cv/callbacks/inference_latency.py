@@ -8,15 +8,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from typing_extensions import override
 
-from lightning_mlflow_cv import _export
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._latency import (
+from lightning_mlflow_cv._shipping import export as _export
+from lightning_mlflow_cv._shipping.latency import (
     latency_stats,
     time_blocks,
     time_calls,
     torch_threads,
 )
-from lightning_mlflow_cv._shipping import ShippingCallback
+from lightning_mlflow_cv.callbacks import _checks
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
+from lightning_mlflow_cv.callbacks._shipping_base import ShippingCallback
 
 __all__ = ["InferenceLatencyCallback", "latency_stats", "time_blocks", "time_calls"]
 
@@ -27,14 +28,6 @@ _NAME = "InferenceLatencyCallback"
 _WHEN = ("fit_end", "test_end")
 #: Longest wait for the logger's writer to drain before timing (a store that is down does not hold the fit).
 _DRAIN_TIMEOUT_S = 15.0
-
-
-def _positive_int(arg: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{_NAME}: `{arg}` must be an int >= {minimum}, got {value!r}. Example: {arg}={max(minimum, 1)}."
-        )
-    return value
 
 
 class InferenceLatencyCallback(ShippingCallback):
@@ -92,17 +85,19 @@ class InferenceLatencyCallback(ShippingCallback):
         repeats: int = 5,
         num_threads: int | None = 1,
     ) -> None:
-        self.batch_size = _positive_int("batch_size", batch_size, 1)
-        self.warmup = _positive_int("warmup", warmup, 0)
-        self.iters = _positive_int("iters", iters, 1)
-        self.repeats = _positive_int("repeats", repeats, 1)
-        self.num_threads = None if num_threads is None else _positive_int("num_threads", num_threads, 1)
-        if when not in _WHEN:
-            raise ValueError(
-                f"{_NAME}: `when` must be one of {_WHEN}, got {when!r}. Use 'fit_end' to measure after training or "
-                "'test_end' to measure after `trainer.test`."
-            )
-        self.when = when
+        self.batch_size = _checks.check_int(_NAME, "batch_size", batch_size, 1, fix="e.g. batch_size=1")
+        self.warmup = _checks.check_int(_NAME, "warmup", warmup, 0, fix="e.g. warmup=10")
+        self.iters = _checks.check_int(_NAME, "iters", iters, 1, fix="e.g. iters=100")
+        self.repeats = _checks.check_int(_NAME, "repeats", repeats, 1, fix="e.g. repeats=5")
+        self.num_threads = (
+            None
+            if num_threads is None
+            else _checks.check_int(_NAME, "num_threads", num_threads, 1, fix="e.g. num_threads=1")
+        )
+        self.when = _checks.check_choice(
+            _NAME, "when", when, _WHEN, must=f"one of {_WHEN}",
+            fix="'fit_end' to measure after training or 'test_end' to measure after `trainer.test`",
+        )  # fmt: skip
         #: The metrics of the last measurement.
         self.results: dict[str, float] = {}
 

@@ -5,8 +5,8 @@ The gates, the champion/challenger rule and the alias move are not here: the cal
 so a fit and a later CI job apply one rule.
 
 The callback is the sequence; what it ships is built elsewhere: the pyfunc bundle in
-:mod:`lightning_mlflow_cv._packaging` (served code in :mod:`lightning_mlflow_cv._pyfunc`), the card in
-:mod:`lightning_mlflow_cv._model_card`, the LoggedModel and version links in :mod:`lightning_mlflow_cv._logged_model`.
+:mod:`lightning_mlflow_cv._shipping.packaging` (served code in :mod:`lightning_mlflow_cv._shipping.pyfunc`), the card in
+:mod:`lightning_mlflow_cv._shipping.model_card`, the LoggedModel and version links in :mod:`lightning_mlflow_cv._shipping.logged_model`.
 """
 
 from __future__ import annotations
@@ -22,19 +22,26 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from typing_extensions import override
 
-from lightning_mlflow_cv import _compat, _compat_frameworks, _export, _http, _logged_model, _packaging, _pyfunc
 from lightning_mlflow_cv import tasks as _tasks
-from lightning_mlflow_cv._compat import warn_once
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._model_card import (
+from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
+from lightning_mlflow_cv._compat import mlflow_api as _compat
+from lightning_mlflow_cv._compat.mlflow_api import warn_once
+from lightning_mlflow_cv._delivery import http as _http
+from lightning_mlflow_cv._facts.summary import NOTE_TAG, run_description
+from lightning_mlflow_cv._shipping import export as _export
+from lightning_mlflow_cv._shipping import logged_model as _logged_model
+from lightning_mlflow_cv._shipping import packaging as _packaging
+from lightning_mlflow_cv._shipping import pyfunc as _pyfunc
+from lightning_mlflow_cv._shipping.model_card import (
     CARD_KEYS,
     dataset_rows,
     metrics_table,
     model_card_markdown,
     serving_contract,
 )
-from lightning_mlflow_cv._shipping import ShippingCallback
-from lightning_mlflow_cv._summary import NOTE_TAG, run_description
+from lightning_mlflow_cv.callbacks import _checks
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
+from lightning_mlflow_cv.callbacks._shipping_base import ShippingCallback
 from lightning_mlflow_cv.promotion import Decision, parse_gates, promote, transition_stage
 
 if TYPE_CHECKING:
@@ -104,7 +111,7 @@ class ModelRegistryCallback(ShippingCallback):
             those the training data was normalised with after scaling to [0, 1] (default: the datamodule's
             ``mean``/``std`` attributes); ``size`` defaults to the training images' size.
         postprocess: ``"softmax"``, ``"sigmoid"``, ``"boxes"``, ``"masks"``, ``"instances"``, ``"anomaly"``,
-            ``"depth"`` or ``"none"`` (see :mod:`lightning_mlflow_cv._pyfunc`); default: the post-processing of
+            ``"depth"`` or ``"none"`` (see :mod:`lightning_mlflow_cv._shipping.pyfunc`); default: the post-processing of
             ``task``, else ``"softmax"``.
         alias: Alias set on every new version.
         gates: ``{metric: "<op><number>"}``, e.g. ``{"val/acc": ">=0.9", "latency/torch/p95_ms": "<=50"}``.
@@ -174,11 +181,9 @@ class ModelRegistryCallback(ShippingCallback):
         postprocess_options: Mapping[str, float] | None = None,
         task: str | None = None,
     ) -> None:
-        if not isinstance(registered_model_name, str) or not registered_model_name.strip():
-            raise ValueError(
-                f"{_NAME}: `registered_model_name` must be a non-empty string, got {registered_model_name!r}. "
-                "Example: ModelRegistryCallback('digits-cnn')."
-            )
+        _checks.check_text(
+            _NAME, "registered_model_name", registered_model_name, fix="ModelRegistryCallback('digits-cnn')"
+        )
         if "/" in registered_model_name or ":" in registered_model_name:
             raise ValueError(
                 f"{_NAME}: `registered_model_name` cannot contain '/' or ':' (MLflow's rule), got "
@@ -193,11 +198,11 @@ class ModelRegistryCallback(ShippingCallback):
             if postprocess is not None
             else (_tasks.get_task(self.task).postprocess if self.task is not None else "softmax")
         )
-        if kind not in _pyfunc.POSTPROCESS:
-            raise ValueError(
-                f"{_NAME}: `postprocess` must be one of {_pyfunc.POSTPROCESS}, got {kind!r}. Use 'softmax' for "
-                "single-label classification, 'sigmoid' for multi-label, 'boxes' for detection, 'masks' for segmentation."
-            )
+        _checks.check_choice(
+            _NAME, "postprocess", kind, _pyfunc.POSTPROCESS, must=f"one of {_pyfunc.POSTPROCESS}",
+            fix="'softmax' for single-label classification, 'sigmoid' for multi-label, 'boxes' for detection, "
+            "'masks' for segmentation",
+        )  # fmt: skip
         for arg, value in (("alias", alias), ("champion_alias", champion_alias)):
             if not isinstance(value, str) or not value.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(
@@ -213,16 +218,12 @@ class ModelRegistryCallback(ShippingCallback):
             self.gates = parse_gates(gates)
         except ValueError as err:
             raise ValueError(f"{_NAME}: `gates`: {err}") from err
-        if compare_mode not in ("max", "min"):
-            raise ValueError(
-                f"{_NAME}: `compare_mode` must be 'max' or 'min', got {compare_mode!r}. Use 'min' for losses."
-            )
-        if isinstance(min_improvement, bool) or not isinstance(min_improvement, (int, float)) or min_improvement < 0:
-            raise ValueError(
-                f"{_NAME}: `min_improvement` must be a number >= 0, got {min_improvement!r}. Example: 0.005."
-            )
-        if compare_metric is not None and (not isinstance(compare_metric, str) or not compare_metric):
-            raise ValueError(f"{_NAME}: `compare_metric` must be a metric name or None, got {compare_metric!r}.")
+        _checks.check_choice(_NAME, "compare_mode", compare_mode, ("max", "min"), fix="'min' for losses")
+        _checks.check_number(_NAME, "min_improvement", min_improvement, 0, fix="e.g. min_improvement=0.005")
+        _checks.check_text(
+            _NAME, "compare_metric", compare_metric, allow_none=True, strip=False, must="a metric name",
+            fix="e.g. compare_metric='val/f1'",
+        )  # fmt: skip
         if model_card is not None and (
             not isinstance(model_card, Mapping) or not all(isinstance(v, str) for v in model_card.values())
         ):
@@ -239,8 +240,7 @@ class ModelRegistryCallback(ShippingCallback):
                 f"{_NAME}: `class_names` must be a list of distinct names, one per class id, got {class_names!r}. "
                 "Example: class_names=['cat', 'dog']."
             )
-        if network_format not in ("pt2", "onnx"):
-            raise ValueError(f"{_NAME}: `network_format` must be 'pt2' or 'onnx', got {network_format!r}.")
+        _checks.check_choice(_NAME, "network_format", network_format, ("pt2", "onnx"))
         self.registered_model_name = registered_model_name
         self.postprocess = kind
         self.alias = alias
@@ -449,7 +449,7 @@ class ModelRegistryCallback(ShippingCallback):
     def _bundle(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: torch.nn.Module, work: Path, onnx_cb: Any
     ) -> _packaging.Bundle:
-        """The servable model's files in ``work`` (see :func:`lightning_mlflow_cv._packaging.build_bundle`)."""
+        """The servable model's files in ``work`` (see :func:`lightning_mlflow_cv._shipping.packaging.build_bundle`)."""
         mean, std = self._norm(trainer)
         sample = _export.sample_input(trainer, pl_module, None, 2)
         cfg = _packaging.pyfunc_config(
@@ -683,7 +683,7 @@ def _what_next(logger: Any, err: BaseException) -> str:
     """What the user does with the kept model: wait for the store, or use one that has the missing API."""
     if not _compat.is_endpoint_not_found(err):
         return "log and register it when the store is back"
-    from lightning_mlflow_cv._delivery import safe_uri
+    from lightning_mlflow_cv._facts.redact import safe_uri
 
     uri = getattr(logger, "tracking_uri", "")  # the store is up but lacks an API: waiting will not help
     version = _compat.server_version(uri) if uri else None

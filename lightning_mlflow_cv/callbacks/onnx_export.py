@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
-from lightning_mlflow_cv import _compat_frameworks, _export
-from lightning_mlflow_cv._compat import warn_once
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._shipping import ShippingCallback
+from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
+from lightning_mlflow_cv._compat.mlflow_api import warn_once
+from lightning_mlflow_cv._shipping import export as _export
+from lightning_mlflow_cv.callbacks import _checks
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
+from lightning_mlflow_cv.callbacks._shipping_base import ShippingCallback
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -101,11 +103,7 @@ class ONNXExportCallback(ShippingCallback):
         also_torchscript: bool = False,
         dynamo: bool = True,
     ) -> None:
-        if isinstance(opset, bool) or not isinstance(opset, int) or not 7 <= opset <= 25:
-            raise ValueError(
-                f"{_NAME}: `opset` must be an int in 7..25, got {opset!r}. Use 17 (the default) unless your "
-                "runtime needs another opset."
-            )
+        _checks.check_int(_NAME, "opset", opset, 7, 25, fix="opset=17 (the default) unless your runtime needs another")
         self.input_names = _check_names("input_names", input_names)
         self.output_names = _check_names("output_names", output_names)
         if len(self.input_names) != 1:
@@ -123,8 +121,7 @@ class ONNXExportCallback(ShippingCallback):
                 f"{_NAME}: `sample_shape` must be None or the per-sample shape as positive ints, e.g. (3, 224, 224), "
                 f"got {sample_shape!r}. Leave it None to infer it from a real validation batch."
             )
-        if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not atol > 0:
-            raise ValueError(f"{_NAME}: `atol` must be a number > 0, got {atol!r}. Example: atol=1e-4.")
+        _checks.check_number(_NAME, "atol", atol, 0, above=True, fix="e.g. atol=1e-4")
         self.opset = opset
         self.dynamic_batch = bool(dynamic_batch)
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None

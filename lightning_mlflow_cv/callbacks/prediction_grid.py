@@ -10,9 +10,11 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv import _grid
 from lightning_mlflow_cv import tasks as _tasks
-from lightning_mlflow_cv._context import find_mlflow_logger
+from lightning_mlflow_cv._draw import panels as _panels
+from lightning_mlflow_cv._draw import pixels as _pixels
+from lightning_mlflow_cv.callbacks import _checks, _samples
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 from lightning_mlflow_cv.tasks import PanelOptions
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ class PredictionGridCallback(Callback):
     the card's images have exactly one step, so images at global steps (the first validation comes after the
     first epoch's training steps) open on "No image logged at this step" (checked in headless Chromium,
     ``tests/browser_check.py``); at step = epoch the card opens on the first epoch's grid. The grid is laid out
-    wider than tall (:func:`lightning_mlflow_cv._grid.grid_columns`) so the card shows all of it.
+    wider than tall (:func:`lightning_mlflow_cv._draw.panels.grid_columns`) so the card shows all of it.
 
     **Worst mistakes.** Beside the fixed samples (which are often all right by the last epoch), a second grid
     shows the epoch's worst predictions among the validation batches: ``worst_mistakes=True`` (default) logs
@@ -100,7 +102,7 @@ class PredictionGridCallback(Callback):
             default: the first two items of a tuple batch, or the image/target keys of a dict batch.
         dataloader_idx: Which validation dataloader to take samples from.
         nrow: Panels per grid row; default: the fewest that make the grid at least 1.4x wider than tall
-            (:func:`lightning_mlflow_cv._grid.grid_columns`), so an MLflow image card shows all of it.
+            (:func:`lightning_mlflow_cv._draw.panels.grid_columns`), so an MLflow image card shows all of it.
         background_class: Segmentation: a class id left uncoloured in overlays (e.g. 0 for background).
         display_min_size: Smaller images are enlarged until their longer side reaches this many pixels.
         display_max_size: Larger images are shrunk to this many pixels on their longer side.
@@ -145,45 +147,33 @@ class PredictionGridCallback(Callback):
         worst_mistakes: bool = True,
     ) -> None:
         super().__init__()
-        self.task = _grid.check_task(_WHO, task)
-        self.num_samples = _grid.check_positive_int(_WHO, "num_samples", num_samples)
-        self.every_n_epochs = _grid.check_positive_int(_WHO, "every_n_epochs", every_n_epochs)
-        self.nrow = _grid.check_positive_int(_WHO, "nrow", nrow, allow_none=True)
-        self.display_min_size = _grid.check_positive_int(_WHO, "display_min_size", display_min_size)
-        self.display_max_size = _grid.check_positive_int(_WHO, "display_max_size", display_max_size)
+        self.task = _checks.check_task(_WHO, task)
+        self.num_samples = _checks.check_int(_WHO, "num_samples", num_samples)
+        self.every_n_epochs = _checks.check_int(_WHO, "every_n_epochs", every_n_epochs)
+        self.nrow = _checks.check_int(_WHO, "nrow", nrow, allow_none=True)
+        self.display_min_size = _checks.check_int(_WHO, "display_min_size", display_min_size)
+        self.display_max_size = _checks.check_int(_WHO, "display_max_size", display_max_size)
         if self.display_max_size < self.display_min_size:
             raise ValueError(
                 f"{_WHO}: `display_max_size` ({display_max_size}) must be >= `display_min_size` ({display_min_size})."
             )
-        if (
-            isinstance(score_threshold, bool)
-            or not isinstance(score_threshold, (int, float))
-            or not (0.0 <= score_threshold <= 1.0)
-        ):
-            raise ValueError(
-                f"{_WHO}: `score_threshold` must be a number in [0, 1], got {score_threshold!r}. Fix: e.g. 0.5."
-            )
-        if isinstance(dataloader_idx, bool) or not isinstance(dataloader_idx, int) or dataloader_idx < 0:
-            raise ValueError(f"{_WHO}: `dataloader_idx` must be an int >= 0, got {dataloader_idx!r}.")
-        if not isinstance(key, str) or not key.strip():
-            raise ValueError(f"{_WHO}: `key` must be a non-empty string, got {key!r}. Fix: e.g. key='val/predictions'.")
-        if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
-            raise ValueError(
-                f"{_WHO}: `class_names` must be a list of names (one per class id) or None, got {class_names!r}."
-            )
-        if not isinstance(worst_mistakes, bool):
-            raise ValueError(
-                f"{_WHO}: `worst_mistakes` must be True or False, got {worst_mistakes!r}. Fix: worst_mistakes=False "
-                "to log only the fixed samples."
-            )
-        self.worst_mistakes = worst_mistakes
-        self.mean, self.std = _grid.check_mean_std(_WHO, mean, std)
-        self.class_names = list(class_names) if class_names is not None else None
+        _checks.check_number(_WHO, "score_threshold", score_threshold, 0, 1, fix="e.g. score_threshold=0.5")
+        _checks.check_int(_WHO, "dataloader_idx", dataloader_idx, 0, fix="e.g. dataloader_idx=0")
+        _checks.check_text(_WHO, "key", key, fix="e.g. key='val/predictions'")
+        class_names = _checks.check_names(
+            _WHO, "class_names", class_names, must="a list of names (one per class id) or None",
+            fix="e.g. class_names=['cat', 'dog']",
+        )  # fmt: skip
+        self.worst_mistakes = _checks.check_bool(
+            _WHO, "worst_mistakes", worst_mistakes, fix="worst_mistakes=False to log only the fixed samples"
+        )
+        self.mean, self.std = _checks.check_mean_std(_WHO, mean, std)
+        self.class_names = class_names
         self.score_threshold = float(score_threshold)
         self.key = key
         self.seed = int(seed)
-        self.output_transform = _grid.resolve_callable(_WHO, "output_transform", output_transform)
-        self.batch_transform = _grid.resolve_callable(_WHO, "batch_transform", batch_transform)
+        self.output_transform = _checks.resolve_callable(_WHO, "output_transform", output_transform)
+        self.batch_transform = _checks.resolve_callable(_WHO, "batch_transform", batch_transform)
         self.output_fn = _tasks.load_output_fn(output_fn, _WHO)
         if self.output_fn is not None and self.output_transform is not None:
             raise ValueError(
@@ -194,7 +184,7 @@ class PredictionGridCallback(Callback):
         self.background_class = background_class
         self.indices: list[int] | None = None
         self._samples: tuple[Any, Any, Any] | None = None
-        self._worst: _grid.WorstK | None = None
+        self._worst: _samples.WorstK | None = None
         self._worst_opts: PanelOptions | None = None
 
     @property
@@ -239,7 +229,7 @@ class PredictionGridCallback(Callback):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._worst = _grid.WorstK(self.num_samples) if self.worst_mistakes and self._due(trainer) else None
+        self._worst = _samples.WorstK(self.num_samples) if self.worst_mistakes and self._due(trainer) else None
         self._worst_opts = None
 
     @override
@@ -287,8 +277,8 @@ class PredictionGridCallback(Callback):
             loader = self._loader(trainer)
             if loader is None:
                 return None
-            batch, self.indices = _grid.fixed_batch(loader, self.num_samples, self.seed, self.indices)
-            x, y = _grid.split_batch(_WHO, self.batch_transform(batch) if self.batch_transform else batch)
+            batch, self.indices = _samples.fixed_batch(loader, self.num_samples, self.seed, self.indices)
+            x, y = _samples.split_batch(_WHO, self.batch_transform(batch) if self.batch_transform else batch)
             if self.indices is None and self.output_fn is None:
                 x, y = x[: self.num_samples], y[: self.num_samples]
             self._samples = (x, y, batch)
@@ -300,7 +290,7 @@ class PredictionGridCallback(Callback):
         if got is None:
             return None
         x, y, batch = got
-        images = _grid.images_of(x)
+        images = _samples.images_of(x)
         n = len(images)
         was_training = pl_module.training
         pl_module.eval()
@@ -320,9 +310,9 @@ class PredictionGridCallback(Callback):
         mean, std, opts = self._display(trainer, images[0])
         panels = []
         for i in range(min(n, self.num_samples)):
-            img = _grid.to_display(images[i], mean, std, self.display_min_size, self.display_max_size)
+            img = _pixels.to_display(images[i], mean, std, self.display_min_size, self.display_max_size)
             panels.append(task.panel(img, (images[i].shape[-2], images[i].shape[-1]), out, i, opts))
-        return _grid.make_image_grid(panels, nrow=self.nrow)
+        return _panels.make_image_grid(panels, nrow=self.nrow)
 
     def _display(self, trainer: pl.Trainer, image: torch.Tensor) -> tuple[Any, Any, PanelOptions]:
         """``(mean, std, panel options)``: the arguments, else the datamodule's attributes; the caption size from
@@ -332,12 +322,12 @@ class PredictionGridCallback(Callback):
         if (mean is None) != (std is None):
             mean = std = None
         names = self.class_names if self.class_names is not None else _datamodule_attr(trainer, "class_names")
-        tile = _grid.display_size(image.shape[-2], image.shape[-1], self.display_min_size, self.display_max_size)
+        tile = _pixels.display_size(image.shape[-2], image.shape[-1], self.display_min_size, self.display_max_size)
         threshold = None
         if self.task == "anomaly-detection":  # the decision threshold CVMetricsCallback last logged, if any
             value = trainer.callback_metrics.get("val/best_threshold")
             threshold = float(value) if value is not None and bool(torch.isfinite(torch.as_tensor(value))) else None
-        font = _grid.font_size_for(max(tile))
+        font = _pixels.font_size_for(max(tile))
         opts = PanelOptions(
             names, self.score_threshold, self.background_class, font_size=font, decision_threshold=threshold
         )
@@ -347,8 +337,8 @@ class PredictionGridCallback(Callback):
         """The checked outputs of one validation batch and its images: ``validation_step``'s return value when
         it follows the task's convention (through ``output_fn`` when given), else ``forward`` on the batch."""
         task = _tasks.get_task(self.task, _WHO)
-        x, y = _grid.split_batch(_WHO, self.batch_transform(batch) if self.batch_transform else batch)
-        images = _grid.images_of(x)
+        x, y = _samples.split_batch(_WHO, self.batch_transform(batch) if self.batch_transform else batch)
+        images = _samples.images_of(x)
         if self.output_fn is not None:
             return _tasks.adapt_outputs(self.task, outputs, batch, self.output_fn, None, _WHO), images
         if isinstance(outputs, Mapping) and task.pred_key in outputs and "targets" in outputs:
@@ -386,7 +376,7 @@ class PredictionGridCallback(Callback):
             opts = self._worst_opts
         panels = []
         for rank, (bad, (image, out)) in enumerate(items, start=1):
-            img = _grid.to_display(image, mean, std, self.display_min_size, self.display_max_size)
+            img = _pixels.to_display(image, mean, std, self.display_min_size, self.display_max_size)
             panel = task.panel(img, tuple(image.shape[-2:]), out, 0, opts)
-            panels.append(_grid.caption(panel, [f"#{rank} {task.badness_name} {bad:.3g}"], font_size=opts.font_size))
-        return _grid.make_image_grid(panels, nrow=self.nrow)
+            panels.append(_pixels.caption(panel, [f"#{rank} {task.badness_name} {bad:.3g}"], font_size=opts.font_size))
+        return _panels.make_image_grid(panels, nrow=self.nrow)

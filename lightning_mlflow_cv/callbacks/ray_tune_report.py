@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_mlflow_cv.callbacks import _checks
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -63,14 +65,10 @@ class RayTuneReportCallback(Callback):
     def __init__(self, metrics: Sequence[str] | str | None = None) -> None:
         if isinstance(metrics, str):
             metrics = [metrics]
-        if metrics is not None and (
-            not isinstance(metrics, Sequence) or not all(isinstance(m, str) and m for m in metrics)
-        ):
-            raise TypeError(
-                f"{_NAME}: `metrics` must be None (all) or a list of metric names, got {metrics!r}. "
-                "Use e.g. `RayTuneReportCallback(['val/loss'])`."
-            )
-        self.metrics = list(metrics) if metrics is not None else None
+        self.metrics = _checks.check_names(
+            _NAME, "metrics", metrics, must="None (all) or a list of metric names", strings=True, error=TypeError,
+            fix="e.g. `RayTuneReportCallback(['val/loss'])`",
+        )  # fmt: skip
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -79,7 +77,7 @@ class RayTuneReportCallback(Callback):
         values = report_dict(dict(trainer.callback_metrics), self.metrics)
         if not values:
             return
-        from lightning_mlflow_cv._ray_sweep import ACTIVE_RAY_TRIAL
+        from lightning_mlflow_cv._sweeps.ray_sweep import ACTIVE_RAY_TRIAL
 
         trial = ACTIVE_RAY_TRIAL.get()
         if trial is not None:
@@ -101,7 +99,7 @@ class RayTuneReportCallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """A scheduler stop ends the logger's run KILLED (before Lightning finalizes loggers as "failed")."""
-        from lightning_mlflow_cv._ray_sweep import ACTIVE_RAY_TRIAL
+        from lightning_mlflow_cv._sweeps.ray_sweep import ACTIVE_RAY_TRIAL
 
         trial = ACTIVE_RAY_TRIAL.get()
         if trial is None or not trial.stopped or not isinstance(exception, SystemExit):

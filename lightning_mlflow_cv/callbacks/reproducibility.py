@@ -15,10 +15,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv import _compat_frameworks
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._params import drop_repeated
-from lightning_mlflow_cv._redact import redact_text
+from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
+from lightning_mlflow_cv._facts.params import drop_repeated
+from lightning_mlflow_cv._facts.redact import redact_text
+from lightning_mlflow_cv.callbacks import _checks
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 from lightning_mlflow_cv.environment import (
     ENV_TAG_PREFIX,
     environment_tags,
@@ -69,12 +70,12 @@ class ReproducibilityCallback(Callback):
     datamodule's ``hparams``), and ``augment/*`` (the training transform, flattened:
     ``augment/RandomResizedCrop/size``). One key per value: a value already logged under the same name (the
     ``lr``/``batch_size``/``seed`` that Lightning logs from ``hparams``) is not
-    logged again, see :func:`lightning_mlflow_cv._params.drop_repeated`.
+    logged again, see :func:`lightning_mlflow_cv._facts.params.drop_repeated`.
 
     Everything is redacted by the logger before it is written: values under keys such as
     password/token/secret/api_key, ``user:pass@`` in URLs, the value after a secret-named flag on the command line
     (``--password X``) and credential shapes under any name (private keys, cloud keys, GitHub/Hugging Face/Slack
-    tokens, JWTs, ``Authorization`` values; see :mod:`lightning_mlflow_cv._redact`). Only global rank zero logs.
+    tokens, JWTs, ``Authorization`` values; see :mod:`lightning_mlflow_cv._facts.redact`). Only global rank zero logs.
 
     Args:
         seed: Seed for everything; ``None`` leaves the RNGs alone and logs the seed already set (if any).
@@ -112,11 +113,10 @@ class ReproducibilityCallback(Callback):
         git_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1):
-            raise ValueError(
-                f"ReproducibilityCallback: `seed` must be an integer in [0, 2**32 - 1] or None, got {seed!r}. "
-                "Fix: pass e.g. seed=42, or seed=None to keep the RNG state that is already set."
-            )
+        _checks.check_int(
+            _WHO, "seed", seed, 0, 2**32 - 1, allow_none=True, must="an integer in [0, 2**32 - 1] or None",
+            fix="pass e.g. seed=42, or seed=None to keep the RNG state that is already set",
+        )  # fmt: skip
         if not isinstance(transform_prefix, str) or not transform_prefix.strip("/"):
             raise ValueError(
                 f"ReproducibilityCallback: `transform_prefix` must be a non-empty key prefix such as 'augment', got "

@@ -10,8 +10,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import SaveConfigCallback
 from typing_extensions import override
 
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._redact import redact
+from lightning_mlflow_cv._facts.redact import redact
+from lightning_mlflow_cv.callbacks import _checks
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningArgumentParser
@@ -131,11 +132,10 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
             save_to_log_dir=save_to_log_dir,
         )
         self.artifact_dir = artifact_dir.strip("/")
-        if log_params not in (True, False, "summary"):
-            raise ValueError(
-                f"{_WHO}: `log_params` must be 'summary', True or False, got {log_params!r}. Fix: leave the default "
-                "'summary' (class paths only; the full config is the configs/config.yaml artifact)."
-            )
+        _checks.check_choice(
+            _WHO, "log_params", log_params, ("summary", True, False),
+            fix="leave the default 'summary' (class paths only; the full config is the configs/config.yaml artifact)",
+        )  # fmt: skip
         self.log_params = log_params
         self.params_prefix = params_prefix.strip("/")
 

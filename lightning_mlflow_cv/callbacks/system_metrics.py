@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv import _compat
-from lightning_mlflow_cv._context import find_mlflow_logger
-from lightning_mlflow_cv._system_sampling import (
+from lightning_mlflow_cv._compat import mlflow_api as _compat
+from lightning_mlflow_cv._facts.system_sampling import (
     GPUSampler,
     HostSampler,
     metric_keys,
     require_psutil,
 )
+from lightning_mlflow_cv.callbacks import _checks
+from lightning_mlflow_cv.callbacks._context import find_mlflow_logger
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -67,8 +68,9 @@ class SystemMetricsCallback(Callback):
     """
 
     def __init__(self, interval_s: float = 10.0, gpu: bool = True, disk_path: str = "/") -> None:
-        if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not interval_s > 0:
-            raise ValueError(f"{_NAME}: `interval_s` must be a number of seconds > 0, got {interval_s!r}. Example: 10.")
+        _checks.check_number(
+            _NAME, "interval_s", interval_s, 0, above=True, must="a number of seconds > 0", fix="e.g. 10"
+        )
         require_psutil(_NAME)
         self.interval_s = float(interval_s)
         self.gpu = bool(gpu)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_mlflow_cv import _compat_frameworks
+from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
 from lightning_mlflow_cv.demos._base import ExampleDataModule, ExampleModule, Split
 
 #: Normalisation of the digits images after scaling to [0, 1].
@@ -234,7 +234,7 @@ def run_demo(
     from mlflow import MlflowClient
 
     from lightning_mlflow_cv import MLflowCVLogger
-    from lightning_mlflow_cv._summary import NOTE_TAG, run_description
+    from lightning_mlflow_cv._facts.summary import NOTE_TAG, run_description
 
     _compat_frameworks.seed_everything(42, workers=True)
     logger = MLflowCVLogger(
@@ -301,8 +301,8 @@ def _quiet() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lightning_mlflow_cv._delivery import safe_uri
-    from lightning_mlflow_cv._summary import headline, promotion_line
+    from lightning_mlflow_cv._facts.redact import safe_uri
+    from lightning_mlflow_cv._facts.summary import headline, promotion_line
 
     parser = argparse.ArgumentParser(prog="lightning-mlflow-cv demo", description=__doc__.splitlines()[0])
     parser.add_argument("--max-epochs", type=int, default=8)

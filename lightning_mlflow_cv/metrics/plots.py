@@ -66,7 +66,7 @@ def curve_figure(
     """
     from matplotlib.figure import Figure
 
-    from lightning_mlflow_cv._compat_frameworks import plot_curve
+    from lightning_mlflow_cv._compat.frameworks import plot_curve
 
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()

@@ -14,7 +14,7 @@ A task is one :class:`CVTask` subclass in its own module. It defines, once:
 - its **per-image badness**: :meth:`CVTask.badness` (higher = worse, NaN = not a mistake), which ranks the
   prediction grid's worst mistakes, and :meth:`CVTask.take` (the outputs of some images of a batch);
 - its **servable post-processing**: ``postprocess``, a kind understood by the self-contained
-  :mod:`lightning_mlflow_cv._pyfunc` (which travels inside every logged model), and :meth:`CVTask.served_metrics`
+  :mod:`lightning_mlflow_cv._shipping.pyfunc` (which travels inside every logged model), and :meth:`CVTask.served_metrics`
   for :func:`~lightning_mlflow_cv.evaluation.evaluate`.
 """
 
@@ -201,7 +201,7 @@ class CVTask:
     expected_output: ClassVar[str] = ""
     #: What the batch's targets look like, shown by the image callbacks.
     expected_target: ClassVar[str] = ""
-    #: Post-processing kind of the servable pyfunc (see :mod:`lightning_mlflow_cv._pyfunc`).
+    #: Post-processing kind of the servable pyfunc (see :mod:`lightning_mlflow_cv._shipping.pyfunc`).
     postprocess: ClassVar[str] = "none"
     #: Metric that a higher value is better of, for docs/examples (``val/<key>``).
     main_metric: ClassVar[str] = ""

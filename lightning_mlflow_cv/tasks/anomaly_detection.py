@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_mlflow_cv._draw import pixels as _pixels
 from lightning_mlflow_cv.tasks._base import (
     CVTask,
     FormatProblem,
@@ -216,26 +217,22 @@ class AnomalyDetection(CVTask):
 
     def panel(self, img: Tensor, src_size: tuple[int, int], out: AnomalyOutput, i: int,
               opts: PanelOptions) -> Tensor:  # fmt: skip
-        from lightning_mlflow_cv import _grid
-
         label = int(out.targets[i])
-        shown = _grid.heatmap_overlay(img, out.maps[i]) if out.maps is not None else img
+        shown = _pixels.heatmap_overlay(img, out.maps[i]) if out.maps is not None else img
         color = _label_color(label)
         lines = [f"score: {float(out.scores[i]):.4g}", _label_line(label)]
         fs = opts.font_size
         parts = [
-            _grid.caption(img, ["image"], font_size=fs), _grid.caption(shown, lines, color=color, font_size=fs)
-        ] if out.maps is not None else [_grid.caption(img, lines, color=color, font_size=fs)]  # fmt: skip
-        return _grid.hstack(parts)
+            _pixels.caption(img, ["image"], font_size=fs), _pixels.caption(shown, lines, color=color, font_size=fs)
+        ] if out.maps is not None else [_pixels.caption(img, lines, color=color, font_size=fs)]  # fmt: skip
+        return _pixels.hstack(parts)
 
     def badness(self, out: AnomalyOutput, opts: PanelOptions) -> Tensor:
         return anomaly_errors(out.scores, out.targets, opts.decision_threshold)
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
-        from lightning_mlflow_cv import _grid
-
         label = int(target)
-        return _grid.caption(img, [_label_line(label)], color=_label_color(label), font_size=opts.font_size)
+        return _pixels.caption(img, [_label_line(label)], color=_label_color(label), font_size=opts.font_size)
 
     def served_metrics(
         self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None
@@ -255,9 +252,7 @@ def _label_line(label: int) -> str:
 
 
 def _label_color(label: int) -> tuple[int, int, int]:
-    from lightning_mlflow_cv import _grid
-
-    return _grid.RED if label == 1 else _grid.GREEN
+    return _pixels.RED if label == 1 else _pixels.GREEN
 
 
 TASK = register(AnomalyDetection)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_mlflow_cv._draw import panels as _panels
 from lightning_mlflow_cv.tasks._base import CVTask, PanelOptions, num
 from lightning_mlflow_cv.tasks._dense import (
     check_index_targets,
@@ -136,18 +137,14 @@ class Classification(CVTask):
 
     def panel(self, img: Tensor, src_size: tuple[int, int], out: ClassificationOutput, i: int,
               opts: PanelOptions) -> Tensor:  # fmt: skip
-        from lightning_mlflow_cv import _grid
-
         prob = out.logits[i].float().softmax(-1)
         pred = int(prob.argmax())
-        return _grid.classification_panel(
+        return _panels.classification_panel(
             img, int(out.targets[i]), pred, float(prob[pred]), opts.class_names, font_size=opts.font_size
         )
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
-        from lightning_mlflow_cv import _grid
-
-        return _grid.classification_panel(img, int(target), class_names=opts.class_names, font_size=opts.font_size)
+        return _panels.classification_panel(img, int(target), class_names=opts.class_names, font_size=opts.font_size)
 
     def badness(self, out: ClassificationOutput, opts: PanelOptions) -> Tensor:
         return confident_errors(out.logits, out.targets)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_mlflow_cv._draw import pixels as _pixels
 from lightning_mlflow_cv.tasks._base import (
     CVTask,
     FormatProblem,
@@ -139,9 +140,9 @@ def _value_range(values: Tensor) -> tuple[float, float]:
 def _target_view(t: Tensor, valid: Tensor, lo: float, hi: float, size: tuple[int, int], lines: list[str],
                  font_size: int = 12) -> Tensor:  # fmt: skip
     """The depth target ``(H, W)`` colour-mapped on ``[lo, hi]`` (invalid pixels black) at the display ``size``."""
-    from lightning_mlflow_cv import _grid
-
-    return _grid.caption(_grid.resize_image(colorize(t, valid, lo, hi, "viridis"), size), lines, font_size=font_size)
+    return _pixels.caption(
+        _pixels.resize_image(colorize(t, valid, lo, hi, "viridis"), size), lines, font_size=font_size
+    )
 
 
 class DepthEstimation(CVTask):
@@ -199,8 +200,6 @@ class DepthEstimation(CVTask):
 
     def panel(self, img: Tensor, src_size: tuple[int, int], out: DepthOutput, i: int,
               opts: PanelOptions) -> Tensor:  # fmt: skip
-        from lightning_mlflow_cv import _grid
-
         p, t = out.preds[i].float(), out.targets[i].float()
         valid = valid_mask(t)
         lo, hi = _value_range(torch.cat([t[valid], p[valid]]) if bool(valid.any()) else p.reshape(-1))
@@ -210,29 +209,31 @@ class DepthEstimation(CVTask):
         ones = torch.ones_like(valid)
 
         def show(rgb: Tensor) -> Tensor:
-            return _grid.resize_image(rgb, size)
+            return _pixels.resize_image(rgb, size)
 
         fs = opts.font_size
         parts = [
-            _grid.caption(img, ["image"], font_size=fs),
-            _grid.caption(show(colorize(p, ones, lo, hi, "viridis")), ["pred", f"[{lo:.3g}, {hi:.3g}]"], font_size=fs),
+            _pixels.caption(img, ["image"], font_size=fs),
+            _pixels.caption(
+                show(colorize(p, ones, lo, hi, "viridis")), ["pred", f"[{lo:.3g}, {hi:.3g}]"], font_size=fs
+            ),
             _target_view(t, valid, lo, hi, size, ["target", "black: invalid"], fs),
-            _grid.caption(show(colorize(err, valid, 0.0, emax, "magma")), ["|error|", f"max {emax:.3g}"], font_size=fs),
+            _pixels.caption(
+                show(colorize(err, valid, 0.0, emax, "magma")), ["|error|", f"max {emax:.3g}"], font_size=fs
+            ),
         ]
-        return _grid.hstack(parts)
+        return _pixels.hstack(parts)
 
     def badness(self, out: DepthOutput, opts: PanelOptions) -> Tensor:
         return depth_errors(out.preds, out.targets)
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
-        from lightning_mlflow_cv import _grid
-
         t = _squeeze_channel(target.float()[None])[0]
         valid = valid_mask(t)
         lo, hi = _value_range(t[valid])
         lines = [f"target [{lo:.3g}, {hi:.3g}]", "black: invalid"]
         view = _target_view(t, valid, lo, hi, (img.shape[-2], img.shape[-1]), lines, opts.font_size)
-        return _grid.hstack([_grid.caption(img, ["image"], font_size=opts.font_size), view])
+        return _pixels.hstack([_pixels.caption(img, ["image"], font_size=opts.font_size), view])
 
     def served_metrics(
         self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None

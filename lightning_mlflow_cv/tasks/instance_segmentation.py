@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_mlflow_cv._draw import panels as _panels
+from lightning_mlflow_cv._draw import pixels as _pixels
 from lightning_mlflow_cv.tasks._base import CVTask, FormatProblem, PanelOptions, num
 from lightning_mlflow_cv.tasks._registry import register
 from lightning_mlflow_cv.tasks.object_detection import (
@@ -115,24 +117,20 @@ class InstanceSegmentation(CVTask):
 
     def panel(self, img: Tensor, src_size: tuple[int, int], out: InstanceOutput, i: int,
               opts: PanelOptions) -> Tensor:  # fmt: skip
-        from lightning_mlflow_cv import _grid
-
         p = out.preds[i]
         left = self.target_panel(img, src_size, out.targets[i], opts)
         keep = p["scores"] >= opts.score_threshold
         right = _draw_instances(img, p, keep, src_size, p["scores"][keep], opts.class_names)
-        right = _grid.caption(right, [f"pred>={opts.score_threshold:g}: {int(keep.sum())}"], font_size=opts.font_size)
-        return _grid.hstack([left, right])
+        right = _pixels.caption(right, [f"pred>={opts.score_threshold:g}: {int(keep.sum())}"], font_size=opts.font_size)
+        return _pixels.hstack([left, right])
 
     def badness(self, out: InstanceOutput, opts: PanelOptions) -> Tensor:
         return instance_errors(out.preds, out.targets, 0.5, opts.score_threshold)
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
-        from lightning_mlflow_cv import _grid
-
         everything = torch.ones(len(target["boxes"]), dtype=torch.bool)
         shown = _draw_instances(img, target, everything, src_size, None, opts.class_names)
-        return _grid.caption(shown, [f"truth: {len(target['boxes'])}"], font_size=opts.font_size)
+        return _pixels.caption(shown, [f"truth: {len(target['boxes'])}"], font_size=opts.font_size)
 
     def served_metrics(
         self, preds: list[Any], targets: list[Any], class_names: Sequence[str] | None
@@ -177,15 +175,13 @@ def _draw_instances(img: Tensor, d: Mapping[str, Tensor], keep: Tensor, src_size
     """The kept instances of ``d`` on the display image ``img``: masks in one colour per instance, then boxes."""
     from torchvision.utils import draw_segmentation_masks
 
-    from lightning_mlflow_cv import _grid
-
     masks = d["masks"][keep]
     shown = img
     if masks.numel():
         m = torch.nn.functional.interpolate(masks[:, None].float(), size=tuple(img.shape[-2:]), mode="nearest")
-        colors = [_grid.PALETTE[j % len(_grid.PALETTE)] for j in range(masks.shape[0])]  # one per instance
+        colors = [_pixels.PALETTE[j % len(_pixels.PALETTE)] for j in range(masks.shape[0])]  # one per instance
         shown = draw_segmentation_masks(img, m[:, 0] > 0.5, alpha=0.5, colors=colors)
-    return _grid.draw_boxes(shown, d["boxes"][keep], d["labels"][keep], src_size, scores, class_names)
+    return _panels.draw_boxes(shown, d["boxes"][keep], d["labels"][keep], src_size, scores, class_names)
 
 
 TASK = register(InstanceSegmentation)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_mlflow_cv._draw import panels as _panels
 from lightning_mlflow_cv.tasks._base import (
     CVTask,
     FormatProblem,
@@ -344,16 +345,12 @@ class ObjectDetection(CVTask):
 
     def panel(self, img: Tensor, src_size: tuple[int, int], out: DetectionOutput, i: int,
               opts: PanelOptions) -> Tensor:  # fmt: skip
-        from lightning_mlflow_cv import _grid
-
-        return _grid.detection_panel(
+        return _panels.detection_panel(
             img, src_size, out.targets[i], out.preds[i], opts.score_threshold, opts.class_names, opts.font_size
         )
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
-        from lightning_mlflow_cv import _grid
-
-        return _grid.detection_panel(img, src_size, target, None, class_names=opts.class_names,
+        return _panels.detection_panel(img, src_size, target, None, class_names=opts.class_names,
                                      font_size=opts.font_size)  # fmt: skip
 
     def badness(self, out: DetectionOutput, opts: PanelOptions) -> Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_mlflow_cv._draw import panels as _panels
 from lightning_mlflow_cv.tasks._base import CVTask, PanelOptions, num
 from lightning_mlflow_cv.tasks._dense import (
     check_index_targets,
@@ -116,17 +117,13 @@ class SemanticSegmentation(CVTask):
 
     def panel(self, img: Tensor, src_size: tuple[int, int], out: SegmentationOutput, i: int,
               opts: PanelOptions) -> Tensor:  # fmt: skip
-        from lightning_mlflow_cv import _grid
-
         logits = out.logits[i]
-        return _grid.segmentation_panel(img, out.targets[i], logits.argmax(0), logits.shape[0], opts.background_class,
+        return _panels.segmentation_panel(img, out.targets[i], logits.argmax(0), logits.shape[0], opts.background_class,
                                         font_size=opts.font_size)  # fmt: skip
 
     def target_panel(self, img: Tensor, src_size: tuple[int, int], target: Any, opts: PanelOptions) -> Tensor:
-        from lightning_mlflow_cv import _grid
-
         n = opts.num_classes or (int(target.max()) + 1 if target.numel() else 1)
-        return _grid.segmentation_panel(img, target, None, n, opts.background_class, font_size=opts.font_size)
+        return _panels.segmentation_panel(img, target, None, n, opts.background_class, font_size=opts.font_size)
 
     def badness(self, out: SegmentationOutput, opts: PanelOptions) -> Tensor:
         return segmentation_errors(out.logits, out.targets)

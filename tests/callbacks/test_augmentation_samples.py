@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_mlflow_cv import _grid
+from lightning_mlflow_cv._draw import panels as _panels
 from lightning_mlflow_cv.callbacks.augmentation_samples import AugmentationSamplesCallback
 from lightning_mlflow_cv.demos.digits import DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.logger import MLflowCVLogger
@@ -19,7 +19,7 @@ from lightning_mlflow_cv.logger import MLflowCVLogger
 
 def grid_size(n: int, w: int, h: int) -> tuple[int, int]:
     """(width, height) of n panels of w x h in the default landscape layout, 4 px padding."""
-    cols = _grid.grid_columns(n, h, w)
+    cols = _panels.grid_columns(n, h, w)
     rows = -(-n // cols)
     return cols * w + (cols + 1) * 4, rows * h + (rows + 1) * 4
 

@@ -565,7 +565,7 @@ def test_output_fn_by_import_path_and_missing_logger(tracking_uri):
 
     dm = DigitsDataModule(batch_size=256, augment=False)
     logger = MLflowCVLogger(experiment_name="cvm", tracking_uri=tracking_uri)
-    cb = CVMetricsCallback("classification", 10, output_fn="lightning_mlflow_cv._adapters:logits_and_batch_targets", stages=["val"])
+    cb = CVMetricsCallback("classification", 10, output_fn="lightning_mlflow_cv.tasks:logits_and_batch_targets", stages=["val"])
     trainer(logger, [cb]).validate(RawLogits(width=4), datamodule=dm, verbose=False)
     assert "val/f1" in MlflowClient(tracking_uri).get_run(logger.run_id).data.metrics
     with pytest.raises(RuntimeError, match="CVMetricsCallback needs an MLflowCVLogger.*found: none"):

@@ -21,8 +21,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import refused_port
 
-from lightning_mlflow_cv import MLflowCVLogger, _compat, _compat_frameworks, _packaging, _pyfunc
-from lightning_mlflow_cv._model_card import model_card_markdown
+from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv._compat import mlflow_api as _compat
+from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
+from lightning_mlflow_cv._shipping import packaging as _packaging
+from lightning_mlflow_cv._shipping import pyfunc as _pyfunc
+from lightning_mlflow_cv._shipping.model_card import model_card_markdown
 from lightning_mlflow_cv.callbacks.cv_metrics import CVMetricsCallback
 from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback
 from lightning_mlflow_cv.demos.digits import DIGITS_MEAN, DIGITS_STD, DigitsClassifier, DigitsDataModule, load_digits_tensors

@@ -181,7 +181,7 @@ def logged_images(store: str, run_id: str, prefix: str, dst: Path) -> dict[int, 
     return out
 
 
-# panel (width, height) of one sample; grids are padded by 4 px and laid out landscape (_grid.grid_columns);
+# panel (width, height) of one sample; grids are padded by 4 px and laid out landscape (_panels.grid_columns);
 # tiles are enlarged to >= 128 px, captions in a 16 px font (lines of 19 px + 4 px margin)
 PANEL = {
     "classification": (128, 128 + 2 * 19 + 4),  # 8x8 digits x16, two caption lines
@@ -455,7 +455,8 @@ def test_worst_mistakes_are_exactly_the_most_confident_errors(store, tmp_path):
     found by a brute-force sort over the same validation outputs (2 batches of 64 digits)."""
     import numpy as np
 
-    from lightning_mlflow_cv import _grid
+    from lightning_mlflow_cv._draw import pixels as _pixels
+    from lightning_mlflow_cv._draw import panels as _panels
 
     model, train, val = make_task("classification")
     k, names, mean, std = 5, [f"d{i}" for i in range(10)], (0.2662,), (0.3830,)
@@ -478,10 +479,10 @@ def test_worst_mistakes_are_exactly_the_most_confident_errors(store, tmp_path):
     top = sorted(rows, key=lambda r: (-r[0], r[1]))[:k]
     panels = []
     for rank, (conf, _, x, y, pred) in enumerate(top, start=1):
-        img = _grid.to_display(x, mean, std, 128, 256)
-        panel = _grid.classification_panel(img, y, pred, conf, names, font_size=16)
-        panels.append(_grid.caption(panel, [f"#{rank} conf {conf:.3g}"], font_size=16))
-    expected = _grid.make_image_grid(panels).permute(1, 2, 0).numpy()
+        img = _pixels.to_display(x, mean, std, 128, 256)
+        panel = _panels.classification_panel(img, y, pred, conf, names, font_size=16)
+        panels.append(_pixels.caption(panel, [f"#{rank} conf {conf:.3g}"], font_size=16))
+    expected = _panels.make_image_grid(panels).permute(1, 2, 0).numpy()
     assert np.array_equal(np.asarray(logged[0]), expected)
 
 

@@ -16,7 +16,7 @@ import torchvision
 from conftest import make_git_repo
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-from lightning_mlflow_cv._redact import REDACTED
+from lightning_mlflow_cv._facts.redact import REDACTED
 from lightning_mlflow_cv.callbacks.reproducibility import ReproducibilityCallback
 from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 from lightning_mlflow_cv.logger import MLflowCVLogger

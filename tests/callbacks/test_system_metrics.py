@@ -11,8 +11,9 @@ import torch
 from conftest import needs_newer
 from mlflow import MlflowClient
 
-from lightning_mlflow_cv import MLflowCVLogger, _compat
-from lightning_mlflow_cv._system_sampling import (
+from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv._compat import mlflow_api as _compat
+from lightning_mlflow_cv._facts.system_sampling import (
     GPU_NAMES,
     HOST_NAMES,
     GPUSampler,

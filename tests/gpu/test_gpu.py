@@ -107,7 +107,7 @@ def test_bf16_fit_with_full_callback_set(tracking_uri: str, tmp_path: Path) -> N
 
 def test_latency_synchronizes_around_each_cuda_call() -> None:
     """Without ``torch.cuda.synchronize`` the clock reads kernel launch time, not latency."""
-    from lightning_mlflow_cv import _latency
+    from lightning_mlflow_cv._shipping import latency as _latency
     from lightning_mlflow_cv.callbacks import inference_latency
 
     calls = {"n": 0}

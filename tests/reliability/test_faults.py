@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from tiny import N_METRICS, TinyModel, history_counts, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger
-from lightning_mlflow_cv._journal import metric_points
+from lightning_mlflow_cv._delivery.journal import metric_points
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 SCRIPTS = Path(__file__).parents[1] / "scripts"

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from mlflow import MlflowClient
 
 from lightning_mlflow_cv import InferenceLatencyCallback, MLflowCVLogger, ModelRegistryCallback, ONNXExportCallback
-from lightning_mlflow_cv._journal import metric_points
+from lightning_mlflow_cv._delivery.journal import metric_points
 from lightning_mlflow_cv.demos.digits import DigitsClassifier, DigitsDataModule
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

@@ -77,7 +77,7 @@ def test_registry_callback_fails_before_training_and_keeps_what_was_logged(track
 
 def test_a_store_that_is_down_is_not_reported_as_unsupported():
     # an outage is a tracking failure (warning + spool at fit end), not a configuration mistake
-    from lightning_mlflow_cv import _http
+    from lightning_mlflow_cv._delivery import http as _http
 
     with refused_port() as port, _http.fail_fast(0.5):
         down = f"http://127.0.0.1:{port}"

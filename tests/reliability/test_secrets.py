@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from tiny import TinyModel, loaders, trainer
 
 from lightning_mlflow_cv import MLflowCVLogger
-from lightning_mlflow_cv._redact import REDACTED
+from lightning_mlflow_cv._facts.redact import REDACTED
 from lightning_mlflow_cv.callbacks.reproducibility import ReproducibilityCallback
 
 URI_PW = "S3cret-in-URI-77"

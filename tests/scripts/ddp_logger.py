@@ -30,7 +30,7 @@ class Record(pl.Callback):
 def main() -> None:
     uri, out = sys.argv[1], Path(sys.argv[2])
     if sys.argv[3:] == ["renamed"]:  # as if Lightning renamed the frames the logger's fallback looks for
-        from lightning_mlflow_cv import _trainer_frames
+        from lightning_mlflow_cv._facts import trainer_frames as _trainer_frames
 
         _trainer_frames.SETUP_FRAME, _trainer_frames.RUN_FRAME = "_renamed_setup_hook", "_renamed_run"
     logger = MLflowCVLogger(tracking_uri=uri, experiment_name="ddp", tags={"task": "classification"})

@@ -17,7 +17,7 @@ if mode == "first":
     # No time bound on the journal's group commit: metric records reach the file only when something else does
     # (the checkpoint), so the kill deterministically loses the steps after the last checkpoint, and the steps
     # before it must be in the spool.
-    from lightning_mlflow_cv import _journal  # noqa: E402
+    from lightning_mlflow_cv._delivery import journal as _journal  # noqa: E402
 
     _journal.COMMIT_MS = 10**9
 

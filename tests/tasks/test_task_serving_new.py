@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mlflow_cv import MLflowCVLogger, _pyfunc
+from lightning_mlflow_cv import MLflowCVLogger
+from lightning_mlflow_cv._shipping import pyfunc as _pyfunc
 from lightning_mlflow_cv.callbacks.cv_metrics import CVMetricsCallback
 from lightning_mlflow_cv.callbacks.model_registry import ModelRegistryCallback
 

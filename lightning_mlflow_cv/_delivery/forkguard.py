@@ -6,7 +6,7 @@ at its first connection. The package's own threads that talk to MLflow (the thre
 older spools, their request pools) enter :func:`store_call` around each call; :func:`quiet` waits, for a bounded
 time, until none is inside one and holds new ones back while the caller forks. Threads the user runs are outside
 this guard: the forked writer proves it can open the store before it is relied on
-(:mod:`lightning_mlflow_cv._writer_proc`).
+(:mod:`lightning_mlflow_cv._delivery.writer_proc`).
 """
 
 from __future__ import annotations

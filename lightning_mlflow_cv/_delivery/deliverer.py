@@ -1,10 +1,10 @@
 """Delivery: spool records planned into MLflow requests and sent.
 
-:func:`_plan` coalesces journal records (:mod:`lightning_mlflow_cv._journal`) into ``log_batch`` requests within
+:func:`_plan` coalesces journal records (:mod:`lightning_mlflow_cv._delivery.journal`) into ``log_batch`` requests within
 MLflow's per-request limits, each with the offset to acknowledge once it is stored. :class:`Deliverer` sends them
 (metric requests through a small window of concurrent requests to a slow HTTP server), classifies failures
 (:func:`is_retryable`: retry, or keep and report what MLflow rejects as invalid) and acknowledges as it goes. The
-writer thread (:mod:`lightning_mlflow_cv._writer`), auto-delivery of old spools (:mod:`lightning_mlflow_cv._autosync`)
+writer thread (:mod:`lightning_mlflow_cv._delivery.writer`), auto-delivery of old spools (:mod:`lightning_mlflow_cv._delivery.autosync`)
 and ``sync`` (:mod:`lightning_mlflow_cv.spool_sync`) all deliver through it.
 """
 
@@ -21,14 +21,17 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-# MLflow's own per-request limits, read here rather than through ``_keys`` (which loads the task registry, and so
+# MLflow's own per-request limits, read here rather than through ``_facts.keys`` (which loads the task registry, and so
 # torch): the writer process imports this module and nothing heavier than MLflow's client.
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-from lightning_mlflow_cv import _compat, _forkguard, _http, _journal
-from lightning_mlflow_cv._journal import Spool, metric_points
-from lightning_mlflow_cv._redact import redact_text
-from lightning_mlflow_cv._runs import create_run, set_run_status
+from lightning_mlflow_cv._compat import mlflow_api as _compat
+from lightning_mlflow_cv._delivery import forkguard as _forkguard
+from lightning_mlflow_cv._delivery import http as _http
+from lightning_mlflow_cv._delivery import journal as _journal
+from lightning_mlflow_cv._delivery.journal import Spool, metric_points
+from lightning_mlflow_cv._facts.redact import redact_text
+from lightning_mlflow_cv._facts.runs import create_run, set_run_status
 
 #: Metric-only requests in flight at once to an HTTP tracking server. Metric points are independent (MLflow
 #: orders a history by step and timestamp, not arrival), so a slow or distant server is paid one round trip
@@ -43,7 +46,7 @@ SLOW_REQUEST_S = 0.5
 #: or this many times the time a metric request takes, whichever is longer (MLflow's autolog keeps the same
 #: 10:1 ratio of training time to logging time): full 1,000-point requests go out as soon as they are ready, so a
 #: fit logging faster than 1,000 points per interval sends ``ceil(points / 1000)`` metric requests plus the final
-#: drain. :meth:`~lightning_mlflow_cv._writer.Writer.flush`, ``finalize`` and ``sync`` send everything at once.
+#: drain. :meth:`~lightning_mlflow_cv._delivery.writer.Writer.flush`, ``finalize`` and ``sync`` send everything at once.
 FLUSH_COST_RATIO = 10.0
 
 #: The longest a partial request is held however slow the store is (unless ``flush_interval_s`` is longer).
@@ -136,7 +139,7 @@ def is_overload(err: BaseException) -> bool:
 
 def describe_failure(err: BaseException) -> str:
     """A short reason for a tracking failure, with the fix for credential problems (never the secret)."""
-    from lightning_mlflow_cv._artifact_errors import describe
+    from lightning_mlflow_cv._delivery.artifact_errors import describe
 
     s3 = describe(err)
     if s3 is not None:
@@ -153,11 +156,6 @@ def describe_failure(err: BaseException) -> str:
             "the tracking server denied permission (HTTP 403). Fix: ask an admin for EDIT permission on the experiment"
         )
     return f"{type(err).__name__}: {text[:300]}"
-
-
-def safe_uri(uri: str) -> str:
-    """The tracking URI without credentials, as kept in the spool header."""
-    return redact_text(uri)
 
 
 class Deliverer:

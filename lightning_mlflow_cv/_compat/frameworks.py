@@ -1,6 +1,6 @@
 """Which torch, torchvision, Lightning and torchmetrics this process runs: one place for their feature detection.
 
-:mod:`lightning_mlflow_cv._compat` does the same for MLflow. The package runs from the floors in ``pyproject.toml``
+:mod:`lightning_mlflow_cv._compat.mlflow_api` does the same for MLflow. The package runs from the floors in ``pyproject.toml``
 (torch 2.0, torchvision 0.15, Lightning 2.2, torchmetrics 1.3) to the newest releases; every difference is
 detected here by looking for the feature (a parameter, a module, a function), never by comparing version numbers
 elsewhere, and each gap either has an equivalent here or degrades with one warning:

@@ -213,6 +213,11 @@ def redact_text(text: str, aws: bool | None = None) -> str:
     return text
 
 
+def safe_uri(uri: str) -> str:
+    """The tracking URI without credentials, as kept in the spool header."""
+    return redact_text(uri)
+
+
 def redact_argv(argv: Sequence[str]) -> list[str]:
     """A command line with its secrets redacted: the item after a secret-named flag (``--password X``,
     ``--hf-token X``, ``--api-key X``), the value of ``--flag=X``, and credential shapes in any item.

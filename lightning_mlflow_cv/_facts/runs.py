@@ -75,6 +75,27 @@ def same_store(a: str, b: str) -> bool:
     return a == b or normalize_uri(a) == normalize_uri(b)
 
 
+def is_relative_store(uri: str) -> bool:
+    """Whether ``uri`` names a local store by a relative path (``sqlite:///mlflow.db``, ``file:./mlruns``,
+    ``./mlruns``): such a URI recorded by another process names a different store in each working directory.
+
+    Example::
+
+        >>> is_relative_store("sqlite:///mlflow.db"), is_relative_store("sqlite:////tmp/mlflow.db")
+        (True, False)
+    """
+    s = uri.strip()
+    if ":" not in s:
+        return not os.path.isabs(s)
+    scheme, _, rest = s.partition(":")
+    scheme = scheme.split("+")[0].lower()
+    if scheme == "sqlite":
+        return not rest.startswith("////")  # sqlite:////abs/path.db; sqlite:///rel.db is relative
+    if scheme == "file":
+        return not (rest[2:] if rest.startswith("//") else rest).startswith("/")
+    return False
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the run a block of code is "in": a pipeline stage or a sweep trial
 # ------------------------------------------------------------------------------------------------------------

@@ -3,16 +3,14 @@
 A fit that ends while its tracking store is down leaves its data in a spool file (``<key>.jsonl``) for
 ``lightning-mlflow-cv sync``. When the next :class:`~lightning_mlflow_cv.MLflowCVLogger` starts against the same
 store with the same spool directory (any process), :func:`start` delivers those older spools in a background
-thread at low CPU priority, with the same code as ``sync`` (:class:`~lightning_mlflow_cv._delivery.Deliverer`, from
+thread at low CPU priority, with the same code as ``sync`` (:class:`~lightning_mlflow_cv._delivery.deliverer.Deliverer`, from
 the spool's acknowledged offset, so replaying is idempotent), removes each one that is fully delivered, and logs
 one line naming what it delivered.
 
-Ownership is coordinated with ``flock`` on ``<key>.lock`` beside the spool:
-
-- every process that has a spool open (the logger, its writer process, ``sync``) holds a *shared* lock on it for
-  as long as it is open (:func:`hold`); the kernel drops it when the process dies, even by SIGKILL;
-- auto-delivery takes an *exclusive* lock without waiting (:func:`claim`), so a spool still open in a live
-  process, or being delivered by another process, is left alone.
+Ownership is coordinated with ``flock`` on ``<key>.lock`` beside the spool
+(:mod:`lightning_mlflow_cv._delivery.locks`): every process that has a spool open holds a *shared* lock on it,
+and auto-delivery takes an *exclusive* lock without waiting (:func:`~lightning_mlflow_cv._delivery.locks.claim`),
+so a spool still open in a live process, or being delivered by another process, is left alone.
 
 Left alone as well: spools of another store (silently: they deliver when a logger of that store starts), and
 spools whose run was deleted (with one warning naming the spool and the fix). ``LIGHTNING_MLFLOW_CV_AUTOSYNC=0``
@@ -21,25 +19,23 @@ turns auto-delivery off.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
-import re
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from lightning_mlflow_cv._delivery.locks import claim, lock_path, release
+from lightning_mlflow_cv._facts.runs import is_relative_store, same_store
 
 log = logging.getLogger(__name__)
 
 #: Environment variable: ``0`` / ``false`` / ``no`` / ``off`` disables auto-delivery.
 ENV = "LIGHTNING_MLFLOW_CV_AUTOSYNC"
-#: How long a process opening a spool waits for another process that is delivering it.
-HOLD_WAIT_S = 30.0
 
 _threads: dict[tuple[str, str], threading.Thread] = {}
 _threads_lock = threading.Lock()
@@ -50,85 +46,6 @@ _warned: set[str] = set()
 def enabled() -> bool:
     """False when ``$LIGHTNING_MLFLOW_CV_AUTOSYNC`` is ``0``, ``false``, ``no`` or ``off``."""
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-# ------------------------------------------------------------------------------------------------
-# ownership locks
-# ------------------------------------------------------------------------------------------------
-def lock_path(directory: str | os.PathLike[str], key: str) -> Path:
-    return Path(directory) / f"{key}.lock"
-
-
-def _try_lock(path: Path, mode: int) -> IO[bytes] | None:
-    """Open ``path`` and ``flock`` it without waiting; None when another process holds a conflicting lock.
-
-    Raises OSError when the lock file cannot be opened (read-only or missing directory). Rechecks that the locked file is still the one at ``path`` (it may have been unlinked by a process that
-    removed a delivered spool meanwhile), so two processes never both believe they own the spool.
-    """
-    for _ in range(5):
-        fh = open(path, "ab")  # noqa: SIM115 - held for the lock's lifetime; OSError: the caller decides
-        try:
-            fcntl.flock(fh.fileno(), mode | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
-            return None
-        try:
-            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
-        except OSError:
-            same = False
-        if same:
-            return fh
-        fh.close()
-    return None
-
-
-def hold(directory: str | os.PathLike[str], key: str, wait_s: float = HOLD_WAIT_S) -> IO[bytes] | None:
-    """Shared lock that marks a spool as open in a live process (released by :func:`release` or process exit).
-
-    Waits up to ``wait_s`` while another process is auto-delivering the spool (it then sees the delivered
-    state); past that it goes on without the lock, which is only a risk of sending a point twice.
-    """
-    path = lock_path(directory, key)
-    deadline = time.monotonic() + wait_s
-    noted = False
-    while True:
-        try:
-            fh = _try_lock(path, fcntl.LOCK_SH)
-        except OSError:
-            return None  # an unwritable spool directory: the spool falls back to memory anyway
-        if fh is not None or time.monotonic() >= deadline:
-            return fh
-        if not noted:
-            noted = True
-            log.warning(
-                "MLflowCVLogger: waiting for another process that is delivering the spool %s",
-                path.with_suffix(".jsonl"),
-            )
-        time.sleep(0.2)
-
-
-def release(fh: IO[bytes] | None, unlink: str | os.PathLike[str] | None = None) -> None:
-    """Drop a lock from :func:`hold` or :func:`claim`; ``unlink`` removes the lock file first (spool removed)."""
-    if fh is None:
-        return
-    if unlink is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(unlink)
-    with contextlib.suppress(OSError):
-        fh.close()
-
-
-@contextlib.contextmanager
-def claim(directory: str | os.PathLike[str], key: str) -> Iterator[IO[bytes] | None]:
-    """Exclusive lock for delivering a spool nobody has open; yields None (and holds nothing) when busy."""
-    try:
-        fh = _try_lock(lock_path(directory, key), fcntl.LOCK_EX)
-    except OSError:
-        fh = None
-    try:
-        yield fh
-    finally:
-        release(fh)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,29 +70,16 @@ class Report:
     failed: list[str] = dataclasses.field(default_factory=list)
 
 
-def same_store(spooled_uri: str | None, uri: str) -> bool:
-    """Whether a spool header's (credential-free) URI names the store ``uri``.
+def spooled_for(spooled_uri: str | None, uri: str) -> bool:
+    """Whether a spool header's (credential-free) URI names the store ``uri``, by the one rule of
+    :func:`~lightning_mlflow_cv._facts.runs.same_store`.
 
-    A relative local path (``sqlite:///mlflow.db``, ``file:./mlruns``) names a different store in each working
-    directory, so it never matches.
+    A relative local path in the header (``sqlite:///mlflow.db``, ``file:./mlruns``) was relative to the directory
+    of the process that wrote it, so it never matches.
     """
-    from lightning_mlflow_cv._delivery import safe_uri
-
-    if not spooled_uri:
+    if not spooled_uri or is_relative_store(spooled_uri):
         return False
-    # credentials (given in the URI or in the environment) do not change which store it is
-    norm = [re.sub(r"^([a-zA-Z][\w+.\-]*://)[^/@]*@", r"\1", safe_uri(u)).rstrip("/") for u in (spooled_uri, uri)]
-    if norm[0] != norm[1]:
-        return False
-    if ":" not in norm[1]:
-        return os.path.isabs(norm[1])
-    scheme, _, rest = norm[1].partition(":")
-    scheme = scheme.split("+")[0].lower()
-    if scheme == "sqlite":
-        return rest.startswith("////")  # sqlite:////abs/path.db; sqlite:///rel.db is relative
-    if scheme == "file":
-        return (rest[2:] if rest.startswith("//") else rest).startswith("/")
-    return True
+    return same_store(spooled_uri, uri)
 
 
 def candidates(directory: Path, skip: Iterable[str] = ()) -> list[Path]:
@@ -220,14 +124,14 @@ def scan(
     Stops at the first failure to reach the store (the rest waits for the next logger or ``sync``). Logs one line
     naming the runs it delivered. Returns a :class:`Report`.
     """
-    from lightning_mlflow_cv._delivery import is_retryable
-    from lightning_mlflow_cv._redact import redact_text
+    from lightning_mlflow_cv._delivery.deliverer import is_retryable
+    from lightning_mlflow_cv._facts.redact import redact_text
 
     report = Report()
     client = None
     for path in candidates(Path(directory), skip):
         key = path.stem
-        if not same_store(_first_record(path).get("tracking_uri"), tracking_uri):
+        if not spooled_for(_first_record(path).get("tracking_uri"), tracking_uri):
             report.other_store.append(key)  # left for a logger of that store, silently
             continue
         with claim(path.parent, key) as lock:
@@ -240,7 +144,7 @@ def scan(
                 if client is None:
                     from mlflow import MlflowClient
 
-                    from lightning_mlflow_cv import _forkguard
+                    from lightning_mlflow_cv._delivery import forkguard as _forkguard
 
                     with _forkguard.store_call():
                         client = MlflowClient(tracking_uri)
@@ -266,7 +170,7 @@ def scan(
             elif outcome == "deleted":
                 report.deleted_run.append(key)
     if report.delivered:
-        from lightning_mlflow_cv._delivery import safe_uri
+        from lightning_mlflow_cv._facts.redact import safe_uri
 
         runs = ", ".join(
             f"run {d.run_id} ({d.size} bytes{', ' + d.status if d.status else ''})" for d in report.delivered
@@ -281,20 +185,20 @@ def scan(
 
 
 def _deliver_one(client: Any, path: Path, tracking_uri: str, request_timeout_s: float) -> Delivered | str:
-    from lightning_mlflow_cv import _http
-    from lightning_mlflow_cv._delivery import Deliverer, concurrency_for, is_retryable
-    from lightning_mlflow_cv._journal import Spool
+    from lightning_mlflow_cv._delivery import http as _http
+    from lightning_mlflow_cv._delivery.deliverer import Deliverer, concurrency_for, is_retryable
+    from lightning_mlflow_cv._delivery.journal import Spool
 
     spool = Spool(path.parent, path.stem, compact=False, hold=False)
     try:
         header = spool.header()
-        if not same_store(header.get("tracking_uri"), tracking_uri):
+        if not spooled_for(header.get("tracking_uri"), tracking_uri):
             return "other"
         run_id = header.get("run_id")
         with _http.fail_fast(request_timeout_s):
             if run_id:
                 try:
-                    from lightning_mlflow_cv import _forkguard
+                    from lightning_mlflow_cv._delivery import forkguard as _forkguard
 
                     with _forkguard.store_call():
                         run = client.get_run(run_id)
@@ -342,7 +246,7 @@ def start(
     """Start (at most one per spool directory and store in this process) a background :func:`scan`."""
     if not enabled():
         return None
-    from lightning_mlflow_cv._delivery import safe_uri
+    from lightning_mlflow_cv._facts.redact import safe_uri
 
     directory = Path(directory)
     if not any(True for _ in candidates(directory, skip)):
@@ -351,7 +255,7 @@ def start(
     skip = tuple(skip)
 
     def run() -> None:
-        from lightning_mlflow_cv._delivery import lower_priority
+        from lightning_mlflow_cv._delivery.deliverer import lower_priority
 
         lower_priority()
         try:

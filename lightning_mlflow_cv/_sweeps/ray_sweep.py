@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from lightning_mlflow_cv._keys import MAX_TAG_VAL_LENGTH, metric_key, sanitize_key, validate_tags
-from lightning_mlflow_cv._redact import redact_text
-from lightning_mlflow_cv._runs import (
+from lightning_mlflow_cv._facts.keys import MAX_TAG_VAL_LENGTH, metric_key, sanitize_key, validate_tags
+from lightning_mlflow_cv._facts.redact import redact_text
+from lightning_mlflow_cv._facts.runs import (
     Stage,
     active_stage,
     default_tracking_uri,
@@ -38,7 +38,7 @@ from lightning_mlflow_cv._runs import (
     set_run_status,
     status_on_exit,
 )
-from lightning_mlflow_cv._sweep import (
+from lightning_mlflow_cv._sweeps.tracking import (
     TRIAL_STATE_TAG,
     Best,
     drain_loggers,

@@ -1,9 +1,9 @@
 """The writer thread: delivers what the journal holds in the background, and rides out a store outage.
 
 :class:`Writer` wakes when the logger has a full request's worth of new points, when a partial request is due, and
-on ``flush`` / ``stop``; it delivers through :class:`~lightning_mlflow_cv._delivery.Deliverer` and, while the
+on ``flush`` / ``stop``; it delivers through :class:`~lightning_mlflow_cv._delivery.deliverer.Deliverer` and, while the
 store is unreachable, warns once and retries with backoff while the data stays in the journal
-(:mod:`lightning_mlflow_cv._journal`). :mod:`lightning_mlflow_cv._writer_proc` runs the same thread in a child
+(:mod:`lightning_mlflow_cv._delivery.journal`). :mod:`lightning_mlflow_cv._delivery.writer_proc` runs the same thread in a child
 process.
 """
 
@@ -17,16 +17,17 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from lightning_mlflow_cv import _forkguard, _http
-from lightning_mlflow_cv._delivery import (
+from lightning_mlflow_cv._delivery import forkguard as _forkguard
+from lightning_mlflow_cv._delivery import http as _http
+from lightning_mlflow_cv._delivery.deliverer import (
     Deliverer,
     concurrency_for,
     describe_failure,
     is_overload,
     lower_priority,
-    safe_uri,
 )
-from lightning_mlflow_cv._journal import Spool
+from lightning_mlflow_cv._delivery.journal import Spool
+from lightning_mlflow_cv._facts.redact import safe_uri
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Progress:
     Example::
 
         >>> import tempfile
-        >>> from lightning_mlflow_cv._journal import Spool
+        >>> from lightning_mlflow_cv._delivery.journal import Spool
         >>> p = Progress(Spool(tempfile.mkdtemp(), "run"), "sqlite:///mlflow.db")
         >>> p.update()  # silent until PROGRESS_AFTER_S passed
     """

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_mlflow_cv import _compat
+from lightning_mlflow_cv._compat import mlflow_api as _compat
 
 SaveModel = Callable[[Path, Any], None]
 """Writes the MLflow model directory (path, ``mlflow.models.Model`` metadata or ``None``)."""

@@ -1,7 +1,7 @@
 """The servable model's bundle: what goes into the logged MLflow pyfunc model, and how it is saved.
 
 The bundle is the network file (``torch.export`` archive or ONNX), the pre/post-processing config
-(``preprocess.json``), the "models from code" script and a copy of :mod:`lightning_mlflow_cv._pyfunc`, a raw
+(``preprocess.json``), the "models from code" script and a copy of :mod:`lightning_mlflow_cv._shipping.pyfunc`, a raw
 ``uint8`` input example and the signature. :func:`build_bundle` runs the bundle once exactly as the served model
 will and derives the output schema from what it returned; :func:`save_pyfunc` writes it as an MLflow model
 directory. Used by :class:`~lightning_mlflow_cv.callbacks.model_registry.ModelRegistryCallback`.
@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_mlflow_cv import _compat, _export, _pyfunc
+from lightning_mlflow_cv._compat import mlflow_api as _compat
+from lightning_mlflow_cv._shipping import export as _export
+from lightning_mlflow_cv._shipping import pyfunc as _pyfunc
 from lightning_mlflow_cv.environment import framework_versions
 
 _WHO = "ModelRegistryCallback"
@@ -181,7 +183,7 @@ def build_bundle(
 
 
 def pip_requirements(bundle: Bundle) -> list[str]:
-    """Pinned requirements of the served model: what :mod:`lightning_mlflow_cv._pyfunc` imports for this bundle."""
+    """Pinned requirements of the served model: what :mod:`lightning_mlflow_cv._shipping.pyfunc` imports for this bundle."""
     pins = ["torch", "mlflow", "numpy", "pandas"]  # pandas: the class-probability table
     if bundle.cfg["postprocess"] == "boxes":
         pins.append("torchvision")

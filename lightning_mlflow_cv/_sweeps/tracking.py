@@ -15,15 +15,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_mlflow_cv._keys import (
+from lightning_mlflow_cv._facts.keys import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
     param_value,
     sanitize_key,
 )
-from lightning_mlflow_cv._redact import redact_text
-from lightning_mlflow_cv._runs import live_loggers
+from lightning_mlflow_cv._facts.redact import redact_text
+from lightning_mlflow_cv._facts.runs import live_loggers
 
 #: Tag on each child run with the trial's state in the engine's words (``RUNNING`` while it runs).
 TRIAL_STATE_TAG = "trial_state"

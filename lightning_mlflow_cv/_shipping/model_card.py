@@ -10,7 +10,7 @@ import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lightning_mlflow_cv._redact import redact_text
+from lightning_mlflow_cv._facts.redact import redact_text
 from lightning_mlflow_cv.environment import framework_versions
 
 #: Sections of ``model_card=`` with a fixed place in the card; any other key becomes an extra section.

@@ -3,7 +3,7 @@
 MLflow's per-point work (building entities, protobuf/JSON for REST, SQLAlchemy inserts for SQL stores) is pure
 Python. In a thread it competes with the training loop for the GIL; in a child process it only uses CPU the
 training process leaves idle. The child tails the same spool file (the journal is already a cross-process
-queue: ``sync`` reads it too), delivers it with the same :class:`~lightning_mlflow_cv._writer.Writer` logic and
+queue: ``sync`` reads it too), delivers it with the same :class:`~lightning_mlflow_cv._delivery.writer.Writer` logic and
 writes the ack file.
 
 On Linux the child is forked from the training process, as DataLoader workers are: it inherits the imported MLflow
@@ -49,9 +49,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from lightning_mlflow_cv import _forkguard, _journal
-from lightning_mlflow_cv._journal import Spool
-from lightning_mlflow_cv._writer import Progress, Writer
+from lightning_mlflow_cv._delivery import forkguard as _forkguard
+from lightning_mlflow_cv._delivery import journal as _journal
+from lightning_mlflow_cv._delivery.journal import Spool
+from lightning_mlflow_cv._delivery.writer import Progress, Writer
 
 _EOF_DRAIN_S = 30.0
 
@@ -81,7 +82,7 @@ def _messages(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
 
 
 class ProcessWriter:
-    """Parent-side handle with the :class:`~lightning_mlflow_cv._writer.Writer` interface."""
+    """Parent-side handle with the :class:`~lightning_mlflow_cv._delivery.writer.Writer` interface."""
 
     def __init__(
         self,
@@ -148,7 +149,7 @@ class ProcessWriter:
                 [
                     sys.executable,
                     "-c",
-                    "from lightning_mlflow_cv._writer_proc import main; main()",
+                    "from lightning_mlflow_cv._delivery.writer_proc import main; main()",
                     json.dumps(self._cfg),
                 ],
                 stdin=subprocess.PIPE,

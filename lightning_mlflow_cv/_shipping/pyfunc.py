@@ -54,7 +54,7 @@ MODEL_CODE = '''"""lightning-mlflow-cv servable model (models from code: nothing
 import mlflow
 
 try:
-    from lightning_mlflow_cv._pyfunc import CVPythonModel
+    from lightning_mlflow_cv._shipping.pyfunc import CVPythonModel
 except ImportError:  # the copy bundled in the model's code/ directory
     from lmc_pyfunc import CVPythonModel
 

@@ -1,8 +1,8 @@
 """The journal: a durable, append-only queue between training and MLflow.
 
 Everything :class:`~lightning_mlflow_cv.MLflowCVLogger` logs is appended, as one JSON line per call, to a
-spool file on local disk (a write-ahead journal). The writer (:mod:`lightning_mlflow_cv._writer`) reads it from
-its last acknowledged offset and sends it (:mod:`lightning_mlflow_cv._delivery`); when MLflow cannot be reached
+spool file on local disk (a write-ahead journal). The writer (:mod:`lightning_mlflow_cv._delivery.writer`) reads it from
+its last acknowledged offset and sends it (:mod:`lightning_mlflow_cv._delivery.deliverer`); when MLflow cannot be reached
 the data simply stays here, and ``lightning-mlflow-cv sync SPOOL`` (:mod:`lightning_mlflow_cv.spool_sync`) can
 replay it later. Replaying is idempotent: identical metric points are stored once by MLflow's SQL stores, params
 and tags are re-set to the same values, and artifacts are uploaded under fixed names.
@@ -38,7 +38,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_mlflow_cv._compat import warn_once
+from lightning_mlflow_cv._compat.mlflow_api import warn_once
+from lightning_mlflow_cv._delivery import locks
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Spool:
 
     def __init__(self, directory: str | os.PathLike[str], key: str, compact: bool = True, hold: bool = True) -> None:
         self.directory = Path(directory)
-        self._hold: Any = None  # shared lock: this spool is open in a live process (see _autosync)
+        self._hold: Any = None  # shared lock: this spool is open in a live process (see _delivery.locks)
         self.compact = compact  # only the process that appends may compact
         self.key = key
         self.path = self.directory / f"{key}.jsonl"
@@ -155,9 +156,7 @@ class Spool:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             if hold:
-                from lightning_mlflow_cv import _autosync
-
-                self._hold = _autosync.hold(self.directory, key)
+                self._hold = locks.hold(self.directory, key)
             if self.path.exists():
                 self._end = self.path.stat().st_size
                 self.acked = _read_int(self.ack_path)
@@ -501,9 +500,7 @@ class Spool:
         self._kick.set()
 
     def _release(self, unlink: bool = False) -> None:
-        from lightning_mlflow_cv import _autosync
-
-        _autosync.release(self._hold, _autosync.lock_path(self.directory, self.key) if unlink else None)
+        locks.release(self._hold, locks.lock_path(self.directory, self.key) if unlink else None)
         self._hold = None
 
     # -- internals -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
-from lightning_mlflow_cv import _compat_frameworks
+from lightning_mlflow_cv._compat import frameworks as _compat_frameworks
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mlflow_cv import _export
+from lightning_mlflow_cv._shipping import export as _export
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class ShippingCallback(Callback):
     """A callback that ships the trained model at fit end (export, timing, registration).
 
-    The weights to ship are one CPU copy per trainer and fit state (:func:`lightning_mlflow_cv._export.best_module`),
+    The weights to ship are one CPU copy per trainer and fit state (:func:`lightning_mlflow_cv._shipping.export.best_module`),
     shared by every shipping callback on the Trainer and dropped at ``teardown``. Subclasses name the arguments
     that distinguish two instances in :meth:`_state_key_fields`, so several can coexist in one Trainer and
     resume from a checkpoint each with its own state (as ``EarlyStopping`` does).

@@ -188,7 +188,7 @@ def server_limit(uri: str) -> str:
 
 def no_logged_models_reason(uri: str) -> str:
     """One line: why the model is logged as run artifacts (client or server too old for LoggedModels)."""
-    from lightning_mlflow_cv._delivery import safe_uri
+    from lightning_mlflow_cv._facts.redact import safe_uri
 
     if not has_logged_model_api():
         return f"this MLflow {version_string()} client has no logged-model API (MLflow >= 3.0)"
