@@ -24,7 +24,9 @@ log = logging.getLogger("lightning_mlflow_cv.logger")
 class WriterMixin(LoggerState):
     """Start, replace and drain the logger's writer."""
 
-    def _ensure_writer(self) -> WriterLike:
+    def _ensure_writer(self, thread: bool = False) -> WriterLike:
+        """The running writer, started (or replaced when it is gone) as :meth:`_choose_writer` says; ``thread``
+        forces a writer thread in this process (the last delivery after a writer process delivered nothing)."""
         with self._writer_lock:
             if self._writer is None or not self._writer.is_alive():
                 from mlflow import MlflowClient
@@ -38,7 +40,7 @@ class WriterMixin(LoggerState):
                     "on_bound": self._on_bound,
                     "already_warned": self.offline,
                 }
-                if self._choose_writer() == "process" and self._spool.on_disk:  # type: ignore[union-attr]
+                if not thread and self._choose_writer() == "process" and self._spool.on_disk:  # type: ignore[union-attr]
                     from lightning_mlflow_cv._delivery.writer_proc import ProcessWriter
 
                     self._writer = ProcessWriter(self._spool, bound, uri, **common)  # type: ignore[arg-type]
@@ -109,7 +111,7 @@ class WriterMixin(LoggerState):
                 if self._spool is not None:
                     self._spool.adopt()
                 self._writer = None
-            writer = self._ensure_writer()
+            writer = self._ensure_writer(thread=True)
             delivered = writer.stop(self._drain_timeout(writer) if failed else self._request_timeout_s)
         self._writer = None
         spool, self._spool = self._spool, None

@@ -184,6 +184,7 @@ def test_a_stalled_store_is_told_apart_from_an_unreachable_one_and_sync_finishes
     delivers everything."""
     db = tmp_path / "store.db"
     (res,) = _run("backlog", f"sqlite:///{db}", "8000", "process", "2", "lock", timeout=600)
+    assert res["forks"] == 1, "the last try after the writer process must run in the training process, not a new fork"
     (message,) = res["warnings"]
     assert "reachable but accepted nothing for 2 s" in message and "unreachable" not in message, message
     command = f"lightning-mlflow-cv sync {res['spool_left']}"

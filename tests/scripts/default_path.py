@@ -177,8 +177,17 @@ def overload(uri: str, points: int) -> None:
 
 
 def backlog(uri: str, points: int, writer: str, timeout: float, lock: bool) -> None:
-    """Log ``points`` points at once (8 a call) and finalize with ``finalize_timeout_s=timeout``."""
+    """Log ``points`` points at once (8 a call) and finalize with ``finalize_timeout_s=timeout``; counts the forks."""
     import sqlite3
+
+    forks: list[int] = []
+    fork = os.fork
+
+    def counting_fork() -> int:
+        forks.append(1)
+        return fork()
+
+    os.fork = counting_fork
 
     logger = MLflowCVLogger(tracking_uri=uri, experiment_name="backlog", writer=writer, finalize_timeout_s=timeout)
     logger.log_hyperparams({"lr": 0.1})
@@ -203,6 +212,7 @@ def backlog(uri: str, points: int, writer: str, timeout: float, lock: bool) -> N
         run_id=logger.run_id,
         spool_left=str(logger.last_spool_path) if logger.last_spool_path else None,
         warnings=[str(w.message) for w in caught if "not delivered" in str(w.message)],
+        forks=len(forks),
     )
 
 
