@@ -61,6 +61,9 @@ _EOF_DRAIN_S = 30.0
 FORK_READY_S = 3.0
 #: ... and a fresh interpreter (importing MLflow takes 2-3 CPU s).
 SPAWN_READY_S = 60.0
+#: When the fit waits on a forked child (``flush``, the last delivery) that has not said ``ready`` this long after
+#: the fork, it is given up at once instead of at :data:`FORK_READY_S`: a short fit does not wait out the bound.
+FORK_WAITED_READY_S = 0.5
 #: The child says it is alive this often ...
 BEAT_S = 0.5
 #: ... and is declared stopped or hung when nothing came from it for this long.
@@ -261,6 +264,13 @@ class ProcessWriter:
         with self._cv:
             while seq not in self._replies and not self._dead:
                 now = time.monotonic()
+                if not self._ready and self._ready_bound == FORK_READY_S and now - self._started > FORK_WAITED_READY_S:
+                    self._fail(
+                        f"did not open the tracking store within {now - self._started:.1f} s of starting, when the "
+                        "fit waited for it (a process forked beside a thread that was using the store can inherit "
+                        "that thread's lock)"
+                    )
+                    return None
                 if now - max(since, self._last_progress) > idle:
                     return None
                 self._cv.wait(0.25)
