@@ -66,7 +66,7 @@ def test_the_fresh_interpreter_writer_delivers_without_loading_torch(tracking_ur
 def test_the_forked_writer_shares_the_training_process_memory(tracking_uri, tmp_path):
     """On Linux the writer is a fork of the training process (no second interpreter importing MLflow and checking
     the store's schema), and what it holds of its own when it starts is a fraction of a fresh interpreter's
-    ~170 MB (pages the training process rewrites later are the child's too: benchmarks/README.md, session 7)."""
+    ~170 MB (pages the training process rewrites later are the child's too: benchmarks/README.md, 2026-12-01, commit cbf18a7)."""
     import torch  # the parent's memory is a training process's
 
     assert torch.ones(1).item() == 1.0
