@@ -47,8 +47,8 @@ PostgreSQL cluster's (postmaster and its descendants: backends come and go per c
 postmaster, so its cutime holds them), and the requests the server answered (lines of uvicorn's access log,
 which MLflow 3's default log config writes to stdout, counted as ``logging_overhead.MlflowServer.requests``).
 These per 1,000 points stored; the children's own counting query (one per child) and any ``sync`` replay are
-inside the window. Client step time: p50 and p99 over all steps of all K children, inflation = step / step-ms
-- 1. Each (configuration, K) is capped at ``--cap-s``: children still running are killed (process group) and
+inside the window. Client step time: p50 and p99 over all steps of all K children; inflation: step / step-ms,
+minus 1. Each (configuration, K) is capped at ``--cap-s``: children still running are killed (process group) and
 reported as not finished; the parent counts their points.
 
 Verdict per configuration: the largest K such that at that K and every smaller K tried, every fit returned with
@@ -99,22 +99,23 @@ CLK = os.sysconf("SC_CLK_TCK")
 # ================================================================================================
 # child: one fit, started together with K-1 others
 # ================================================================================================
-def count_points(dsn: str, run_id: str | None, steps: int) -> int:
-    """Distinct steps stored per workload key (at most ``steps`` each), summed: the points of the run."""
-    if not run_id:
-        return 0
+def query(dsn: str, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Rows of one query against the server's PostgreSQL backend (a connection of its own, closed after)."""
     import psycopg2
 
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "SELECT key, count(DISTINCT step) FROM metrics WHERE run_uuid=%s AND key = ANY(%s) GROUP BY key",
-                (run_id, list(KEYS)),
-            )
-            return sum(min(int(n), steps) for _, n in cur.fetchall())
+            cur.execute(sql, params)
+            return cur.fetchall()
     finally:
         conn.close()
+
+
+def count_points(dsn: str, run_id: str | None, steps: int) -> int:
+    """Distinct steps stored per workload key (at most ``steps`` each), summed: the points of the run."""
+    sql = "SELECT key, count(DISTINCT step) FROM metrics WHERE run_uuid=%s AND key = ANY(%s) GROUP BY key"
+    return sum(min(int(n), steps) for _, n in query(dsn, sql, (run_id, list(KEYS)))) if run_id else 0
 
 
 def child_main(spec_path: str) -> int:
@@ -394,18 +395,8 @@ def run_batch(args: argparse.Namespace, ctx: dict[str, Any], config: str, k: int
 
 
 def run_status(dsn: str, run_id: str | None) -> str | None:
-    if not run_id:
-        return None
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT status FROM runs WHERE run_uuid=%s", (run_id,))
-            row = cur.fetchone()
-            return row[0] if row else None
-    finally:
-        conn.close()
+    rows = query(dsn, "SELECT status FROM runs WHERE run_uuid=%s", (run_id,)) if run_id else []
+    return rows[0][0] if rows else None
 
 
 def _q(xs: list[float], q: float) -> float | None:
@@ -486,6 +477,10 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], info: list[str]
         "**--quick smoke run: it shows that the script works; its figures are not the benchmark.**\n"
         if args.quick
         else "",
+        f"**The machine was busy (1-min load average {args.load:.1f} on {os.cpu_count()} CPUs at the start): step "
+        "times and CPU figures are not reliable; rerun on a quiet machine.**\n"
+        if args.load > 0.5 * (os.cpu_count() or 1)
+        else "",
         f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {total_s / 60:.1f} min in all)",
         "",
         *info,
@@ -547,8 +542,8 @@ def target_lines(rows: list[dict[str, Any]], v: dict[str, int], configs: list[st
         out.append("- K_cv >= 4 x K_best_peer: not evaluated (needs cv and at least one of sync, async, autolog)")
     if "none" in configs and v["none"] < ks[-1]:
         out.append(
-            f"- The floor (no logger) itself sustains only K = {v['none']}: above that this machine, not a logger, "
-            "breaks the step-time bound (compare each row with the floor's at the same K)"
+            f"- The floor (no logger) itself passes only up to K = {v['none']} (0: not even K = {ks[0]}): beyond it "
+            "this machine, not a logger, breaks the step-time bound (compare each row with the floor's at the same K)"
         )
     cv_rows = [r for r in rows if r["config"] in CV]
     lost = [f"{r['config']}@K={r['k']}" for r in cv_rows if r["after_sync"] is not None and r["after_sync"] < 1.0]
@@ -570,15 +565,19 @@ def plot(rows: list[dict[str, Any]], configs: list[str], path: Path, step_ms: fl
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for c in configs:
         rs = sorted((r for r in rows if r["config"] == c), key=lambda r: r["k"])
-        xs = [r["k"] for r in rs]
-        a.plot(xs, [100 * (r["infl99"] or 0) for r in rs], marker="o", label=c)
+        xs, color = [r["k"] for r in rs], f"C{CONFIGS.index(c)}"  # one color per configuration in both panels
+        a.plot(xs, [100 * (r["infl99"] or 0) for r in rs], marker="o", color=color, label=c)
         if c != "none":
-            line = b.plot(xs, [r["server_per_k"] for r in rs], marker="o", label=f"{c}: server")[0]
-            b.plot(
-                xs, [r["pg_per_k"] for r in rs], marker="x", ls="--", color=line.get_color(), label=f"{c}: PostgreSQL"
-            )
+            b.plot(xs, [r["server_per_k"] for r in rs], marker="o", color=color, label=f"{c}: server")
+            b.plot(xs, [r["pg_per_k"] for r in rs], marker="x", ls="--", color=color, label=f"{c}: PostgreSQL")
     a.axhline(5, color="grey", lw=0.8, ls=":")
-    a.set(title=f"p99 step-time inflation (steps every {step_ms:g} ms)", xlabel="concurrent fits K", ylabel="%")
+    a.set_yscale("symlog", linthresh=10)  # floor and cv near 0-10%, synchronous peers at hundreds
+    a.set_ylim(bottom=0)
+    a.set(
+        title=f"p99 step-time inflation (steps every {step_ms:g} ms)",
+        xlabel="concurrent fits K",
+        ylabel="% (symlog; dotted: the 5% bound)",
+    )
     b.set(title="server CPU per 1,000 points (dashed: PostgreSQL)", xlabel="concurrent fits K", ylabel="CPU s")
     for ax in (a, b):
         ax.set_xscale("log", base=2)
@@ -643,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     from conftest import PG_BIN, PostgresServer
 
     info = lo.machine_info(argparse.Namespace(device="cpu"))
+    args.load = os.getloadavg()[0]
     pg_version = subprocess.run([str(PG_BIN / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
     info.append(
         f"- {pg_version or 'PostgreSQL ?'} (throwaway cluster); `mlflow server` with MLflow's defaults (uvicorn)"
