@@ -105,6 +105,9 @@ def child_main(spec_path: str) -> int:
         mark = max(1, min(MARK_POINTS, spec["points"] // 2) // len(KEYS)) - 1
         mem: dict[str, tuple[float, float, float]] = {}
         result.update(setup_s=time.perf_counter() - t0, writer_choice=logger.writer_choice, run_id=logger.run_id)
+        keys_json = json.dumps(KEYS, separators=(",", ":"))  # the journal's bytes per point, for the plot
+        line = journal.metric_record(steps // 2, int(time.time() * 1000), keys_json, [0.5] * len(KEYS))
+        result["bytes_per_point"] = len(line) / len(KEYS)
         publish(0, "logging")
         t1 = time.perf_counter()
         for i in range(steps):
@@ -337,6 +340,7 @@ def figures(r: dict[str, Any]) -> dict[str, Any]:
     samples = r.get("samples", [])
     wuss = [s["writer_uss_mb"] for s in samples if s["writer_uss_mb"] == s["writer_uss_mb"]]
     spool_max = max((s["spool_mb"] for s in samples), default=nan)
+    pending_max = max((s["pending_mb"] for s in samples), default=nan)
     points = r.get("points") or r["expected"]
     total_s = r.get("loop_s", nan) + r.get("finalize_s", nan)
     f = {
@@ -346,8 +350,8 @@ def figures(r: dict[str, Any]) -> dict[str, Any]:
         "rss_mark": mark[0], "rss_loop_end": loop_end[0], "rss_end": fin_end[0],
         "anon_mark": mark[2], "anon_loop_end": loop_end[2], "anon_end": fin_end[2],
         "growth_uss": uss_to[1] - mark[1], "growth_rss": fin_end[0] - mark[0], "growth_anon": fin_end[2] - mark[2],
-        "writer_uss_max": max(wuss) if r["writer"] == "process" and wuss else nan, "spool_max_mb": spool_max,
-        "spool_x": spool_max * 2**20 / r["compact_bytes"], "rows": r["rows"], "distinct": r["distinct"],
+        "writer_uss_max": max(wuss) if r["writer"] == "process" and wuss else nan,
+        "spool_max_mb": spool_max, "pending_max_mb": pending_max, "spool_x": spool_max * 2**20 / r["compact_bytes"], "rows": r["rows"], "distinct": r["distinct"],
         "expected": r["expected"], "status": r["status"],
     }  # fmt: skip
     verdicts = [
@@ -355,7 +359,7 @@ def figures(r: dict[str, Any]) -> dict[str, Any]:
         ("training USS growth < 50 MB [1]", f["growth_uss"] < TARGET_GROWTH_MB, f"{f['growth_uss']:+.1f} MB"),
         ("training RSS growth < 50 MB", f["growth_rss"] < TARGET_GROWTH_MB, f"{f['growth_rss']:+.1f} MB"),
         ("training anonymous growth < 50 MB", f["growth_anon"] < TARGET_GROWTH_MB, f"{f['growth_anon']:+.1f} MB"),
-        ("spool <= 2x COMPACT_BYTES", f["spool_x"] <= TARGET_SPOOL_X, f"{spool_max:.1f} MB = {f['spool_x']:.2f}x"),
+        ("spool <= 2x COMPACT_BYTES [2]", f["spool_x"] <= TARGET_SPOOL_X, f"{spool_max:.1f} MB = {f['spool_x']:.2f}x"),
         ("rows == points logged", f["rows"] == r["expected"], f"{f['rows']:,} / {r['expected']:,}"),
         ("distinct (key, step) == points", f["distinct"] == r["expected"], f"{f['distinct']:,} / {r['expected']:,}"),
         ("run status FINISHED", f["status"] == "FINISHED", str(f["status"])),
@@ -380,7 +384,8 @@ def table(results: list[dict[str, Any]]) -> str:
     def row(label: str, cell: Any) -> None:
         rows.append(f"| {label} | " + " | ".join(cell(r, r["fig"]) for r in results) + " |")
 
-    row("writer chosen", lambda r, f: str(r.get("writer_choice", "-")))
+    row("writer (at the start; at the end if it changed)", lambda r, f: " / ".join(dict.fromkeys(
+        str(r.get(k, "-")) for k in ("writer_choice", "writer_choice_end"))))  # fmt: skip
     row("loop (s) / points logged per s", lambda r, f: f"{_n(f['loop_s'])} / {_n(f['logged_pps'], ',.0f')}")
     row("finalize (s)", lambda r, f: _n(f["finalize_s"]))
     row("delivery, points/s (loop + finalize)", lambda r, f: _n(f["delivered_pps"], ",.0f"))
@@ -392,12 +397,16 @@ def table(results: list[dict[str, Any]]) -> str:
             lambda r, f, k=k: _n(f["growth_" + k], "+,.1f"))  # fmt: skip
     row("writer USS max (MB)", lambda r, f: _n(f["writer_uss_max"]) if r["writer"] == "process" else "in training")
     row("spool max MB (x COMPACT_BYTES)", lambda r, f: f"{_n(f['spool_max_mb'])} ({_n(f['spool_x'], '.2f')}x)")
+    row("undelivered max MB (the backlog)", lambda r, f: _n(f["pending_max_mb"]))
     row("rows / distinct (key, step) / logged", lambda r, f: f"{f['rows']:,} / {f['distinct']:,} / {f['expected']:,}")
     row("run status", lambda r, f: str(f["status"]))
     return "\n".join(rows)
 
 
 def plot(results: list[dict[str, Any]], path: Path, stores: list[str]) -> None:
+    """One row per store: training-process memory, writer-process memory, spool, points logged; x = time since the
+    loop began (an unthrottled loop logs everything in seconds and the delivery takes minutes, so points logged
+    alone would squeeze the whole delivery into the last x). Dotted verticals: the end of each loop."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,81 +415,62 @@ def plot(results: list[dict[str, Any]], path: Path, stores: list[str]) -> None:
     cols = [
         "training process USS, dotted: anonymous (MB)",
         "writer process USS (MB)",
-        "spool on disk (MB)",
-        "spool (MB), after the loop",
+        "spool on disk, dashed: undelivered (MB)",
+        "points logged, dashed: delivered (M, from the undelivered bytes)",
     ]
+    longest = max((p["t"] for r in results for p in r.get("samples", [])), default=0.0)
+    unit, scale = ("min", 60.0) if longest > 900 else ("s", 1.0)
     fig, axes = plt.subplots(len(stores), 4, figsize=(18, 4.2 * len(stores)), squeeze=False)
     colors = {"thread": "tab:blue", "process": "tab:orange"}
     for row, store in zip(axes, stores, strict=True):
         for r in (r for r in results if r["store"] == store):
-            s = r.get("samples", [])
-            c, lbl = colors.get(r["writer"], "k"), f"writer={r['writer']}"
-            run = [p for p in s if p["phase"] not in ("start", "setup")]  # imports and the run's creation: x = 0
-            x = [p["points"] / 1e6 for p in run]
-            for ax, key in zip(row[:3], ("train_uss_mb", "writer_uss_mb", "spool_mb"), strict=True):
-                if key == "writer_uss_mb" and r["writer"] != "process":
-                    continue
-                ax.plot(x, [p[key] for p in run], ".-", ms=2, lw=0.8, c=c, label=lbl)
-            row[0].plot(x, [p["train_anon_mb"] for p in run], ":", lw=1, c=c, label=lbl + " (anonymous)")
-            loop_end = next((p["t"] for p in s if p["phase"] in ("finalizing", "done")), None)
-            after = [p for p in s if loop_end is not None and p["t"] >= loop_end]
-            row[3].plot([p["t"] - loop_end for p in after], [p["spool_mb"] for p in after], c=c, label=lbl + " total")
-            row[3].plot(
-                [p["t"] - loop_end for p in after],
-                [p["pending_mb"] for p in after],
-                "--",
-                c=c,
-                label=lbl + " undelivered",
+            run = [p for p in r.get("samples", []) if p["phase"] not in ("start", "setup")]
+            if not run:
+                continue
+            c, lbl, t0 = colors.get(r["writer"], "k"), f"writer={r['writer']}", run[0]["t"]
+            x = [(p["t"] - t0) / scale for p in run]
+
+            lines = [(0, "train_uss_mb", "-", ""), (0, "train_anon_mb", ":", " (anonymous)"), (2, "spool_mb", "-", "")]
+            lines += [(2, "pending_mb", "--", " undelivered")] + (
+                [(1, "writer_uss_mb", "-", "")] if r["writer"] == "process" else []
             )
+            for col, key, style, suffix in lines:
+                row[col].plot(x, [p[key] for p in run], style, lw=1, c=c, label=lbl + suffix)
+            row[3].plot(x, [p["points"] / 1e6 for p in run], c=c, lw=1, label=lbl)
+            if r.get("bytes_per_point"):
+                bpp = r["bytes_per_point"]
+                delivered = [max(p["points"] - p["pending_mb"] * 2**20 / bpp, 0) / 1e6 for p in run]
+                row[3].plot(x, delivered, "--", c=c, lw=1, label=lbl + " delivered")
+            loop_end = next((p["t"] for p in run if p["phase"] in ("finalizing", "done")), None)
+            for ax in row if loop_end is not None else ():
+                ax.axvline((loop_end - t0) / scale, c=c, ls=":", lw=0.8)
         cap = 2 * (results[0]["compact_bytes"] if results else 32 * 2**20) / 2**20
-        for ax in (row[2], row[3]):
-            ax.axhline(cap, c="red", ls=":", lw=1, label="2 x COMPACT_BYTES")
+        row[2].axhline(cap, c="red", ls=":", lw=1, label="2 x COMPACT_BYTES")
         for ax, title in zip(row, cols, strict=True):
             ax.set_title(f"{store}: {title}", fontsize=9)
-            ax.set_xlabel("seconds in finalize" if ax is row[3] else "points logged (M); finalize at the last x")
+            ax.set_xlabel(f"{unit} since the loop began (dotted vertical: loop end, finalize after it)", fontsize=8)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--points",
-        type=int,
-        default=None,
-        help="metric points per fit, 8 per step (default 5,000,000; --quick 200,000)",
-    )
+    # fmt: off
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--points", type=int, default=None, help="metric points per fit, 8 per step (default 5,000,000; --quick 200,000)")
     p.add_argument("--writers", default="thread,process", help="comma-separated: thread,process")
-    p.add_argument(
-        "--stores",
-        default="sqlite,http",
-        help="comma-separated: sqlite (fresh file), http (mlflow server + PostgreSQL)",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="200,000 points and --compact-mb 1: checks that everything runs"
-    )
-    p.add_argument(
-        "--compact-mb",
-        type=float,
-        default=None,
-        help="journal.COMPACT_BYTES in MiB for the fits (default: the package's 32; --quick 1)",
-    )
-    p.add_argument(
-        "--rate", type=float, default=0.0, help="log at most this many points/s (default 0: as fast as the loop runs)"
-    )
-    p.add_argument(
-        "--cap-s", type=float, default=1800.0, help="kill a child (and its writer) after this long, reported"
-    )
-    p.add_argument(
-        "--out-dir", default=str(HERE), help="where README_long_fit.md, README_long_fit_raw.json and long_fit.png go"
-    )
+    p.add_argument("--stores", default="sqlite,http", help="comma-separated: sqlite (fresh file), http (mlflow server + PostgreSQL)")
+    p.add_argument("--quick", action="store_true", help="200,000 points and --compact-mb 1: checks that everything runs")
+    p.add_argument("--compact-mb", type=float, default=None, help="journal.COMPACT_BYTES in MiB (default: the package's 32; --quick 1)")
+    p.add_argument("--rate", type=float, default=0.0, help="log at most this many points/s (default 0: as fast as the loop runs)")
+    p.add_argument("--cap-s", type=float, default=1800.0, help="kill a child (and its writer) after this long, reported")
+    p.add_argument("--out-dir", default=str(HERE), help="where README_long_fit.md, README_long_fit_raw.json and long_fit.png go")
     p.add_argument("--no-readme", action="store_true", help="write the raw JSON and the PNG, not the README")
     p.add_argument("--keep", action="store_true", help="keep the work directory (stores, spools, child logs)")
+    # fmt: on
     p.add_argument("--_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
@@ -513,9 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    (out / "README_long_fit_raw.json").write_text(
-        json.dumps({"args": vars(args), "date": started, "machine": machine, "results": results}, indent=1)
-    )
+    raw = []  # samples as columns and rows of values: a 5M-point run has thousands of samples per fit
+    for r in results:
+        cols = list(r["samples"][0]) if r.get("samples") else []
+        rows = [[round(v, 2) if isinstance(v, float) else v for v in s.values()] for s in r.get("samples", [])]
+        raw.append({**{k: v for k, v in r.items() if k != "samples"}, "sample_columns": cols, "samples": rows})
+    meta = {"args": vars(args), "date": started, "machine": machine, "sample_s": SAMPLE_S}
+    (out / "README_long_fit_raw.json").write_text(json.dumps({**meta, "results": raw}, separators=(",", ":")) + "\n")
     plot(results, out / "long_fit.png", stores)
     cmd = "python benchmarks/long_fit.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     verdicts = "\n".join(
@@ -528,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
 
 One fit of {args.points:,} metric points (8 per step, {"logged as fast as the loop runs" if not args.rate else f"at {args.rate:,.0f} points/s"})
 per writer and store, in a fresh process, without a Trainer: the logger's own cost over a long fit. Measured: the
-training process's memory (RSS and USS) from 100,000 points to the end of `finalize`, the writer process's memory,
+training process's memory (RSS, USS, anonymous) from 100,000 points to the end of `finalize`, the writer process's memory,
 the spool's size on disk (`COMPACT_BYTES` = {compact}: the journal is compacted only once everything is delivered),
 the time `finalize` takes to deliver what is left, and that the store holds every point exactly once. Method: the
 module docstring of `benchmarks/long_fit.py`. Samples: `README_long_fit_raw.json`; plot: `long_fit.png`.
@@ -548,6 +542,11 @@ neither while it lives, so the training process's USS is low until the writer ex
 USS growth is therefore taken from {mark_text} points to the end of the loop (the writer alive at both). RSS and
 anonymous memory (the heap, shared or not) depend on neither and run to the end of `finalize`: anonymous memory is the
 figure to read for a leak. The writer's own USS is what it allocated or copied for itself.
+
+[2] The journal is compacted (truncated to its header) only at an acknowledgement that finds everything delivered.
+When the loop logs faster than the store takes points, the spool holds the whole backlog ("undelivered max"), and
+delivered bytes stay on disk until the backlog is gone; while logging continues near the delivery rate, compaction
+waits for a moment when the writer has caught up completely.
 
 ## Targets
 
