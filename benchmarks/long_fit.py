@@ -121,14 +121,15 @@ def child_main(spec_path: str) -> int:
                 mem["mark"] = memory_mb("self")
         t2 = time.perf_counter()
         mem["loop_end"] = memory_mb("self")
+        result.update(points=steps * len(KEYS), mark_points=(mark + 1) * len(KEYS), loop_s=t2 - t1, memory=mem)
+        Path(spec["out"]).write_text(json.dumps(result))  # the loop's figures, should finalize pass the cap
         publish(steps * len(KEYS), "finalizing")
         logger.finalize("success")
         t3 = time.perf_counter()
         mem["finalize_end"] = memory_mb("self")
         publish(steps * len(KEYS), "done")
         result.update(
-            finished=True, points=steps * len(KEYS), mark_points=(mark + 1) * len(KEYS), loop_s=t2 - t1,
-            finalize_s=t3 - t2, memory=mem, undelivered=str(logger.last_spool_path or ""),
+            finished=True, finalize_s=t3 - t2, undelivered=str(logger.last_spool_path or ""),
             writer_choice_end=logger.writer_choice,
         )  # fmt: skip
     except BaseException as err:  # noqa: BLE001 - reported to the parent
@@ -313,8 +314,11 @@ def run_one(args: argparse.Namespace, work: Path, template: Path, writer: str, s
         res["samples"] = sampler.samples
         if (d / "result.json").exists():
             res.update(json.loads((d / "result.json").read_text()))
-        else:
-            res["error"] = "no result (killed)" if res["killed_at_cap"] else f"no result (exit {proc.returncode})"
+        if res["killed_at_cap"]:
+            phase = sampler.samples[-1]["phase"] if sampler.samples else "?"
+            res["error"] = f"killed at the cap ({args.cap_s:g} s) while {phase}"
+        elif not res.get("finished"):
+            res.setdefault("error", f"no result (exit status {proc.returncode})")
         if not res.get("finished"):
             res["log_tail"] = (d / "child.log").read_text(errors="replace")[-3000:]
         run_id = res.get("run_id") or ((d / "run_id").read_text() if (d / "run_id").exists() else None)
