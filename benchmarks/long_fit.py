@@ -420,7 +420,7 @@ def plot(results: list[dict[str, Any]], path: Path, stores: list[str]) -> None:
         "training process USS, dotted: anonymous (MB)",
         "writer process USS (MB)",
         "spool on disk, dashed: undelivered (MB)",
-        "points logged, dashed: delivered (M, from the undelivered bytes)",
+        "points logged, dashed: delivered (M)",
     ]
     longest = max((p["t"] for r in results for p in r.get("samples", [])), default=0.0)
     unit, scale = ("min", 60.0) if longest > 900 else ("s", 1.0)
