@@ -10,17 +10,19 @@ a pre-migrated SQLite store; ``http``: a fresh ``mlflow server`` on 127.0.0.1 ba
 started after its process group is idle), a fresh child process (``--_child SPEC.json``) constructs the logger, logs
 the params once, then calls ``log_metrics`` with 8 float metrics for ``--points / 8`` steps as fast as the loop runs
 (or at ``--rate`` points/s), then ``finalize("success")``, which returns once the store has everything. Loop and
-finalize are timed separately; the child reads its own memory (``/proc/self/smaps_rollup``: RSS, and USS = Private_Clean
-+ Private_Dirty) at 100,000 points, at the end of the loop and at the end of finalize. ``LIGHTNING_MLFLOW_CV_SPOOL_DIR``
+finalize are timed separately; the child reads its own memory (``/proc/self/smaps_rollup``: RSS, USS = Private_Clean
++ Private_Dirty, and anonymous memory, which neither other processes' mappings nor the forked writer's copy-on-write
+sharing move, unlike USS: see the README's note) at 100,000 points, at the end of the loop and at the end of finalize. ``LIGHTNING_MLFLOW_CV_SPOOL_DIR``
 is a per-child directory. The child publishes its loop counter and phase in a small file every ~0.5% of the loop.
 
 A sampler thread in this (parent) process records every 0.5 s, at no cost to the child: points logged, phase, the
-training process's RSS and USS, the writer process's (the child's child, for writer=process) RSS and USS, the spool
+training process's RSS, USS and anonymous memory, the writer process's (the child's child, for writer=process) RSS and USS, the spool
 directory's total size and its undelivered bytes. Afterwards the parent counts the run's rows in the store's
 ``metrics`` table (all, and distinct (key, step)) and reads the run's status. Targets: training-process growth from
-100,000 points to the end of finalize < 50 MB (USS and RSS), writer-process USS < 100 MB, spool at most 2x
+100,000 points to the end of finalize < 50 MB (USS, RSS, anonymous), writer-process USS < 100 MB, spool at most 2x
 ``COMPACT_BYTES`` (the journal is compacted only when everything is delivered), every point stored exactly once,
-status FINISHED. A child past ``--cap-s`` is killed (with its writer) and reported.
+status FINISHED. A child past ``--cap-s`` is killed (with its writer) and reported. The plot's x axis is the time since
+the loop began: an unthrottled loop logs everything in seconds and the delivery takes minutes.
 """
 
 from __future__ import annotations
