@@ -90,7 +90,8 @@ COMMIT_MARGIN_MS = 25
 #: ... or until this many are waiting (see :meth:`Spool.append_metrics`).
 COMMIT_RECORDS = 256
 
-#: Compact the journal when everything is delivered and it grew past this size.
+#: Compact the journal when its delivered part grew past this size (and is at least as large as what is not
+#: delivered yet, which moves to the front: see :meth:`Spool._compact`).
 COMPACT_BYTES = 32 * 1024 * 1024
 
 
@@ -131,6 +132,8 @@ class Spool:
         self.key = key
         self.path = self.directory / f"{key}.jsonl"
         self.ack_path = self.directory / f"{key}.ack"
+        #: The journal's new content while a compaction rewrites it (see :meth:`_compact`).
+        self.compacting_path = self.directory / f"{key}.compacting"
         self.files_dir = self.directory / f"{key}.files"
         self._lock = threading.RLock()
         self._fh: Any = None
@@ -158,6 +161,7 @@ class Spool:
             if hold:
                 self._hold = locks.hold(self.directory, key)
             if self.path.exists():
+                self._finish_compaction()
                 self._end = self.path.stat().st_size
                 self.acked = _read_int(self.ack_path)
                 self._header = [line for line in self._iter_lines(0, header_only=True)]
@@ -423,24 +427,66 @@ class Spool:
                 self._to_memory(err)
 
     def _compact(self) -> None:
-        """Truncate a fully delivered journal to its header, under an exclusive lock (appends wait on it)."""
+        """Drop the delivered part of a large journal, under an exclusive lock (a writer process's appends do not
+        wait for it: see :attr:`shared`).
+
+        What is not delivered yet moves to just after the header, so a fit that logs without pause (the writer
+        never finds the journal fully delivered) still keeps it near :data:`COMPACT_BYTES`. Skipped while the
+        undelivered part is larger than the delivered one (moving it would cost more than it frees: the next ack
+        tries again). The new content is first written whole to :attr:`compacting_path`; a process killed while
+        the journal is rewritten loses nothing: whoever opens or adopts the spool next finishes the rewrite from
+        that file (:meth:`_finish_compaction`).
+        """
         fd = self._fh.fileno()
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            if self.acked < os.fstat(fd).st_size:
-                return  # something arrived since: compact next time
+            size = os.fstat(fd).st_size
+            if size - self.acked > self.acked:
+                return
+            tail = b""
+            if size > self.acked:
+                with open(self.path, "rb") as fh:
+                    fh.seek(self.acked)
+                    tail = fh.read(size - self.acked)
+            head = "".join(self._header).encode("utf-8")
+            tmp = self.compacting_path.with_name(self.compacting_path.name + ".tmp")
+            tmp.write_bytes(head + tail)
+            os.replace(tmp, self.compacting_path)
             os.ftruncate(fd, 0)
-            self._write("".join(self._header).encode("utf-8"))
-            self._end = self.acked = os.fstat(fd).st_size
-            self.generation += 1  # offsets read before the truncation are now meaningless
+            self._write(head + tail)
+            self._end = len(head) + len(tail)
+            self.acked = len(head)
+            self.generation += 1  # offsets read before the rewrite are now meaningless
+            _write_int(self.ack_path, self.acked)
+            self.compacting_path.unlink()
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def _finish_compaction(self) -> bool:
+        """Finish a compaction a killed process left halfway: the journal becomes the content it was being
+        rewritten to, read again from its start (replays are idempotent). True if there was one."""
+        try:
+            content = self.compacting_path.read_bytes()
+        except OSError:
+            return False
+        with open(self.path, "r+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                fh.truncate(0)
+                fh.write(content)
+                fh.flush()
+                _write_int(self.ack_path, 0)
+                self.compacting_path.unlink()
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return True
+
     def refresh_ack(self) -> None:
-        """Re-read the ack offset another process (the writer process) advanced."""
+        """Re-read the ack offset another process (the writer process) advanced, or reset by compacting the
+        journal."""
         if self._memory is None:
             with self._lock:
-                self.acked = max(self.acked, _read_int(self.ack_path))
+                self.acked = _read_int(self.ack_path)
 
     def adopt(self) -> None:
         """Take delivery over from a writer process that is gone: its acknowledged offset, and a file it may have
@@ -448,6 +494,10 @@ class Spool:
         if self._memory is not None:
             return
         with self._lock:
+            try:
+                self._finish_compaction()
+            except OSError:
+                pass
             self.acked = _read_int(self.ack_path)
             try:
                 size = os.path.getsize(self.path)
