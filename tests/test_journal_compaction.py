@@ -82,3 +82,39 @@ def test_a_compaction_cut_short_loses_nothing(tmp_path, monkeypatch):
     assert again.header()["experiment_name"] == "e"
     assert _steps(again, again.acked)[-300:] == undelivered
     assert not again.compacting_path.exists()
+
+
+def test_the_training_process_finishes_a_dead_writers_compaction_before_it_appends(tmp_path, monkeypatch):
+    """The writer process dies while compacting the journal the training process appends to: the next append
+    finds the half-rewritten journal, finishes it, then appends, so neither the backlog nor the new points are
+    lost (before it appended to the truncated file and a later recovery would have dropped its records)."""
+    monkeypatch.setattr(_journal, "COMPACT_BYTES", COMPACT)
+    parent = Spool(tmp_path, "run", hold=False)
+    parent.shared = True
+    _header_run(parent)
+    for step in range(2_000):
+        parent.append_metrics(step, 1_700_000_000_000 + step, {"loss": float(step)})
+    parent.commit()
+    child = Spool(tmp_path, "run", hold=False)  # the writer process's view of the same file
+    recs = child.read(0, max_records=10**6)
+
+    class Killed(BaseException):
+        pass
+
+    truncate = os.ftruncate
+
+    def die_after_truncating(fd: int, length: int) -> None:
+        truncate(fd, length)
+        raise Killed
+
+    monkeypatch.setattr(os, "ftruncate", die_after_truncating)
+    with pytest.raises(Killed):
+        child.ack(recs[-301][1], child.generation)
+    monkeypatch.setattr(os, "ftruncate", truncate)
+
+    for step in range(2_000, 2_100):
+        parent.append_metrics(step, 1_700_000_000_000 + step, {"loss": float(step)})
+    parent.commit()
+    reader = Spool(tmp_path, "run", hold=False)
+    assert _steps(reader, reader.acked)[-400:] == list(range(1_700, 2_100))
+    assert reader.header()["experiment_name"] == "e"

@@ -90,8 +90,8 @@ COMMIT_MARGIN_MS = 25
 #: ... or until this many are waiting (see :meth:`Spool.append_metrics`).
 COMMIT_RECORDS = 256
 
-#: Compact the journal when its delivered part grew past this size (and is at least as large as what is not
-#: delivered yet, which moves to the front: see :meth:`Spool._compact`).
+#: Compact the journal when its delivered part grew past this size (what is not delivered yet moves to the front:
+#: see :meth:`Spool._compact`).
 COMPACT_BYTES = 32 * 1024 * 1024
 
 
@@ -286,6 +286,8 @@ class Spool:
                         self._kick.set()
                         return
                     try:
+                        # a writer process killed while compacting left the journal half rewritten: finish it first
+                        self._finish_compaction(locked=True)
                         self._write(data)
                     finally:
                         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -431,30 +433,27 @@ class Spool:
         wait for it: see :attr:`shared`).
 
         What is not delivered yet moves to just after the header, so a fit that logs without pause (the writer
-        never finds the journal fully delivered) still keeps it near :data:`COMPACT_BYTES`. Skipped while the
-        undelivered part is larger than the delivered one (moving it would cost more than it frees: the next ack
-        tries again). The new content is first written whole to :attr:`compacting_path`; a process killed while
-        the journal is rewritten loses nothing: whoever opens or adopts the spool next finishes the rewrite from
-        that file (:meth:`_finish_compaction`).
+        never finds the journal fully delivered) keeps at most about :data:`COMPACT_BYTES` of delivered records on
+        disk, beside its backlog. The new content is first written whole to :attr:`compacting_path`, in chunks (a
+        large backlog is never held in memory); a process killed while the journal is rewritten loses nothing:
+        whoever opens or adopts the spool next finishes the rewrite from that file (:meth:`_finish_compaction`).
         """
         fd = self._fh.fileno()
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             size = os.fstat(fd).st_size
-            if size - self.acked > self.acked:
-                return
-            tail = b""
-            if size > self.acked:
-                with open(self.path, "rb") as fh:
-                    fh.seek(self.acked)
-                    tail = fh.read(size - self.acked)
             head = "".join(self._header).encode("utf-8")
             tmp = self.compacting_path.with_name(self.compacting_path.name + ".tmp")
-            tmp.write_bytes(head + tail)
+            with open(tmp, "wb") as out, open(self.path, "rb") as src:
+                out.write(head)
+                src.seek(self.acked)
+                _copy(src, out, size - self.acked)
             os.replace(tmp, self.compacting_path)
             os.ftruncate(fd, 0)
-            self._write(head + tail)
-            self._end = len(head) + len(tail)
+            with open(self.compacting_path, "rb") as src:
+                while chunk := src.read(_CHUNK):
+                    self._write(chunk)
+            self._end = len(head) + size - self.acked
             self.acked = len(head)
             self.generation += 1  # offsets read before the rewrite are now meaningless
             _write_int(self.ack_path, self.acked)
@@ -462,23 +461,27 @@ class Spool:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _finish_compaction(self) -> bool:
+    def _finish_compaction(self, locked: bool = False) -> bool:
         """Finish a compaction a killed process left halfway: the journal becomes the content it was being
-        rewritten to, read again from its start (replays are idempotent). True if there was one."""
-        try:
-            content = self.compacting_path.read_bytes()
-        except OSError:
+        rewritten to, read again from its start (replays are idempotent). True if there was one. ``locked``: the
+        caller holds the journal's file lock (an append that found a dead writer process's compaction)."""
+        if not self.compacting_path.exists():
             return False
         with open(self.path, "r+b") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            if not locked:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
-                fh.truncate(0)
-                fh.write(content)
+                with open(self.compacting_path, "rb") as src:
+                    fh.truncate(0)
+                    _copy(src, fh, os.fstat(src.fileno()).st_size)
                 fh.flush()
                 _write_int(self.ack_path, 0)
                 self.compacting_path.unlink()
             finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                if not locked:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        self.acked = 0
+        self.generation += 1
         return True
 
     def refresh_ack(self) -> None:
@@ -597,6 +600,19 @@ class Spool:
 def _lines(data: bytes) -> list[str]:
     """Encoded journal lines back to the list of lines (each with its newline) the in-memory journal holds."""
     return [line + "\n" for line in data.decode("utf-8").split("\n")[:-1]]
+
+
+_CHUNK = 1 << 20
+
+
+def _copy(src: Any, dst: Any, n: int) -> None:
+    """Copy ``n`` bytes from ``src`` to ``dst`` in :data:`_CHUNK` pieces."""
+    while n > 0:
+        chunk = src.read(min(_CHUNK, n))
+        if not chunk:
+            return
+        dst.write(chunk)
+        n -= len(chunk)
 
 
 def _read_int(path: Path) -> int:
