@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint docs test test-fast test-compat bench bench-quick gpu-check wheel dist clean browser-deps browser-check
+.PHONY: install demo lint docs test test-fast test-compat bench bench-growth bench-quick gpu-check wheel dist clean browser-deps browser-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,15 +46,24 @@ test-fast: $(STAMP)
 test-compat: $(STAMP)  ## the framework floor (torch 2.0, Lightning 2.2, MLflow 2.4, ...), the MLflow 2.22 client and an MLflow 2.22 server (cached venvs; see .ci/compat.sh)
 	PYTHON=$(PYTHON) MAIN_PY=$(PY) TORCH_PIN="$(TORCH_PIN)" bash .ci/compat.sh
 
-bench: $(STAMP)  ## logging overhead + realistic CV fit + store CPU + writer start (~30 min on 2 quiet cores, estimate); writes benchmarks/README*.md
+bench: $(STAMP)  ## logging overhead + realistic CV fit + store CPU + writer start, then how the cost grows (bench-growth); writes benchmarks/README*.md
 	$(PY) benchmarks/logging_overhead.py $(BENCH_ARGS)
 	$(PY) benchmarks/cv_fit_overhead.py $(CV_BENCH_ARGS)
 	$(PY) benchmarks/store_cpu.py
 	$(PY) benchmarks/writer_start.py
+	$(MAKE) --no-print-directory bench-growth
+
+bench-growth: $(STAMP)  ## per-step vs fixed cost, K fits against one team server, 5M-point fits (see benchmarks/README.md for durations)
+	$(PY) benchmarks/cost_growth.py
+	$(PY) benchmarks/team_server.py
+	$(PY) benchmarks/long_fit.py
 
 bench-quick: $(STAMP)  ## smoke version, prints only
 	$(PY) benchmarks/logging_overhead.py --quick --no-readme $(BENCH_ARGS)
 	$(PY) benchmarks/cv_fit_overhead.py --quick --no-readme $(CV_BENCH_ARGS)
+	$(PY) benchmarks/cost_growth.py --quick --no-readme
+	$(PY) benchmarks/team_server.py --quick --no-readme
+	$(PY) benchmarks/long_fit.py --quick --no-readme
 
 gpu-check: $(STAMP)  ## the prepared GPU check (< 8 min on one GPU); a dry run that says what it skips without CUDA
 	$(PY) benchmarks/gpu_check.py $(GPU_ARGS)
