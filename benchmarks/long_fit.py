@@ -20,7 +20,7 @@ training process's RSS, USS and anonymous memory, the writer process's (the chil
 directory's total size and its undelivered bytes. Afterwards the parent counts the run's rows in the store's
 ``metrics`` table (all, and distinct (key, step)) and reads the run's status. Targets: training-process growth from
 100,000 points to the end of finalize < 50 MB (USS, RSS, anonymous), writer-process USS < 100 MB, spool at most 2x
-``COMPACT_BYTES`` (the journal is compacted only when everything is delivered), every point stored exactly once,
+``COMPACT_BYTES`` (see the footnote on compaction in the Markdown), every point stored exactly once,
 status FINISHED. A child past ``--cap-s`` is killed (with its writer) and reported. The plot's x axis is the time since
 the loop began: an unthrottled loop logs everything in seconds and the delivery takes minutes.
 """
@@ -370,9 +370,9 @@ def figures(r: dict[str, Any]) -> dict[str, Any]:
         ("training anonymous growth < 50 MB", f["growth_anon"] < TARGET_GROWTH_MB, f"{f['growth_anon']:+.1f} MB"),
         ("spool <= 2x COMPACT_BYTES [2]", f["spool_x"] <= TARGET_SPOOL_X, f"{spool_max:.1f} MB = {f['spool_x']:.2f}x"),
         (
-            "spool beyond its backlog <= 2x COMPACT_BYTES [2]",
-            f["beyond_x"] <= TARGET_SPOOL_X,
-            f"{beyond_max:.1f} MB = {f['beyond_x']:.2f}x",
+            "spool beyond its backlog <= max(2x COMPACT_BYTES, backlog) [2]",
+            f["beyond_max_mb"] <= max(TARGET_SPOOL_X * r["compact_bytes"] / 2**20, pending_max),
+            f"{beyond_max:.1f} MB = {f['beyond_x']:.2f}x; backlog max {pending_max:.1f} MB",
         ),
         ("rows == points logged", f["rows"] == r["expected"], f"{f['rows']:,} / {r['expected']:,}"),
         ("distinct (key, step) == points", f["distinct"] == r["expected"], f"{f['distinct']:,} / {r['expected']:,}"),
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
 One fit of {args.points:,} metric points (8 per step, {"logged as fast as the loop runs" if not args.rate else f"at {args.rate:,.0f} points/s"})
 per writer and store, in a fresh process, without a Trainer: the logger's own cost over a long fit. Measured: the
 training process's memory (RSS, USS, anonymous) from 100,000 points to the end of `finalize`, the writer process's memory,
-the spool's size on disk (`COMPACT_BYTES` = {compact}: the journal is compacted only once everything is delivered),
+the spool's size on disk (`COMPACT_BYTES` = {compact}: see [2]),
 the time `finalize` takes to deliver what is left, and that the store holds every point exactly once. Method: the
 module docstring of `benchmarks/long_fit.py`. Samples: `README_long_fit_raw.json`; plot: `long_fit.png`.
 
@@ -561,13 +561,14 @@ USS growth is therefore taken from {mark_text} points to the end of the loop (th
 anonymous memory (the heap, shared or not) depend on neither and run to the end of `finalize`: anonymous memory is the
 figure to read for a leak. The writer's own USS is what it allocated or copied for itself.
 
-[2] The journal is compacted when its delivered part passes `COMPACT_BYTES`: the delivered records are dropped
-and what is not delivered yet moves to the front (before, compaction waited for a journal with nothing left to
-deliver, which a fit that logs without pause may never have). What is not delivered yet cannot be dropped: when
-the loop logs faster than the store takes points (this benchmark's loop logs 5M points in seconds; the store takes
-thousands per second), the spool holds that backlog ("undelivered max") whatever the threshold, so the literal
-bound can only hold while delivery keeps up. The bound compaction is responsible for is the spool beyond its
-backlog: delivered records still on disk.
+[2] The journal is compacted when its delivered part passes `COMPACT_BYTES`: what is not delivered yet moves to
+just after the header, in place (before, compaction waited for a journal with nothing left to deliver, which a fit
+that logs without pause may never have). What is not delivered cannot be dropped: when the loop logs faster than
+the store takes points (this loop logs 5M points in seconds; the store takes thousands per second), the spool
+holds that backlog ("undelivered max") whatever the threshold, so the literal bound holds only while delivery
+keeps up. The move is done only while the undelivered part is smaller than the delivered one (so a process killed
+mid-copy loses nothing, without a second copy on disk): delivered records on disk stay under the larger of
+2x `COMPACT_BYTES` and the backlog.
 
 ## Targets
 

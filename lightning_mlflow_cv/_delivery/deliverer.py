@@ -200,7 +200,7 @@ class Deliverer:
         if not metrics or request.get("split") or len(metrics) >= MAX_METRICS_PER_BATCH:
             return False
         if self.spool.acked > _journal.COMPACT_BYTES:
-            return False  # a delivered journal this large is compacted once nothing is pending: send it
+            return False  # a delivered part this large is compacted between requests: send, then compact
         budget = self.hold_budget(hold_s)
         age = min(max(time.time() - min(m.timestamp for m in metrics) / 1000.0, 0.0), budget)
         if age >= budget:
@@ -256,10 +256,15 @@ class Deliverer:
         try:
             while True:
                 if not in_flight:
+                    if ack:
+                        self.spool.compact_if_due()  # nothing in flight: nothing read is sent twice
                     generation = self.spool.generation
                     if ack:
-                        offset = self.spool.acked  # re-sync: offsets restart if the spool moved to memory
+                        offset = self.spool.acked  # re-sync: offsets restart if the spool moved or was compacted
                 elif self.spool.generation != generation:  # moved to memory meanwhile: settle, then re-read
+                    self._settle(in_flight, ack, generation, wait_all=True)
+                    continue
+                elif ack and self.spool.compaction_due:  # let the window empty, so that the journal is compacted
                     self._settle(in_flight, ack, generation, wait_all=True)
                     continue
                 batch = self.spool.read(offset, max_records=max_records)

@@ -132,8 +132,6 @@ class Spool:
         self.key = key
         self.path = self.directory / f"{key}.jsonl"
         self.ack_path = self.directory / f"{key}.ack"
-        #: The journal's new content while a compaction rewrites it (see :meth:`_compact`).
-        self.compacting_path = self.directory / f"{key}.compacting"
         self.files_dir = self.directory / f"{key}.files"
         self._lock = threading.RLock()
         self._fh: Any = None
@@ -161,7 +159,6 @@ class Spool:
             if hold:
                 self._hold = locks.hold(self.directory, key)
             if self.path.exists():
-                self._finish_compaction()
                 self._end = self.path.stat().st_size
                 self.acked = _read_int(self.ack_path)
                 self._header = [line for line in self._iter_lines(0, header_only=True)]
@@ -286,8 +283,6 @@ class Spool:
                         self._kick.set()
                         return
                     try:
-                        # a writer process killed while compacting left the journal half rewritten: finish it first
-                        self._finish_compaction(locked=True)
                         self._write(data)
                     finally:
                         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -406,7 +401,7 @@ class Spool:
         return out
 
     def ack(self, offset: int, generation: int | None = None) -> None:
-        """Mark everything before ``offset`` delivered; compact a large, fully delivered journal.
+        """Mark everything before ``offset`` delivered.
 
         ``generation`` is the :attr:`generation` the offset was read in; a stale one is ignored (the records
         are then sent again, which is idempotent).
@@ -422,9 +417,25 @@ class Spool:
                     self._memory_base = self.acked
                 return
             try:
-                if self.compact and self.acked > COMPACT_BYTES:
-                    self._compact()
                 _write_int(self.ack_path, self.acked)
+            except OSError as err:
+                self._to_memory(err)
+
+    @property
+    def compaction_due(self) -> bool:
+        """Whether the delivered part of the journal on disk passed :data:`COMPACT_BYTES` (and this spool may
+        compact it)."""
+        return self._memory is None and self.compact and self.acked > COMPACT_BYTES
+
+    def compact_if_due(self) -> None:
+        """Compact the journal (:meth:`_compact`) once :attr:`compaction_due`. The deliverer calls it between
+        requests, with none in flight: records read and sent but not acknowledged yet would otherwise be read
+        again at their new offsets and sent twice."""
+        with self._lock:
+            if not self.compaction_due:
+                return
+            try:
+                self._compact()
             except OSError as err:
                 self._to_memory(err)
 
@@ -432,57 +443,42 @@ class Spool:
         """Drop the delivered part of a large journal, under an exclusive lock (a writer process's appends do not
         wait for it: see :attr:`shared`).
 
-        What is not delivered yet moves to just after the header, so a fit that logs without pause (the writer
-        never finds the journal fully delivered) keeps at most about :data:`COMPACT_BYTES` of delivered records on
-        disk, beside its backlog. The new content is first written whole to :attr:`compacting_path`, in chunks (a
-        large backlog is never held in memory); a process killed while the journal is rewritten loses nothing:
-        whoever opens or adopts the spool next finishes the rewrite from that file (:meth:`_finish_compaction`).
+        What is not delivered yet moves to just after the header, in place, so a fit that logs without pause (the
+        writer never finds the journal fully delivered) keeps it near :data:`COMPACT_BYTES`. Only while that part
+        is smaller than the delivered one: the copy then never overwrites what it copies, and a process killed at
+        any point loses nothing. Killed while copying, the acknowledged offset still points at the original
+        records; killed after the offset moved to the copy but before the file was cut, the records after the copy
+        (delivered ones and the originals) are read again: replays are idempotent. Otherwise the next
+        acknowledgement tries again.
         """
         fd = self._fh.fileno()
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             size = os.fstat(fd).st_size
             head = "".join(self._header).encode("utf-8")
-            tmp = self.compacting_path.with_name(self.compacting_path.name + ".tmp")
-            with open(tmp, "wb") as out, open(self.path, "rb") as src:
-                out.write(head)
-                src.seek(self.acked)
-                _copy(src, out, size - self.acked)
-            os.replace(tmp, self.compacting_path)
-            os.ftruncate(fd, 0)
-            with open(self.compacting_path, "rb") as src:
-                while chunk := src.read(_CHUNK):
-                    self._write(chunk)
-            self._end = len(head) + size - self.acked
+            tail = size - self.acked
+            if len(head) + tail > self.acked:
+                return
+            with open(self.path, "r+b") as fh:  # not the append-mode handle: writes at chosen offsets
+                fh.seek(0)
+                fh.write(head)
+                src = self.acked
+                while src < size:
+                    fh.seek(src)
+                    chunk = fh.read(min(_CHUNK, size - src))
+                    if not chunk:
+                        break
+                    fh.seek(len(head) + src - self.acked)
+                    fh.write(chunk)
+                    src += len(chunk)
+                fh.flush()
             self.acked = len(head)
-            self.generation += 1  # offsets read before the rewrite are now meaningless
             _write_int(self.ack_path, self.acked)
-            self.compacting_path.unlink()
+            os.ftruncate(fd, len(head) + tail)
+            self._end = len(head) + tail
+            self.generation += 1  # offsets read before the rewrite are now meaningless
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def _finish_compaction(self, locked: bool = False) -> bool:
-        """Finish a compaction a killed process left halfway: the journal becomes the content it was being
-        rewritten to, read again from its start (replays are idempotent). True if there was one. ``locked``: the
-        caller holds the journal's file lock (an append that found a dead writer process's compaction)."""
-        if not self.compacting_path.exists():
-            return False
-        with open(self.path, "r+b") as fh:
-            if not locked:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                with open(self.compacting_path, "rb") as src:
-                    fh.truncate(0)
-                    _copy(src, fh, os.fstat(src.fileno()).st_size)
-                fh.flush()
-                _write_int(self.ack_path, 0)
-                self.compacting_path.unlink()
-            finally:
-                if not locked:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        self.acked = 0
-        self.generation += 1
-        return True
 
     def refresh_ack(self) -> None:
         """Re-read the ack offset another process (the writer process) advanced, or reset by compacting the
@@ -497,10 +493,6 @@ class Spool:
         if self._memory is not None:
             return
         with self._lock:
-            try:
-                self._finish_compaction()
-            except OSError:
-                pass
             self.acked = _read_int(self.ack_path)
             try:
                 size = os.path.getsize(self.path)
@@ -603,16 +595,6 @@ def _lines(data: bytes) -> list[str]:
 
 
 _CHUNK = 1 << 20
-
-
-def _copy(src: Any, dst: Any, n: int) -> None:
-    """Copy ``n`` bytes from ``src`` to ``dst`` in :data:`_CHUNK` pieces."""
-    while n > 0:
-        chunk = src.read(min(_CHUNK, n))
-        if not chunk:
-            return
-        dst.write(chunk)
-        n -= len(chunk)
 
 
 def _read_int(path: Path) -> int:
