@@ -161,7 +161,7 @@ def table(
             slope = _spread([{"v": 1000 * r["slope"]} for r in rows], "v", ".2f")
             ratio = "1 (floor)" if config == "none" else _spread(rows, "ratio", ".3f")
             fixed = "0 (floor)" if config == "none" else _spread(rows, "fixed", ".2f")
-            done = "-" if config == "none" else (f"{100 * min(comp):.1f}%" if comp else "not counted")
+            done = "-" if config in ("none", "null") else (f"{100 * min(comp):.1f}%" if comp else "not counted")
             unfinished = sum(1 for r in mine if not r.get("finished"))
             if unfinished:
                 done += f" ({unfinished} fit(s) not finished)"

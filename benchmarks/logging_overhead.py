@@ -84,7 +84,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-CONFIGS = ["none", "sync", "async", "autolog", "cv", "cv_thread", "cv_process"]
+CONFIGS = ["none", "null", "sync", "async", "autolog", "cv", "cv_thread", "cv_process"]
 DEFAULT_CONFIGS = ["none", "sync", "autolog", "cv_thread", "cv_process"]
 #: With a spare core (torch on one thread) only the floor and both MLflowCVLogger writers run by default (the
 #: target there is MLflowCVLogger's ratio to the floor; ``--spare-configs none,sync,autolog,cv_thread,cv_process``
@@ -94,6 +94,7 @@ OUTAGE_CONFIGS = ["none", "sync", "autolog", "cv"]
 SLOW_CONFIGS = ["none", "cv_nodelay", "sync", "autolog", "cv"]
 LABELS = {
     "none": "no logger (floor)",
+    "null": "a Lightning Logger that drops everything (Lightning's own logging path)",
     "sync": "MLFlowLogger (sync, default)",
     "async": "MLFlowLogger(synchronous=False)",
     "autolog": "mlflow.pytorch.autolog",
@@ -258,11 +259,26 @@ def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
     elif config in ("cv", "cv_thread", "cv_process"):
         writer = None if config == "cv" else config.split("_", 1)[1]
         logger = MLflowCVLogger(experiment_name=experiment, tracking_uri=uri, spool_dir=spec["spool_dir"], writer=writer)
+    elif config == "null":
+        from lightning.pytorch.loggers.logger import Logger
+
+        class NullLogger(Logger):
+            """What Lightning does for any logger (tensors to floats, per-step bookkeeping), with no store."""
+
+            name, version = "null", 0
+
+            def log_metrics(self, metrics: Any, step: Any = None) -> None:
+                pass
+
+            def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+                pass
+
+        logger = NullLogger()
     elif config == "autolog":
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
         mlflow.pytorch.autolog(log_every_n_step=1, log_models=False, checkpoint=False, silent=True)
-    if logger is not False:
+    if logger is not False and config != "null":
 
         class RunIdToParent(pl.Callback):
             def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
@@ -331,7 +347,7 @@ def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
         run = mlflow.last_active_run()
         run_id = run.info.run_id if run else None
     out: dict[str, Any] = {"wall_s": wall, "setup_s": setup, "cpu_s": cpu, "cpu_total_s": cpu_total, "fit_end": fit_end, "threads": torch.get_num_threads(), "peak_rss_mib": peak_rss_mib, "run_id": run_id}
-    if config != "none":
+    if config not in ("none", "null"):
         out["log_cpu_s"], out["log_points"] = log_cpu["s"], log_cpu["points"]
     if config.startswith("cv"):
         out["writer"] = logger.writer_choice
@@ -339,7 +355,7 @@ def _child_run(spec: dict[str, Any]) -> dict[str, Any]:
 
     out["auto_writer"] = choose_writer(machine_from(trainer))[0]
     count_uri = spec.get("count_uri") or uri
-    if config != "none":
+    if config not in ("none", "null"):
         out.update(count_points(MlflowClient(count_uri), run_id, steps, epochs))
     left = getattr(logger, "last_spool_path", None) if config.startswith("cv") else None
     if left is not None and out.get("completeness", 1.0) < 1.0:
