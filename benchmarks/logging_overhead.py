@@ -467,6 +467,34 @@ class MlflowServer:
         self.proc = None
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) of the live processes of process group ``pgid``, from /proc."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the name: state ppid pgrp ...
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pgid: int, cap_s: float = 60.0, window_s: float = 2.0, threshold: float = 0.05) -> float:
+    """Wait until process group ``pgid`` uses less than ``threshold`` of a core over ``window_s`` (a freshly
+    started ``mlflow server`` burns CPU for a while after ``/health`` answers); returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < cap_s:
+        c0 = group_cpu_s(pgid)
+        time.sleep(window_s)
+        if (group_cpu_s(pgid) - c0) / window_s < threshold:
+            break
+    return time.monotonic() - t0
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
