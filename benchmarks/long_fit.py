@@ -44,7 +44,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from logging_overhead import MlflowServer, machine_info, make_sqlite_template  # noqa: E402 (stdlib only)
+from logging_overhead import MlflowServer, machine_info, make_sqlite_template, wait_idle  # noqa: E402 (stdlib only)
 
 KEYS = [f"train/m{i}" for i in range(8)]
 KEY_OFFSETS = [(k, float(j)) for j, k in enumerate(KEYS)]
@@ -155,33 +155,6 @@ class PgMlflowServer(MlflowServer):
         super().__init__(root)
         self.port = free_port()
         self.backend_uri = backend_uri
-
-
-def _group_cpu_s(pgid: int) -> float:
-    """CPU seconds (user + system) of the live processes of a process group."""
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def wait_idle(pgid: int, cap_s: float = 60.0, window_s: float = 2.0, threshold: float = 0.05) -> float:
-    """Wait until a process group uses less than ``threshold`` of a core over ``window_s``; returns the seconds."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < cap_s:
-        c0 = _group_cpu_s(pgid)
-        time.sleep(window_s)
-        if (_group_cpu_s(pgid) - c0) / window_s < threshold:
-            break
-    return time.monotonic() - t0
 
 
 def _children(pid: int) -> list[int]:
